@@ -1,0 +1,173 @@
+"""Pure-torch reference attention ops: the contract every Triton kernel matches.
+
+These are what the engine runs on CPU, so they are written to be reasonably fast there
+(batched decode, no per-token Python loops), but clarity comes first.
+
+KV cache layout (one tensor pair per layer and pool):
+    k_cache, v_cache: [num_slots, num_kv_heads, head_dim], num_slots = num_blocks * block_size.
+A sequence's token at position p lives in slot
+    block_tables[s, b] * block_size + p % block_size,  b = p // block_size            (paged)
+    b = (p // block_size) % ring_blocks                                                 (ring)
+`ring_blocks == 0` selects the paged layout (global layers); a positive value is the number of
+blocks in each request's ring (sliding-window layers).
+
+Attention semantics (Gemma 2, as in the reference implementation):
+    s = (q . k) * scale;  s = softcap * tanh(s / softcap) when softcap is set;
+    a query at position i sees keys at positions j with 0 <= i - j < window (window None: j <= i);
+    softmax in fp32; the result is cast back to q's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+def store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Scatter k, v [T, Hkv, D] into the caches at slot_mapping [T]; a negative slot is skipped."""
+    keep = slot_mapping >= 0
+    if not bool(keep.all()):
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+    slots = slot_mapping.long()
+    k_cache.index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.index_copy_(0, slots, v.to(v_cache.dtype))
+
+
+def slots_for_positions(
+    positions: torch.Tensor, block_table: torch.Tensor, block_size: int, ring_blocks: int
+) -> torch.Tensor:
+    """Cache slots of `positions` (any shape) for one block table row (or a broadcastable batch)."""
+    blk = torch.div(positions, block_size, rounding_mode="floor")
+    if ring_blocks > 0:
+        blk = blk % ring_blocks
+    block_ids = torch.gather(block_table, -1, blk.long())
+    return block_ids.long() * block_size + positions % block_size
+
+
+def _softcap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    if softcap is None or softcap <= 0:
+        return scores
+    return torch.tanh(scores / softcap) * softcap
+
+
+def _attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """q [..., Hq, n, D], k/v [..., Hkv, m, D], mask [..., n, m] (True = attend) -> [..., Hq, n, D].
+
+    Query heads are grouped (GQA): head h uses KV head h // (Hq // Hkv). K/V are not copied.
+    """
+    *batch, hq, n, d = q.shape
+    hkv, m = k.shape[-3], k.shape[-2]
+    group = hq // hkv
+    qg = q.float().reshape(*batch, hkv, group * n, d)
+    scores = torch.matmul(qg, k.float().transpose(-1, -2)) * scale
+    scores = _softcap(scores, softcap).reshape(*batch, hkv, group, n, m)
+    scores = scores.masked_fill(~mask.unsqueeze(-3).unsqueeze(-4), NEG_INF)
+    probs = torch.softmax(scores, dim=-1).reshape(*batch, hkv, group * n, m)
+    out = torch.matmul(probs, v.float())
+    return out.reshape(*batch, hq, n, d)
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    context_lens: torch.Tensor | None,
+    k_cache: torch.Tensor | None,
+    v_cache: torch.Tensor | None,
+    block_tables: torch.Tensor | None,
+    *,
+    block_size: int,
+    ring_blocks: int,
+    window: int | None,
+    softcap: float | None,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention for packed chunks, each also attending to its context in the cache.
+
+    q [T, Hq, D]; k, v [T, Hkv, D]: the chunk's fresh keys/values (not yet in the cache).
+    cu_seqlens [S+1]: chunk s holds rows cu_seqlens[s]:cu_seqlens[s+1].
+    context_lens [S]: tokens of sequence s before its chunk, already in the cache (None: none);
+    chunk row i of sequence s is at position context_lens[s] + i.
+    For ring layouts the cache must still hold the window's context: callers store the chunk
+    only after this call.
+    """
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    ctx_list = context_lens.tolist() if context_lens is not None else [0] * (len(bounds) - 1)
+    for s, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        n, ctx = end - start, ctx_list[s]
+        if n == 0:
+            continue
+        first = 0 if window is None else max(0, ctx - window + 1)
+        keys_k, keys_v = k[start:end], v[start:end]
+        key_pos = torch.arange(ctx, ctx + n, device=q.device)
+        if ctx > first:
+            assert k_cache is not None and v_cache is not None and block_tables is not None
+            cpos = torch.arange(first, ctx, device=q.device)
+            slots = slots_for_positions(cpos, block_tables[s], block_size, ring_blocks)
+            keys_k = torch.cat([k_cache[slots].to(k.dtype), keys_k])
+            keys_v = torch.cat([v_cache[slots].to(v.dtype), keys_v])
+            key_pos = torch.cat([cpos, key_pos])
+        q_pos = torch.arange(ctx, ctx + n, device=q.device)
+        diff = q_pos[:, None] - key_pos[None, :]
+        mask = diff >= 0
+        if window is not None:
+            mask &= diff < window
+        o = _attend(
+            q[start:end].transpose(0, 1),
+            keys_k.transpose(0, 1),
+            keys_v.transpose(0, 1),
+            mask,
+            scale,
+            softcap,
+        )
+        out[start:end] = o.transpose(0, 1).to(q.dtype)
+    return out
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    block_size: int,
+    ring_blocks: int,
+    window: int | None,
+    softcap: float | None,
+    scale: float,
+) -> torch.Tensor:
+    """One query per sequence over its cached keys (its own K/V already stored).
+
+    q [S, Hq, D]; block_tables [S, max_blocks]; seq_lens [S]: the query of sequence s is at
+    position seq_lens[s] - 1 and sees cached positions max(0, seq_lens[s] - window) ..
+    seq_lens[s] - 1. Batched: one gather and two matmuls for the whole batch.
+    """
+    lens = seq_lens.long()
+    first = torch.clamp(lens - window, min=0) if window is not None else torch.zeros_like(lens)
+    counts = lens - first
+    width = int(counts.max()) if counts.numel() else 0
+    j = torch.arange(width, device=q.device)
+    valid = j[None, :] < counts[:, None]
+    pos = torch.where(valid, first[:, None] + j[None, :], torch.zeros_like(j)[None, :])
+    slots = slots_for_positions(pos, block_tables, block_size, ring_blocks)
+    keys_k = k_cache[slots].to(q.dtype).transpose(1, 2)  # [S, Hkv, M, D]
+    keys_v = v_cache[slots].to(q.dtype).transpose(1, 2)
+    o = _attend(q.unsqueeze(2), keys_k, keys_v, valid[:, None, :], scale, softcap)
+    return o.squeeze(2).to(q.dtype)

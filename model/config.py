@@ -1,0 +1,225 @@
+"""Model configuration: read from a Hugging Face config.json or a named preset (torch-free)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+SLIDING = "sliding_attention"
+FULL = "full_attention"
+SUPPORTED_MODEL_TYPES = ("gemma2", "gemma3_text")
+
+
+class ConfigError(ValueError):
+    """An unsupported or inconsistent model configuration."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape and numerics of a Gemma 2 / Gemma 3 (text) network."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int  # HF convention: half the paper's feed-forward dim
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    query_pre_attn_scalar: float
+    sliding_window: int
+    layer_types: tuple[str, ...]
+    attn_logit_softcapping: float | None = 50.0
+    final_logit_softcapping: float | None = 30.0
+    rope_theta: float = 10000.0  # global (full-attention) layers
+    rope_local_theta: float = 10000.0  # sliding-window layers
+    rope_scaling_factor: float = 1.0  # linear scaling, global layers only (Gemma 3)
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 8192
+    use_qk_norm: bool = False
+    bos_token_id: int = 2
+    eos_token_ids: tuple[int, ...] = (1,)
+    pad_token_id: int = 0
+
+    def __post_init__(self) -> None:
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"unsupported model_type {self.model_type!r}; "
+                f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        positive = (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "sliding_window",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ConfigError(
+                f"layer_types lists {len(self.layer_types)} layers, "
+                f"num_hidden_layers is {self.num_hidden_layers}"
+            )
+        unknown = set(self.layer_types) - {SLIDING, FULL}
+        if unknown:
+            raise ConfigError(f"unknown layer types {sorted(unknown)}")
+
+    @property
+    def scale(self) -> float:
+        """Softmax scale: query_pre_attn_scalar ** -0.5 (not head_dim: they differ for 27B)."""
+        return self.query_pre_attn_scalar**-0.5
+
+    @property
+    def num_queries_per_kv(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.layer_types[layer] == SLIDING
+
+    @property
+    def sliding_layers(self) -> tuple[int, ...]:
+        return tuple(i for i, t in enumerate(self.layer_types) if t == SLIDING)
+
+    @property
+    def full_layers(self) -> tuple[int, ...]:
+        return tuple(i for i, t in enumerate(self.layer_types) if t == FULL)
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Build from a Hugging Face config dict (transformers 4.x and 5.x spellings)."""
+        if d.get("model_type") == "gemma3" and "text_config" in d:
+            d = {"model_type": "gemma3_text", **d["text_config"]}
+        model_type = d.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"unsupported model_type {model_type!r}; "
+                f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        try:
+            n_layers = int(d["num_hidden_layers"])
+            hidden, heads = int(d["hidden_size"]), int(d["num_attention_heads"])
+            head_dim = int(d.get("head_dim") or hidden // heads)
+            layer_types = tuple(
+                d.get("layer_types") or _default_layer_types(model_type, d, n_layers)
+            )
+            rope_global, rope_local, factor = _rope(model_type, d)
+            eos = d.get("eos_token_id", 1)
+            return cls(
+                model_type=model_type,
+                vocab_size=int(d["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(d["intermediate_size"]),
+                num_hidden_layers=n_layers,
+                num_attention_heads=heads,
+                num_key_value_heads=int(d.get("num_key_value_heads") or heads),
+                head_dim=head_dim,
+                query_pre_attn_scalar=float(d.get("query_pre_attn_scalar") or head_dim),
+                sliding_window=int(d.get("sliding_window") or 4096),
+                layer_types=layer_types,
+                attn_logit_softcapping=_opt_float(d.get("attn_logit_softcapping")),
+                final_logit_softcapping=_opt_float(d.get("final_logit_softcapping")),
+                rope_theta=rope_global,
+                rope_local_theta=rope_local,
+                rope_scaling_factor=factor,
+                rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+                max_position_embeddings=int(d.get("max_position_embeddings", 8192)),
+                use_qk_norm=model_type == "gemma3_text",
+                bos_token_id=int(d.get("bos_token_id", 2)),
+                eos_token_ids=tuple(int(e) for e in (eos if isinstance(eos, list) else [eos])),
+                pad_token_id=int(d.get("pad_token_id") or 0),
+            )
+        except KeyError as e:
+            raise ConfigError(f"config.json lacks required field {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"invalid value in config.json: {e}") from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"no config.json at {path}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_hf_dict(data)
+
+    def with_max_len(self, max_len: int) -> ModelConfig:
+        return replace(self, max_position_embeddings=max_len)
+
+
+def _opt_float(v: Any) -> float | None:
+    return None if v is None else float(v)
+
+
+def _default_layer_types(model_type: str, d: dict[str, Any], n: int) -> list[str]:
+    if model_type == "gemma2":  # even layers slide, odd layers are global
+        return [SLIDING if i % 2 == 0 else FULL for i in range(n)]
+    pattern = int(d.get("sliding_window_pattern") or d.get("_sliding_window_pattern") or 6)
+    return [FULL if (i + 1) % pattern == 0 else SLIDING for i in range(n)]
+
+
+def _rope(model_type: str, d: dict[str, Any]) -> tuple[float, float, float]:
+    """(global theta, local theta, linear scaling factor of the global layers)."""
+    params = d.get("rope_parameters")
+    if isinstance(params, dict) and FULL in params:  # transformers 5, per layer type
+        full, local = params[FULL], params.get(SLIDING, {})
+        factor = float(full.get("factor", 1.0)) if full.get("rope_type") == "linear" else 1.0
+        return float(full["rope_theta"]), float(local.get("rope_theta", 10000.0)), factor
+    if isinstance(params, dict) and "rope_theta" in params:
+        theta = float(params["rope_theta"])
+        return theta, theta, 1.0
+    theta = float(d.get("rope_theta", 10000.0))
+    local = float(d.get("rope_local_base_freq", theta if model_type == "gemma2" else 10000.0))
+    scaling = d.get("rope_scaling") or {}
+    factor = float(scaling.get("factor", 1.0)) if scaling.get("rope_type") == "linear" else 1.0
+    return theta, local, factor
+
+
+def _gemma2_preset(
+    hidden: int, layers: int, ffn: int, heads: int, kv: int, head_dim: int, qpas: float
+) -> ModelConfig:
+    return ModelConfig(
+        model_type="gemma2",
+        vocab_size=256000,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=head_dim,
+        query_pre_attn_scalar=qpas,
+        sliding_window=4096,
+        layer_types=tuple(_default_layer_types("gemma2", {}, layers)),
+    )
+
+
+# Shapes from the Gemma 2 paper, Table 1 (intermediate_size = paper's feed-forward dim / 2).
+PRESETS: dict[str, ModelConfig] = {
+    "gemma-2-2b": _gemma2_preset(2304, 26, 9216, 8, 4, 256, 256),
+    "gemma-2-9b": _gemma2_preset(3584, 42, 14336, 16, 8, 256, 256),
+    "gemma-2-27b": _gemma2_preset(4608, 46, 36864, 32, 16, 128, 144),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    """The config of a named preset (gemma-2-2b, gemma-2-9b, gemma-2-27b)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    return PRESETS[name]

@@ -1,0 +1,166 @@
+"""The Gemma 2 / Gemma 3 (text) network in plain torch, over a flat, unpadded batch.
+
+Every detail that engines have got wrong is here on purpose (see GEMMA.md): RMSNorm in fp32
+scaling by (1 + w); four norms per layer (sandwich); embeddings scaled by sqrt(d_model) cast to
+the model dtype first; tanh-GELU; soft-capped attention (in the backend) and final logits in
+fp32; tied LM head. Gemma 3 adds per-head q/k RMSNorm and separate local/global RoPE bases.
+
+q/k/v and gate/up projections are fused (one matmul each); the loader splits HF tensors in.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.attention import AttentionBackend
+from model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * (1 + w), computed in fp32 and cast back."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half RoPE; cos/sin are computed once per forward for the batch's positions.
+
+    No buffers: the inverse frequencies are recomputed per call (head_dim / 2 values), so the
+    module survives meta-device construction and needs no state in checkpoints.
+    """
+
+    def __init__(self, head_dim: int, theta: float, scaling_factor: float = 1.0) -> None:
+        super().__init__()
+        self.head_dim, self.theta, self.scaling_factor = head_dim, theta, scaling_factor
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=positions.device)
+        inv_freq = 1.0 / (self.theta ** (exponent / self.head_dim)) / self.scaling_factor
+        freqs = positions.float()[:, None] * inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.use_qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.use_qk_norm else None
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn: AttentionBackend
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attn(self.layer, q, k, v)
+        return self.o_proj(out.reshape(t, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        eps = cfg.rms_norm_eps
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn: AttentionBackend
+    ) -> torch.Tensor:
+        h = self.self_attn(self.input_layernorm(x), rope, attn)
+        x = x + self.post_attention_layernorm(h)
+        h = self.mlp(self.pre_feedforward_layernorm(x))
+        return x + self.post_feedforward_layernorm(h)
+
+
+class GemmaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rope_global = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor)
+        self.rope_local = RotaryEmbedding(cfg.head_dim, cfg.rope_local_theta)
+
+
+class GemmaForCausalLM(nn.Module):
+    """Parameter names follow Hugging Face's (model.layers.N...), with fused qkv/gate_up."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = GemmaModel(cfg)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionBackend,
+        logits_indices: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Flat batch: input_ids, positions [T] -> fp32 soft-capped logits [N, vocab].
+
+        N = len(logits_indices) (the rows that sample), or T when None.
+        """
+        m, cfg = self.model, self.config
+        x = m.embed_tokens(input_ids)
+        # The normalizer is cast to the model dtype first, as in the reference.
+        x = x * torch.tensor(cfg.hidden_size**0.5, dtype=x.dtype)
+        rope_g = m.rope_global.cos_sin(positions, x.dtype)
+        rope_l = m.rope_local.cos_sin(positions, x.dtype)
+        for i, layer in enumerate(m.layers):
+            x = layer(x, rope_l if cfg.is_sliding(i) else rope_g, attn)
+        if logits_indices is not None:
+            x = x[logits_indices]
+        x = m.norm(x)
+        logits = F.linear(x, m.embed_tokens.weight).float()
+        cap = cfg.final_logit_softcapping
+        if cap is not None and cap > 0:
+            logits = torch.tanh(logits / cap) * cap
+        return logits

@@ -1,0 +1,58 @@
+"""Engine configuration: what the CLI flags set (names follow vLLM's)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything needed to build an engine. model None serves the embedded default model."""
+
+    model: str | None = None
+    served_model_name: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    max_model_len: int | None = None  # None: the model's context length
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes; None: a default share of memory
+    gpu_memory_utilization: float = 0.9
+    max_queued_requests: int = 1024
+    seed: int = 0
+    load_format: str = "auto"
+    force_reference_kernels: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("device", self.device in DEVICES, f"must be one of {DEVICES}"),
+            ("dtype", self.dtype in DTYPES, f"must be one of {DTYPES}"),
+            ("load_format", self.load_format in LOAD_FORMATS, f"must be one of {LOAD_FORMATS}"),
+            ("max_num_seqs", self.max_num_seqs >= 1, "must be >= 1"),
+            ("max_num_batched_tokens", self.max_num_batched_tokens >= 1, "must be >= 1"),
+            ("block_size", self.block_size in (1, 2, 4, 8, 16, 32, 64), "must be a power of 2"),
+            ("max_queued_requests", self.max_queued_requests >= 1, "must be >= 1"),
+            (
+                "gpu_memory_utilization",
+                0.0 < self.gpu_memory_utilization <= 1.0,
+                "must be in (0, 1]",
+            ),
+            (
+                "kv_cache_memory",
+                self.kv_cache_memory is None or self.kv_cache_memory > 0,
+                "must be positive",
+            ),
+            (
+                "max_model_len",
+                self.max_model_len is None or self.max_model_len >= 1,
+                "must be >= 1",
+            ),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise ValueError(f"--{name.replace('_', '-')} {why}, got {getattr(self, name)!r}")

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 TINY = dict(
-    vocab_size=384,
+    vocab_size=512,
     hidden_size=64,
     intermediate_size=128,
     num_hidden_layers=4,

@@ -1,0 +1,187 @@
+"""The engine loop on its own thread, with an asyncio face for the HTTP server.
+
+Requests and aborts cross into the engine thread through a command queue; outputs cross back
+with loop.call_soon_threadsafe into one asyncio.Queue per request. The event loop never runs
+model code, so health checks, metrics and new requests stay responsive during long steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from server.engine.config import EngineConfig
+from server.engine.errors import EngineDeadError, QueueFullError
+from server.engine.llm_engine import LLMEngine
+from server.engine.outputs import FINISH_ERROR, RequestOutput, StepStats
+from server.engine.request import Request
+from server.engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+IDLE_WAIT_S = 0.5
+
+
+@dataclass(frozen=True)
+class _Add:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.model_name = engine.model_name
+        self.max_model_len = engine.max_model_len
+        self.max_queued_requests = engine.config.max_queued_requests
+        self._commands: queue.Queue[_Add | _Abort | None] = queue.Queue()
+        self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}
+        self._listeners: list[Callable[[StepStats], None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> AsyncEngine:
+        return cls(LLMEngine(config))
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def add_step_listener(self, fn: Callable[[StepStats], None]) -> None:
+        self._listeners.append(fn)
+
+    def start(self) -> None:
+        """Start the engine thread; call from inside the running event loop."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        """Abort whatever is in flight and stop the engine thread."""
+        for rid in list(self._queues):
+            self.abort(rid)
+        self._stopping.set()
+        self._commands.put(None)
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(_Abort(request_id))
+
+    async def generate(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; aborts it if the consumer stops early."""
+        if not self.is_running:
+            raise EngineDeadError("the engine is not running")
+        if request_id in self._queues:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        self._validate(prompt_ids, params)
+        waiting = len(self.engine.scheduler.waiting) + self._commands.qsize()
+        if waiting >= self.max_queued_requests:
+            raise QueueFullError(
+                f"{waiting} requests are waiting (--max-queued-requests "
+                f"{self.max_queued_requests}); retry later"
+            )
+        q: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._queues[request_id] = q
+        self._commands.put(_Add(request_id, list(prompt_ids), params))
+        finished = False
+        try:
+            while True:
+                out = await q.get()
+                finished = out.finished
+                yield out
+                if finished:
+                    return
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """The scheduler's add-time checks, run early so errors reach the caller directly.
+
+        Read-only (lengths and pool sizes never change), so safe off the engine thread.
+        """
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        self.engine.scheduler.check(Request("probe", list(prompt_ids), params))
+
+    # -- engine thread ----------------------------------------------------------------------
+
+    def _emit(self, out: RequestOutput) -> None:
+        def put() -> None:
+            q = self._queues.get(out.request_id)
+            if q is not None:
+                q.put_nowait(out)
+
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(put)
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            cmd = self._commands.get(timeout=IDLE_WAIT_S) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while cmd is not None:
+            if isinstance(cmd, _Add):
+                try:
+                    self.engine.add_request(cmd.request_id, cmd.prompt_ids, cmd.params)
+                except Exception as e:  # rejected late: report on the request's own stream
+                    self._emit(_error_output(cmd.request_id, len(cmd.prompt_ids), str(e)))
+            elif isinstance(cmd, _Abort):
+                out = self.engine.abort(cmd.request_id)
+                if out is not None:
+                    self._emit(out)
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._drain_commands(block=not self.engine.has_work)
+            if not self.engine.has_work:
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception:  # never let the loop die: the engine fails the batch itself
+                log.exception("unexpected error in the engine loop")
+                continue
+            for out in outputs:
+                self._emit(out)
+            stats = self.engine.stats()
+            for fn in self._listeners:
+                try:
+                    fn(stats)
+                except Exception:
+                    log.exception("step listener failed")
+        log.info("engine loop stopped")
+
+
+def _error_output(request_id: str, num_prompt: int, message: str) -> RequestOutput:
+    return RequestOutput(
+        request_id=request_id,
+        new_token_ids=(),
+        new_text="",
+        new_logprobs=None,
+        num_prompt_tokens=num_prompt,
+        num_output_tokens=0,
+        finished=True,
+        finish_reason=FINISH_ERROR,
+        error=message,
+    )

@@ -1,0 +1,229 @@
+"""The synchronous engine: add requests, step, abort. One step reads:
+
+schedule -> build batch -> forward -> sample -> update -> detokenize / stop strings
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kernels.dispatch import select_ops
+from server.engine import model_source
+from server.engine.config import EngineConfig
+from server.engine.kv_cache import CacheLayout, KVCache
+from server.engine.kv_manager import KVCacheManager
+from server.engine.output_processor import OutputProcessor
+from server.engine.outputs import (
+    FINISH_ERROR,
+    FINISH_STOP,
+    RequestOutput,
+    StepStats,
+    TokenLogprob,
+)
+from server.engine.request import Request
+from server.engine.runner import Runner
+from server.engine.sampler import Sampler
+from server.engine.sampling_params import SamplingParams
+from server.engine.scheduler import Scheduler, SchedulerOutput
+
+log = logging.getLogger(__name__)
+
+CPU_KV_BUDGET = 2 << 30  # bytes, when --kv-cache-memory is not given
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """A finished request from the offline generate() helper."""
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: model_source.LoadedModel | None = None):
+        self.config = config
+        loaded = loaded or model_source.load(config)
+        self.loaded = loaded
+        mcfg = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.model_name = loaded.name
+        limit = mcfg.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > limit:
+            raise ValueError(f"--max-model-len {config.max_model_len} exceeds the model's {limit}")
+        self.max_model_len = config.max_model_len or limit
+        budget = config.kv_cache_memory or self._default_budget(loaded)
+        self.layout = CacheLayout.from_budget(
+            mcfg, budget, config.block_size, config.max_num_seqs, loaded.dtype
+        )
+        self.kv = KVCacheManager(
+            self.layout.num_global_blocks,
+            self.layout.num_local_blocks,
+            config.block_size,
+            mcfg.sliding_window,
+            has_global=bool(mcfg.full_layers),
+            has_local=bool(mcfg.sliding_layers),
+        )
+        cache = KVCache(mcfg, self.layout, loaded.dtype, loaded.device)
+        self.ops = select_ops(loaded.device, config.force_reference_kernels)
+        self.scheduler = Scheduler(
+            self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len
+        )
+        self.runner = Runner(loaded.model, cache, self.kv, self.ops, loaded.device)
+        self.sampler = Sampler(loaded.device, config.seed)
+        self.outputs = OutputProcessor(self.tokenizer)
+        self.eos_token_ids = frozenset(mcfg.eos_token_ids) | {self.tokenizer.eos_id}
+        self._last_preemptions = 0
+        self._last_batch_tokens = 0
+        log.info(
+            "engine: %s, kernels %s, max_model_len %d, KV blocks global %d / local %d "
+            "(block %d, ring %d blocks), max_num_seqs %d, max_num_batched_tokens %d",
+            self.model_name,
+            self.ops.name,
+            self.max_model_len,
+            self.layout.num_global_blocks,
+            self.layout.num_local_blocks,
+            config.block_size,
+            self.layout.ring_blocks,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+        )
+
+    def _default_budget(self, loaded: model_source.LoadedModel) -> int:
+        mcfg, cfg = loaded.config, self.config
+        per_token = 2 * mcfg.num_hidden_layers * mcfg.num_key_value_heads * mcfg.head_dim
+        per_token *= torch.finfo(loaded.dtype).bits // 8
+        worst = cfg.max_num_seqs * (cfg.max_model_len or mcfg.max_position_embeddings) * per_token
+        if loaded.device.type != "cuda":
+            return min(CPU_KV_BUDGET, worst)
+        free, total = torch.cuda.mem_get_info(loaded.device)
+        reserve = (1 << 30) + cfg.max_num_batched_tokens * mcfg.intermediate_size * 16
+        return max(0, int(total * cfg.gpu_memory_utilization) - (total - free) - reserve)
+
+    # -- requests -------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams):
+        """Queue a request; raises RequestTooLongError / ValueError for one it cannot serve."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.loaded.config.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
+        req = Request(request_id, list(prompt_ids), params, eos_token_ids=self.eos_token_ids)
+        self.scheduler.add(req)
+        self.outputs.add(req)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        req = self.scheduler.abort(request_id)
+        if req is None:
+            return None
+        self.sampler.release(request_id)
+        return self.outputs.output(req, [], None)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def stats(self) -> StepStats:
+        usage = self.kv.usage()
+        return StepStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_usage_global=usage.global_ratio,
+            kv_usage_local=usage.local_ratio,
+            num_batched_tokens=self._last_batch_tokens,
+            num_preemptions=self._last_preemptions,
+        )
+
+    # -- the step -------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        self._last_preemptions = len(sched.preempted)
+        self._last_batch_tokens = sched.num_batched_tokens
+        if sched.empty:
+            return []
+        try:
+            batch = self.runner.build(sched)
+            logits = self.runner.forward(batch)
+            sampled = self.sampler(logits, batch.sampling_requests)
+        except Exception as e:  # a bug in the forward pass: fail this batch, keep serving
+            log.exception("engine step failed")
+            return self._fail(sched, f"internal error in the engine step: {e}")
+        requests = batch.sampling_requests
+        self.scheduler.update(sched, {r.request_id: t for r, t in zip(requests, sampled.token_ids)})
+        return [
+            self._postprocess(r, t, lp)
+            for r, t, lp in zip(requests, sampled.token_ids, sampled.logprobs)
+        ]
+
+    def _postprocess(self, req: Request, token: int, lp: TokenLogprob | None) -> RequestOutput:
+        """Stop strings and the output delta; an error here ends only this request."""
+        try:
+            return self._output_for(req, token, lp)
+        except Exception as e:
+            log.exception("output processing failed for %s", req.request_id)
+            if not req.finished:
+                self.scheduler.finish(req, FINISH_ERROR, f"internal error: {e}")
+            self.sampler.release(req.request_id)
+            self.outputs.discard(req.request_id)
+            return RequestOutput(
+                request_id=req.request_id,
+                new_token_ids=(),
+                new_text="",
+                new_logprobs=None,
+                num_prompt_tokens=req.num_prompt_tokens,
+                num_output_tokens=len(req.output_ids),
+                finished=True,
+                finish_reason=FINISH_ERROR,
+                error=req.error,
+            )
+
+    def _output_for(self, req: Request, token: int, lp: TokenLogprob | None) -> RequestOutput:
+        if self.outputs.check_stop_strings(req):
+            if req.finished:
+                req.finish_reason = FINISH_STOP
+            else:
+                self.scheduler.finish(req, FINISH_STOP)
+        if req.finished:
+            self.sampler.release(req.request_id)
+        return self.outputs.output(req, [token], [lp] if lp is not None else None)
+
+    def _fail(self, sched: SchedulerOutput, message: str) -> list[RequestOutput]:
+        outs = []
+        for c in sched.chunks:
+            if not c.request.finished:
+                self.scheduler.finish(c.request, FINISH_ERROR, message)
+                self.sampler.release(c.request.request_id)
+                outs.append(self.outputs.output(c.request, [], None))
+        return outs
+
+    # -- offline helper -------------------------------------------------------------------
+
+    def generate(
+        self, prompts: Sequence[str | Sequence[int]], params: SamplingParams
+    ) -> list[GenerationResult]:
+        """Run prompts (text or token ids) to completion; results in prompt order."""
+        ids = [f"offline-{i}" for i in range(len(prompts))]
+        prompt_ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        for rid, p in zip(ids, prompt_ids):
+            self.add_request(rid, p, params)
+        tokens: dict[str, list[int]] = {rid: [] for rid in ids}
+        texts: dict[str, list[str]] = {rid: [] for rid in ids}
+        reasons: dict[str, str | None] = {}
+        while self.has_work:
+            for out in self.step():
+                tokens[out.request_id].extend(out.new_token_ids)
+                texts[out.request_id].append(out.new_text)
+                if out.finished:
+                    reasons[out.request_id] = out.finish_reason
+        return [
+            GenerationResult(p, tokens[rid], "".join(texts[rid]), reasons.get(rid))
+            for rid, p in zip(ids, prompt_ids)
+        ]

@@ -1,0 +1,95 @@
+"""Resolve --model / --load-format / --device / --dtype into a loaded model and tokenizer."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model.config import PRESETS, ModelConfig, preset
+from model.gemma import GemmaForCausalLM
+from model.loader import load_safetensors, random_model
+from model.tokenizer import Tokenizer
+from server.engine.config import EngineConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: GemmaForCausalLM
+    config: ModelConfig
+    tokenizer: Tokenizer
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """bf16 on GPUs (fp16 overflows in Gemma), fp32 on CPUs (bf16 matmul is slow there)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def _model_dir(cfg: EngineConfig) -> tuple[Path, str]:
+    """A HF-style directory to load, and the default served name."""
+    if cfg.model is None:
+        from model.default_model import DEFAULT_MODEL_NAME, default_model_dir
+
+        return default_model_dir(), DEFAULT_MODEL_NAME
+    path = Path(cfg.model)
+    if path.suffix == ".gguf" or cfg.load_format == "gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {path} does not exist")
+        from model.gguf_convert import cached_conversion
+
+        return cached_conversion(path), path.stem
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"--model {cfg.model!r} is neither a directory, a .gguf file nor a preset "
+            f"({', '.join(PRESETS)})"
+        )
+    return path, path.name
+
+
+def _default_tokenizer() -> Tokenizer:
+    from model.default_model import default_model_dir
+
+    return Tokenizer.from_file(default_model_dir() / "tokenizer.model")
+
+
+def load(cfg: EngineConfig) -> LoadedModel:
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.model in PRESETS:
+        if cfg.load_format != "dummy":
+            raise ValueError(
+                f"preset {cfg.model!r} has no weights here: use --load-format dummy "
+                "(random weights of its shape) or pass a checkpoint directory"
+            )
+        mcfg = preset(cfg.model)
+        model = random_model(mcfg, dtype, device, cfg.seed)
+        # Presets carry no tokenizer: borrow the embedded model's (text benchmarks only).
+        tokenizer = _default_tokenizer()
+        name = cfg.model
+    else:
+        model_dir, name = _model_dir(cfg)
+        mcfg = ModelConfig.from_file(model_dir)
+        if cfg.load_format == "dummy":
+            model = random_model(mcfg, dtype, device, cfg.seed)
+        else:
+            model = load_safetensors(model_dir, mcfg, dtype, device)
+        tokenizer = Tokenizer.from_file(model_dir / "tokenizer.model")
+    log.info("loaded %s (%s) on %s in %s", name, mcfg.model_type, device, dtype)
+    return LoadedModel(model, mcfg, tokenizer, cfg.served_model_name or name, device, dtype)

@@ -1,0 +1,102 @@
+"""Per-request text: incremental detokenization and stop strings (torch-free).
+
+Stop strings are matched on text, so they are found even when split across tokens. While a
+request has stop strings, the last (longest stop - 1) characters are held back: they might be
+the start of a stop string, which must not reach the client.
+"""
+
+from __future__ import annotations
+
+from model.detokenizer import IncrementalDetokenizer
+from model.tokenizer import Tokenizer
+from server.engine.outputs import RequestOutput, RequestTimes, TokenLogprob
+from server.engine.request import Request
+
+
+class TextState:
+    """Detokenized text of one request and how much of it has been emitted."""
+
+    def __init__(self, tokenizer: Tokenizer, request: Request) -> None:
+        self.request = request
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.text = ""
+        self.emitted = 0
+        self.num_ids_seen = 0
+        self.stops = request.params.stop
+        self.holdback = max((len(s) for s in self.stops), default=1) - 1
+        self.stopped = False  # by a stop string: the text is final, nothing more to flush
+
+    def add_tokens(self, token_ids: list[int]) -> bool:
+        """Detokenize new tokens; True if a stop string now appears (text is cut there)."""
+        self.text += self.detok.add(token_ids)
+        if not self.stops:
+            return False
+        start = max(0, self.emitted - self.holdback)
+        hits = [(i, s) for s in self.stops if (i := self.text.find(s, start)) >= 0]
+        if not hits:
+            return False
+        index, stop = min(hits)
+        keep = self.request.params.include_stop_str_in_output
+        self.text = self.text[: index + len(stop)] if keep else self.text[:index]
+        self.stopped = True
+        return True
+
+    def take(self, final: bool) -> str:
+        """Text not yet emitted; all of it when final, else minus the holdback."""
+        if final:
+            self.text += "" if self.stopped else self.detok.flush()
+            end = len(self.text)
+        else:
+            end = max(self.emitted, len(self.text) - self.holdback)
+        out = self.text[self.emitted : end]
+        self.emitted = end
+        return out
+
+
+class OutputProcessor:
+    """Builds RequestOutput deltas; decides stop-string finishes."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._states: dict[str, TextState] = {}
+
+    def add(self, request: Request) -> None:
+        self._states[request.request_id] = TextState(self.tokenizer, request)
+
+    def check_stop_strings(self, request: Request) -> bool:
+        """Feed the request's new tokens to its detokenizer; True if a stop string was hit."""
+        st = self._states[request.request_id]
+        new = request.output_ids[st.num_ids_seen :]
+        st.num_ids_seen = len(request.output_ids)
+        return st.add_tokens(new)
+
+    def output(
+        self,
+        request: Request,
+        new_ids: list[int],
+        new_logprobs: list[TokenLogprob] | None,
+    ) -> RequestOutput:
+        st = self._states[request.request_id]
+        final = request.finished
+        text = st.take(final)
+        if final:
+            del self._states[request.request_id]
+        return RequestOutput(
+            request_id=request.request_id,
+            new_token_ids=tuple(new_ids),
+            new_text=text,
+            new_logprobs=tuple(new_logprobs) if new_logprobs is not None else None,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_output_tokens=len(request.output_ids),
+            finished=final,
+            finish_reason=request.finish_reason if final else None,
+            error=request.error,
+            times=_times(request) if final else None,
+        )
+
+    def discard(self, request_id: str) -> None:
+        self._states.pop(request_id, None)
+
+
+def _times(r: Request) -> RequestTimes:
+    return RequestTimes(r.arrival_time, r.first_scheduled_time, r.first_token_time, r.finished_time)

@@ -1,0 +1,106 @@
+"""Turns a SchedulerOutput into one flat, unpadded batch and runs the model on it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels.dispatch import AttentionOps
+from model.gemma import GemmaForCausalLM
+from server.engine.kv_cache import AttentionBatch, CacheAttention, KVCache, PoolBatch
+from server.engine.kv_manager import BlockTables, KVCacheManager
+from server.engine.request import Request
+from server.engine.scheduler import ScheduledChunk, SchedulerOutput
+
+
+@dataclass(frozen=True)
+class ModelBatch:
+    """Everything one forward pass needs, already on the device."""
+
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    attention: AttentionBatch
+    logits_indices: torch.Tensor  # rows of T whose logits are sampled
+    sampling_requests: tuple[Request, ...]  # in the order of logits_indices
+
+
+class Runner:
+    def __init__(
+        self,
+        model: GemmaForCausalLM,
+        cache: KVCache,
+        kv: KVCacheManager,
+        ops: AttentionOps,
+        device: torch.device,
+    ) -> None:
+        self.model, self.cache, self.kv, self.ops, self.device = model, cache, kv, ops, device
+
+    def build(self, out: SchedulerOutput) -> ModelBatch:
+        chunks = out.chunks
+        ids: list[int] = []
+        positions: list[int] = []
+        logits_rows: list[int] = []
+        sampling: list[Request] = []
+        for c in chunks:
+            ids.extend(c.request.tokens(c.start, c.start + c.num_tokens))
+            positions.extend(range(c.start, c.start + c.num_tokens))
+            if c.samples:
+                logits_rows.append(len(ids) - 1)
+                sampling.append(c.request)
+        dev = self.device
+        prefills = out.prefills
+        cu = [0]
+        for c in prefills:
+            cu.append(cu[-1] + c.num_tokens)
+        attention = AttentionBatch(
+            num_decodes=len(out.decodes),
+            seq_lens=_i32([c.start + 1 for c in out.decodes], dev),
+            cu_seqlens=_i32(cu, dev),
+            context_lens=_i32([c.start for c in prefills], dev),
+            global_pool=self._pool(chunks, self.kv.global_tables),
+            local_pool=self._pool(chunks, self.kv.local_tables),
+        )
+        return ModelBatch(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
+            positions=torch.tensor(positions, dtype=torch.long, device=dev),
+            attention=attention,
+            logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=dev),
+            sampling_requests=tuple(sampling),
+        )
+
+    def _pool(self, chunks: tuple[ScheduledChunk, ...], tables: BlockTables) -> PoolBatch:
+        b, ring = tables.block_size, tables.ring_blocks
+        slots: list[int] = []
+        rows: list[list[int]] = []
+        for c in chunks:
+            table = tables.table(c.request.request_id)
+            rows.append(table)
+            end = c.start + c.num_tokens
+            # A ring keeps only its last ring * b positions: skip the earlier ones of a long
+            # chunk (writing them would race with the later positions in the same slots).
+            first_kept = max(c.start, end - ring * b) if ring else c.start
+            slots.extend([-1] * (first_kept - c.start))
+            for p in range(first_kept, end):
+                blk = (p // b) % ring if ring else p // b
+                slots.append(table[blk] * b + p % b)
+        width = max((len(r) for r in rows), default=0) or 1
+        padded = [r + [0] * (width - len(r)) for r in rows]
+        return PoolBatch(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
+            block_tables=torch.tensor(padded, dtype=torch.int32, device=self.device).reshape(
+                len(rows), width
+            ),
+            ring_blocks=ring,
+            block_size=b,
+        )
+
+    @torch.inference_mode()
+    def forward(self, batch: ModelBatch) -> torch.Tensor:
+        """fp32 soft-capped logits [len(sampling_requests), vocab]."""
+        attn = CacheAttention(self.model.config, self.cache, batch.attention, self.ops)
+        return self.model(batch.input_ids, batch.positions, attn, batch.logits_indices)
+
+
+def _i32(values: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32, device=device)

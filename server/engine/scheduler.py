@@ -1,0 +1,219 @@
+"""Iteration-level scheduling: which requests run this step, and how many tokens each (torch-free).
+
+Each step: running decodes first, then running prefills (chunked to the token budget), then
+waiting requests in arrival order while both KV pools and max_num_seqs allow. When the cache
+cannot grow a running request, the most recently admitted request is preempted by recompute:
+its blocks are freed and it re-enters the front of the waiting queue.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from server.engine.errors import RequestTooLongError
+from server.engine.kv_manager import KVCacheManager
+from server.engine.outputs import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP
+from server.engine.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """num_tokens tokens of `request` starting at position `start` run this step."""
+
+    request: Request
+    start: int
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the end of the known tokens, so a token is sampled."""
+        return self.start + self.num_tokens == self.request.num_tokens
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """One step's work. Decodes (one token, context all cached) come first in the batch."""
+
+    decodes: tuple[ScheduledChunk, ...]
+    prefills: tuple[ScheduledChunk, ...]
+    preempted: tuple[str, ...]
+
+    @property
+    def chunks(self) -> tuple[ScheduledChunk, ...]:
+        return self.decodes + self.prefills
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def empty(self) -> bool:
+        return not self.decodes and not self.prefills
+
+
+class Scheduler:
+    def __init__(
+        self,
+        kv: KVCacheManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+    ) -> None:
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in admission order
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        """Queue a request; raises RequestTooLongError if it could never be served."""
+        self.check(request)
+        self.waiting.append(request)
+
+    def check(self, request: Request) -> None:
+        """Raise RequestTooLongError if the request could never be served."""
+        total = request.max_total_tokens
+        if total > self.max_model_len:
+            raise RequestTooLongError(
+                f"prompt ({request.num_prompt_tokens} tokens) + max_tokens "
+                f"({request.params.max_tokens}) = {total} exceeds the maximum context length "
+                f"of {self.max_model_len} tokens"
+            )
+        if not self.kv.can_ever_fit(total):
+            raise RequestTooLongError(
+                f"prompt ({request.num_prompt_tokens} tokens) + max_tokens "
+                f"({request.params.max_tokens}) = {total} tokens cannot fit in the KV cache "
+                f"(at most {self.kv.max_tokens_that_fit()} tokens)"
+            )
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def get(self, request_id: str) -> Request | None:
+        for r in self.running:
+            if r.request_id == request_id:
+                return r
+        for r in self.waiting:
+            if r.request_id == request_id:
+                return r
+        return None
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        decodes: list[ScheduledChunk] = []
+        prefills: list[ScheduledChunk] = []
+        preempted: list[str] = []
+        # Decodes first: one token each, cheap and latency-critical; then running prefills.
+        order = sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1)
+        for req in order:
+            if budget == 0:
+                break
+            if req.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self._grow_or_preempt(req, req.num_computed_tokens + n, preempted):
+                continue
+            chunk = ScheduledChunk(req, req.num_computed_tokens, n)
+            (decodes if n == 1 else prefills).append(chunk)
+            budget -= n
+        if preempted:  # a victim may have been scheduled before the request that evicted it
+            decodes = [c for c in decodes if c.request.status == RequestStatus.RUNNING]
+            prefills = [c for c in prefills if c.request.status == RequestStatus.RUNNING]
+        # New requests only when nothing had to be preempted (no thrashing), in arrival order.
+        while not preempted and self.waiting and budget > 0:
+            if len(self.running) >= self.max_num_seqs:
+                break
+            req = self.waiting[0]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self.kv.try_grow(req.request_id, n):
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = time.monotonic()
+            self.running.append(req)
+            chunk = ScheduledChunk(req, 0, n)
+            (decodes if n == 1 else prefills).append(chunk)
+            budget -= n
+        return SchedulerOutput(tuple(decodes), tuple(prefills), tuple(preempted))
+
+    def _grow_or_preempt(self, req: Request, num_tokens: int, preempted: list[str]) -> bool:
+        """Grow req's blocks, preempting the latest admitted requests as needed.
+
+        Returns False if req itself had to be preempted.
+        """
+        while not self.kv.try_grow(req.request_id, num_tokens):
+            victim = self.running[-1]
+            self._preempt(victim)
+            preempted.append(victim.request_id)
+            if victim is req:
+                return False
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.free(req.request_id)
+        req.status = RequestStatus.WAITING
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Record computed tokens and sampled ones; returns requests that finished this step."""
+        finished = []
+        now = time.monotonic()
+        for chunk in output.chunks:
+            req = chunk.request
+            if req.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            req.num_computed_tokens = chunk.start + chunk.num_tokens
+            token = sampled.get(req.request_id)
+            if token is None:
+                continue
+            req.output_ids.append(token)
+            if req.first_token_time is None:
+                req.first_token_time = now
+            reason = stop_reason(req, token)
+            if reason is not None:
+                self.finish(req, reason)
+                finished.append(req)
+        return finished
+
+    def finish(self, req: Request, reason: str, error: str | None = None) -> None:
+        """End a request (stop, length, abort, error) and free its blocks."""
+        if req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+        elif req.status == RequestStatus.WAITING:
+            self.waiting.remove(req)
+        else:
+            return
+        self.kv.free(req.request_id)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        req.error = error
+        req.finished_time = time.monotonic()
+
+    def abort(self, request_id: str) -> Request | None:
+        req = self.get(request_id)
+        if req is not None:
+            self.finish(req, FINISH_ABORT)
+        return req
+
+
+def stop_reason(req: Request, token: int) -> str | None:
+    """Token-level stop conditions; stop strings are checked on text by the output processor."""
+    p = req.params
+    n = len(req.output_ids)
+    if n >= p.min_tokens and (
+        token in p.stop_token_ids or (not p.ignore_eos and token in req.eos_token_ids)
+    ):
+        return FINISH_STOP
+    if n >= p.max_tokens:
+        return FINISH_LENGTH
+    return None

@@ -1,0 +1,190 @@
+"""The engine end to end on a tiny Gemma 2: batching, chunked prefill, preemption, rings.
+
+Every scheduling path is checked the same way: greedy tokens served in a crowd equal the tokens
+of the request served alone, and transformers' greedy generate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.attention import VarlenAttention
+from server.engine.llm_engine import LLMEngine
+from server.engine.outputs import FINISH_LENGTH, FINISH_STOP
+from server.engine.sampling_params import SamplingParams
+from tests.engine_helpers import hf_greedy, tiny_checkpoint, tiny_engine
+from tests.model_helpers import hf_model
+
+N_NEW = 10
+LENGTHS = [1, 2, 3, 5, 7, 8, 9, 12, 15, 17, 23, 31, 40, 50, 64, 70, 90, 100]
+GREEDY = SamplingParams(max_tokens=N_NEW, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=11)
+
+
+@pytest.fixture(scope="module")
+def prompts(checkpoint: Path) -> list[list[int]]:
+    vocab = tiny_engine(checkpoint).loaded.config.vocab_size
+    g = torch.Generator().manual_seed(3)
+    return [[2] + torch.randint(4, vocab, (n - 1,), generator=g).tolist() for n in LENGTHS]
+
+
+@pytest.fixture(scope="module")
+def expected(checkpoint: Path, prompts: list[list[int]]) -> list[list[int]]:
+    ref = hf_model(checkpoint)
+    return [hf_greedy(ref, p, N_NEW) for p in prompts]
+
+
+def run(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams = GREEDY):
+    return [r.token_ids for r in engine.generate(prompts, params)]
+
+
+def test_alone_equals_transformers(checkpoint, prompts, expected) -> None:
+    engine = tiny_engine(checkpoint)
+    for p, e in zip(prompts, expected):
+        assert run(engine, [p]) == [e], f"prompt of {len(p)} tokens"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},  # 18 requests together, prompts longer than the 64-token budget are chunked
+        {"max_num_batched_tokens": 5},  # chunks shorter than the window (8)
+        {"max_num_batched_tokens": 24, "block_size": 16},  # chunks longer than window and ring
+        {"max_num_batched_tokens": 13, "block_size": 2},  # ring of 4 blocks, odd chunks
+    ],
+    ids=["budget64", "chunk5", "chunk24-block16", "chunk13-block2"],
+)
+def test_batched_equals_alone_and_transformers(checkpoint, prompts, expected, overrides) -> None:
+    engine = tiny_engine(checkpoint, **overrides)
+    assert run(engine, prompts) == expected
+
+
+def test_preemption_keeps_outputs_exact(checkpoint, prompts, expected) -> None:
+    # 160 KiB: 40 blocks of 4 tokens per pool; the longest request (110 tokens) fits alone,
+    # all 18 together do not.
+    engine = tiny_engine(checkpoint, kv_cache_memory=160 << 10)
+    assert engine.layout.num_global_blocks == 40
+    assert run(engine, prompts) == expected
+    assert engine.scheduler.num_preemptions > 0
+    assert engine.kv.usage().global_ratio == 0.0 and engine.kv.usage().local_ratio == 0.0
+
+
+def test_decode_far_past_the_window_keeps_local_kv_bounded(checkpoint) -> None:
+    engine = tiny_engine(checkpoint)
+    ref = hf_model(checkpoint)
+    prompt = [2, 17, 33]
+    params = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+    engine.add_request("long", prompt, params)
+    tokens: list[int] = []
+    ring_sizes, global_sizes = set(), []
+    while engine.has_work:
+        for out in engine.step():
+            tokens.extend(out.new_token_ids)
+        if engine.scheduler.running:
+            ring_sizes.add(len(engine.kv.ring_table("long")))
+            global_sizes.append(len(engine.kv.block_table("long")))
+    assert tokens == hf_greedy(ref, prompt, 60)
+    assert max(ring_sizes) == engine.kv.ring_blocks == 2  # window 8 / block 4
+    assert global_sizes[-1] == -(-(len(prompt) + 59) // 4)
+
+
+def test_seeded_sampling_is_reproducible_in_any_batch(checkpoint, prompts) -> None:
+    # A high temperature flattens the tiny model's peaked distribution: samples differ.
+    params = SamplingParams(max_tokens=8, temperature=10.0, seed=1234, ignore_eos=True)
+    a = tiny_engine(checkpoint).generate([prompts[5]], params)[0].token_ids
+    b = tiny_engine(checkpoint).generate(prompts[3:9], params)[2].token_ids
+    c = tiny_engine(checkpoint).generate([prompts[5]], replace(params, seed=99))[0].token_ids
+    assert a == b
+    assert a != c
+    assert len(set(a)) > 1
+
+
+def test_top_k_one_equals_greedy(checkpoint, prompts, expected) -> None:
+    params = SamplingParams(max_tokens=N_NEW, temperature=0.8, top_k=1, ignore_eos=True)
+    assert run(tiny_engine(checkpoint), prompts[:6], params) == expected[:6]
+
+
+def test_logprobs_are_of_the_soft_capped_logits(checkpoint, prompts) -> None:
+    engine = tiny_engine(checkpoint)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=5)
+    prompt = prompts[10]
+    engine.add_request("lp", prompt, params)
+    outs = []
+    while engine.has_work:
+        outs += engine.step()
+    tokens = [t for o in outs for t in o.new_token_ids]
+    lps = [lp for o in outs for lp in o.new_logprobs]
+    model = engine.loaded.model
+    seq = prompt + tokens
+    cu = torch.tensor([0, len(seq)], dtype=torch.int32)
+    with torch.no_grad():
+        logits = model(torch.tensor(seq), torch.arange(len(seq)), VarlenAttention(model.config, cu))
+    ref = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
+    assert logits.abs().max() <= model.config.final_logit_softcapping
+    for i, lp in enumerate(lps):
+        assert lp.token_id == tokens[i]
+        assert lp.logprob == pytest.approx(ref[i, tokens[i]].item(), abs=1e-4)
+        top_vals, top_ids = ref[i].topk(5)
+        assert [t for t, _ in lp.top] == top_ids.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(top_vals.tolist(), abs=1e-4)
+
+
+def test_stop_string_split_across_tokens(checkpoint, prompts) -> None:
+    engine = tiny_engine(checkpoint)
+    tok = engine.tokenizer
+    free = engine.generate(
+        [prompts[7]], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    )[0]
+    pieces = [tok.decode([t]) for t in free.token_ids]
+    # A stop string made of the end of token 3 and the start of token 4.
+    k = next(i for i in range(3, 11) if pieces[i] and pieces[i + 1])
+    prefix = "".join(pieces[:k])
+    stop = pieces[k][-1] + pieces[k + 1][:1]
+    cut = (prefix + pieces[k]).find(stop) if stop in prefix + pieces[k] else None
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, stop=(stop,))
+    res = engine.generate([prompts[7]], params)[0]
+    full = free.text
+    assert res.finish_reason == FINISH_STOP
+    assert res.text == full[: full.find(stop)]
+    if cut is None:
+        assert len(res.token_ids) == k + 2  # stopped on the token that completed the string
+
+
+def test_eos_min_tokens_and_logit_bias(checkpoint, prompts) -> None:
+    engine = tiny_engine(checkpoint)
+    eos = engine.tokenizer.eos_id
+    force_eos = SamplingParams(max_tokens=6, temperature=0.0, logit_bias=((eos, 100.0),))
+    res = engine.generate([prompts[4]], force_eos)[0]
+    assert res.token_ids == [eos] and res.finish_reason == FINISH_STOP and res.text == ""
+    delayed = SamplingParams(
+        max_tokens=6, temperature=0.0, logit_bias=((eos, 100.0),), min_tokens=3
+    )
+    res = engine.generate([prompts[4]], delayed)[0]
+    assert len(res.token_ids) == 4 and res.token_ids[-1] == eos and eos not in res.token_ids[:3]
+    ignored = SamplingParams(
+        max_tokens=6, temperature=0.0, logit_bias=((eos, 100.0),), ignore_eos=True
+    )
+    res = engine.generate([prompts[4]], ignored)[0]
+    assert res.token_ids == [eos] * 6 and res.finish_reason == FINISH_LENGTH
+
+
+def test_abort_frees_blocks_mid_prefill_and_mid_decode(checkpoint, prompts) -> None:
+    engine = tiny_engine(checkpoint, max_num_batched_tokens=16)
+    engine.add_request("a", prompts[-1], GREEDY)  # 100 tokens: several chunks
+    engine.add_request("b", prompts[2], GREEDY)
+    engine.step()
+    engine.step()
+    assert engine.abort("a").finish_reason == "abort"
+    engine.step()
+    out = engine.abort("b")
+    assert out.finished and out.finish_reason == "abort"
+    assert not engine.has_work
+    assert engine.kv.usage().global_ratio == 0.0 and engine.kv.usage().local_ratio == 0.0

@@ -1,0 +1,109 @@
+"""Sampler transforms on synthetic logits, checked against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from server.engine.request import Request
+from server.engine.sampler import Sampler
+from server.engine.sampling_params import SamplingParams
+
+CPU = torch.device("cpu")
+
+
+def req(rid: str = "r", prompt=(5,), output=(), **params) -> Request:
+    r = Request(rid, list(prompt), SamplingParams(**params), eos_token_ids=frozenset({1}))
+    r.output_ids = list(output)
+    return r
+
+
+def probs_logits(p: list[float]) -> torch.Tensor:
+    return torch.log(torch.tensor([p]))
+
+
+def sample_many(logits: torch.Tensor, n: int = 300, **params) -> set[int]:
+    sampler = Sampler(CPU, seed=0)
+    seen = set()
+    for i in range(n):
+        seen.add(sampler(logits, (req(f"r{i}", **params),)).token_ids[0])
+    return seen
+
+
+def test_greedy_is_argmax() -> None:
+    logits = torch.tensor([[0.1, 3.0, 2.0], [5.0, -1.0, 4.9]])
+    out = Sampler(CPU)(logits, (req("a", temperature=0.0), req("b", temperature=0.0)))
+    assert out.token_ids == [1, 0]
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
+    logits = probs_logits([0.5, 0.3, 0.15, 0.05])
+    assert sample_many(logits, temperature=1.0, top_p=0.6) == {0, 1}
+    assert sample_many(logits, temperature=1.0, top_p=0.5) == {0}
+    assert sample_many(logits, temperature=1.0, top_p=1.0) == {0, 1, 2, 3}
+
+
+def test_top_k_and_min_p() -> None:
+    logits = probs_logits([0.4, 0.3, 0.2, 0.1])
+    assert sample_many(logits, temperature=1.0, top_k=2) == {0, 1}
+    # min_p 0.4: keep tokens with p >= 0.4 * 0.4 = 0.16
+    assert sample_many(logits, temperature=1.0, min_p=0.4) == {0, 1, 2}
+
+
+def test_sampling_frequencies_follow_probabilities() -> None:
+    logits = probs_logits([0.7, 0.2, 0.1])
+    sampler = Sampler(CPU, seed=3)
+    counts = [0, 0, 0]
+    reqs = tuple(req(f"r{i}", temperature=1.0) for i in range(2000))
+    tokens = sampler(logits.expand(2000, 3).contiguous(), reqs).token_ids
+    for t in tokens:
+        counts[t] += 1
+    assert [c / 2000 for c in counts] == pytest.approx([0.7, 0.2, 0.1], abs=0.04)
+
+
+def test_penalties_match_their_definitions() -> None:
+    base = torch.tensor([[2.0, -1.0, 0.5, 1.0, 0.0, 0.3]])
+    r = req(
+        prompt=(0, 1),
+        output=(3, 3, 2),
+        temperature=0.0,
+        repetition_penalty=2.0,
+        frequency_penalty=0.5,
+        presence_penalty=0.25,
+    )
+    adjusted = Sampler(CPU)._adjust(base, (r,))[0].tolist()
+    # repetition on prompt+output {0,1,2,3}: positive / 2, negative * 2
+    # frequency/presence on output only: token 3 twice, token 2 once
+    expected = [1.0, -2.0, 0.25 - 0.5 - 0.25, 0.5 - 1.0 - 0.25, 0.0, 0.3]
+    assert adjusted == pytest.approx(expected)
+    assert base[0, 0].item() == 2.0  # the caller's logits are not modified
+
+
+def test_logit_bias_and_min_tokens_ban_eos() -> None:
+    base = torch.zeros(1, 4)
+    r = req(temperature=0.0, logit_bias=((2, 5.0),), min_tokens=2, output=(3,))
+    adjusted = Sampler(CPU)._adjust(base, (r,))[0]
+    assert adjusted[2].item() == 5.0 and adjusted[1].item() == -math.inf
+
+
+def test_logprobs_of_unmodified_distribution() -> None:
+    logits = torch.tensor([[1.0, 2.0, 3.0, 0.0]])
+    r = req(prompt=(2,), temperature=0.0, logprobs=2, repetition_penalty=3.0)
+    out = Sampler(CPU)(logits, (r,))
+    ref = torch.log_softmax(logits[0], -1)
+    lp = out.logprobs[0]
+    assert lp.token_id == out.token_ids[0]
+    assert lp.logprob == pytest.approx(ref[lp.token_id].item())
+    assert [t for t, _ in lp.top] == [2, 1]
+    assert lp.top[0][1] == pytest.approx(ref[2].item())
+
+
+def test_invalid_params_raise_clear_errors() -> None:
+    with pytest.raises(ValueError, match="top_p must be in"):
+        SamplingParams(top_p=0.0)
+    with pytest.raises(ValueError, match="logprobs must be in"):
+        SamplingParams(logprobs=50)
+    with pytest.raises(ValueError, match="max_tokens must be >= 1"):
+        SamplingParams(max_tokens=0)

@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from server.engine.config import EngineConfig
 from server.engine.errors import EngineDeadError, QueueFullError
@@ -50,7 +50,7 @@ class AsyncEngine:
         self._listeners: list[Callable[[StepStats], None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._stopping = threading.Event()
+        self._last_stats: StepStats | None = None
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> AsyncEngine:
@@ -70,10 +70,13 @@ class AsyncEngine:
         self._thread.start()
 
     async def shutdown(self) -> None:
-        """Abort whatever is in flight and stop the engine thread."""
+        """Abort whatever is in flight and stop the engine thread.
+
+        The aborts are queued before the stop sentinel, so the engine thread handles them (and
+        every waiting consumer gets its final output) before it exits.
+        """
         for rid in list(self._queues):
             self.abort(rid)
-        self._stopping.set()
         self._commands.put(None)
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30)
@@ -132,11 +135,12 @@ class AsyncEngine:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(put)
 
-    def _drain_commands(self, block: bool) -> None:
+    def _drain_commands(self, block: bool) -> bool:
+        """Handle queued adds and aborts; False once the stop sentinel arrives."""
         try:
             cmd = self._commands.get(timeout=IDLE_WAIT_S) if block else self._commands.get_nowait()
         except queue.Empty:
-            return
+            return True
         while cmd is not None:
             if isinstance(cmd, _Add):
                 try:
@@ -150,27 +154,35 @@ class AsyncEngine:
             try:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
-                return
+                return True
+        return False
 
     def _run(self) -> None:
-        while not self._stopping.is_set():
-            self._drain_commands(block=not self.engine.has_work)
-            if not self.engine.has_work:
-                continue
-            try:
-                outputs = self.engine.step()
-            except Exception:  # never let the loop die: the engine fails the batch itself
-                log.exception("unexpected error in the engine loop")
-                continue
-            for out in outputs:
-                self._emit(out)
-            stats = self.engine.stats()
-            for fn in self._listeners:
+        running = True
+        while running:
+            running = self._drain_commands(block=not self.engine.has_work)
+            if running and self.engine.has_work:
                 try:
-                    fn(stats)
-                except Exception:
-                    log.exception("step listener failed")
+                    for out in self.engine.step():
+                        self._emit(out)
+                except Exception:  # never let the loop die: the engine fails the batch itself
+                    log.exception("unexpected error in the engine loop")
+                stats = self.engine.stats()
+            else:
+                # No step ran; commands alone (an abort while idle) must still reach the gauges.
+                stats = replace(self.engine.stats(), num_batched_tokens=0, num_preemptions=0)
+                if stats == self._last_stats:
+                    continue
+            self._last_stats = replace(stats, num_batched_tokens=0, num_preemptions=0)
+            self._publish(stats)
         log.info("engine loop stopped")
+
+    def _publish(self, stats: StepStats) -> None:
+        for fn in self._listeners:
+            try:
+                fn(stats)
+            except Exception:
+                log.exception("step listener failed")
 
 
 def _error_output(request_id: str, num_prompt: int, message: str) -> RequestOutput:

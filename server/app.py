@@ -1,0 +1,203 @@
+"""The FastAPI app: routes, request gates, error handlers, and the engine's life cycle.
+
+`create_app(engine_provider, settings)` returns an app whose port can open at once: the
+lifespan builds the engine on a background thread (loading weights takes a while), /health
+answers 503 until it is ready, and the shutdown stops the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from server.chat import create_chat_completion
+from server.completions import create_completion
+from server.engine_client import EngineClient, EngineProvider
+from server.errors import APIError, install_error_handlers
+from server.metrics import CONTENT_TYPE, Metrics
+from server.middleware import ApiKeyMiddleware, BodyLimitMiddleware
+from server.params import chat_prompt, check_model, check_token_ids
+from server.protocol import DetokenizeRequest, TokenizeRequest, parse_request
+from server.state import ServerState, Settings, server_state
+
+__all__ = ["Settings", "create_app"]
+
+logger = logging.getLogger(__name__)
+SHUTDOWN_TIMEOUT_S = 30.0
+SERVER_EPOCH = 1735689600  # "created" of the model card: a fixed date (2025-01-01), not load time
+
+
+def create_app(
+    engine_provider: EngineProvider,
+    settings: Settings | None = None,
+    *,
+    on_load_error: Callable[[BaseException], None] | None = None,
+) -> FastAPI:
+    """An OpenAI-compatible app around the engine `engine_provider()` builds.
+
+    engine_provider runs on a background thread once the app starts (tests pass
+    `lambda: fake_engine`). on_load_error is called on the event loop if it raises (the CLI
+    uses it to exit); the app keeps answering 503 otherwise.
+    """
+    settings = settings or Settings()
+    state = ServerState(settings, Metrics())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        loader = asyncio.create_task(_load_engine(state, engine_provider, on_load_error))
+        try:
+            yield
+        finally:
+            loader.cancel()
+            engine, state.engine = state.engine, None
+            if engine is not None:
+                # In-flight requests are aborted by the engine; their streams then end.
+                await asyncio.wait_for(engine.shutdown(), SHUTDOWN_TIMEOUT_S)
+                logger.info("engine stopped")
+
+    app = FastAPI(title="gemma-serve", lifespan=lifespan)
+    app.state.server = state
+    install_error_handlers(app)
+    for path, endpoint in [
+        ("/v1/completions", create_completion),
+        ("/v1/chat/completions", create_chat_completion),
+        ("/tokenize", tokenize),
+        ("/detokenize", detokenize),
+    ]:
+        app.add_api_route(path, endpoint, methods=["POST"], include_in_schema=True)
+    for path, endpoint in [
+        ("/v1/models", list_models),
+        ("/v1/models/{model_id:path}", get_model),
+        ("/health", health),
+        ("/metrics", metrics),
+    ]:
+        app.add_api_route(path, endpoint, methods=["GET"])
+    # Added last = runs first: CORS preflights, then the size limit, then the key.
+    api_key = settings.resolved_api_key()
+    if api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if settings.allowed_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.allowed_origins),
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
+    return app
+
+
+async def _load_engine(
+    state: ServerState,
+    provider: EngineProvider,
+    on_load_error: Callable[[BaseException], None] | None,
+) -> None:
+    """Builds the engine on a daemon thread (so a shutdown while loading does not wait for it),
+    then starts it on this event loop."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[EngineClient] = loop.create_future()
+
+    def settle(engine: EngineClient | None, error: BaseException | None) -> None:
+        if done.done():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(engine)  # type: ignore[arg-type]
+
+    def work() -> None:
+        try:
+            engine, error = provider(), None
+        except BaseException as exc:  # reported to the loop, which decides what to do
+            engine, error = None, exc
+        # RuntimeError: the loop closed while loading, the server is gone.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, engine, error)
+
+    started = time.monotonic()
+    threading.Thread(target=work, name="engine-loader", daemon=True).start()
+    try:
+        engine = await done
+        engine.add_step_listener(state.metrics.on_step)
+        engine.start()
+    except Exception as exc:
+        logger.error("engine failed to load: %s", exc, exc_info=exc)
+        state.load_error = exc
+        if on_load_error is not None:
+            on_load_error(exc)
+        return
+    state.engine = engine
+    logger.info(
+        "engine ready in %.1fs: model=%s max_model_len=%d",
+        time.monotonic() - started,
+        engine.model_name,
+        engine.max_model_len,
+    )
+
+
+async def health(request: Request) -> Response:
+    """200 once the engine is loaded and running; 503 (with the reason) before or after."""
+    server_state(request).require_engine()
+    return JSONResponse({"status": "ok"})
+
+
+async def metrics(request: Request) -> Response:
+    """Prometheus text format; open even when an API key is set."""
+    return Response(server_state(request).metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+def _model_card(name: str, max_model_len: int) -> dict[str, object]:
+    return {
+        "id": name,
+        "object": "model",
+        "created": SERVER_EPOCH,
+        "owned_by": "gemma-serve",
+        "max_model_len": max_model_len,
+    }
+
+
+async def list_models(request: Request) -> Response:
+    engine = server_state(request).require_engine()
+    card = _model_card(engine.model_name, engine.max_model_len)
+    return JSONResponse({"object": "list", "data": [card]})
+
+
+async def get_model(request: Request, model_id: str) -> Response:
+    engine = server_state(request).require_engine()
+    check_model(model_id, engine.model_name)
+    return JSONResponse(_model_card(engine.model_name, engine.max_model_len))
+
+
+async def tokenize(request: Request) -> Response:
+    """vLLM's /tokenize: a prompt (or chat messages) -> token ids."""
+    engine = server_state(request).require_engine()
+    req = parse_request(TokenizeRequest, await request.body())
+    check_model(req.model, engine.model_name)
+    if (req.prompt is None) == (req.messages is None):
+        raise APIError(400, "Give exactly one of prompt and messages", param="prompt")
+    if req.messages is not None:
+        tokens = chat_prompt(engine.tokenizer, req.messages)
+    else:
+        tokens = engine.tokenizer.encode(req.prompt or "", add_bos=req.add_special_tokens)
+    return JSONResponse(
+        {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len}
+    )
+
+
+async def detokenize(request: Request) -> Response:
+    """vLLM's /detokenize: token ids -> text."""
+    engine = server_state(request).require_engine()
+    req = parse_request(DetokenizeRequest, await request.body())
+    check_model(req.model, engine.model_name)
+    tokens = check_token_ids(req.tokens, engine.tokenizer.vocab_size, "tokens")
+    return JSONResponse({"prompt": engine.tokenizer.decode(tokens)})

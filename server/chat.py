@@ -1,0 +1,175 @@
+"""POST /v1/chat/completions: the Gemma chat template, n choices, logprobs + top_logprobs."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from server.engine.outputs import RequestOutput, TokenLogprob
+from server.engine_client import TokenizerLike
+from server.errors import bad_request
+from server.generation import (
+    ChoiceResult,
+    GenerationGroup,
+    SubRequest,
+    respond,
+    stream_events,
+)
+from server.params import (
+    chat_prompt,
+    check_model,
+    check_stream_options,
+    child_seed,
+    resolve_max_tokens,
+    sampling_params,
+)
+from server.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    ChatMessageOut,
+    ChatTokenLogprob,
+    TopLogprob,
+    Usage,
+    parse_request,
+)
+from server.sse import event
+from server.state import server_state
+
+
+async def create_chat_completion(request: Request) -> Response:
+    """OpenAI's /v1/chat/completions. max_tokens defaults to whatever context remains."""
+    state = server_state(request)
+    engine = state.require_engine()
+    req = parse_request(ChatCompletionRequest, await request.body())
+    check_model(req.model, engine.model_name)
+    check_stream_options(req)
+    if req.top_logprobs and not req.logprobs:
+        raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
+    tok = engine.tokenizer
+    ids = chat_prompt(tok, req.messages)
+    requested = (
+        req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    )
+    max_tokens = resolve_max_tokens(
+        requested, len(ids), engine.max_model_len, default=None, prompt_param="messages"
+    )
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    stop_ids = tok.stop_token_ids(chat=True)  # <end_of_turn> ends the model's turn
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    subs = [
+        SubRequest(
+            i,
+            f"{request_id}-{i}",
+            ids,
+            sampling_params(
+                req,
+                max_tokens=max_tokens,
+                logprobs=logprobs,
+                stop_token_ids=stop_ids,
+                seed=child_seed(req.seed, i),
+                vocab_size=tok.vocab_size,
+            ),
+            counts_prompt=i == 0,
+        )
+        for i in range(req.n or 1)
+    ]
+    group = GenerationGroup(engine, state.metrics, subs)
+    view = _ChatView(request_id, engine.model_name, tok, req)
+    return await respond(
+        request,
+        group,
+        stream=bool(req.stream),
+        events=lambda: stream_events(
+            group,
+            prelude=view.prelude(len(subs)),
+            chunk=view.chunk,
+            usage_chunk=view.usage_chunk if req.include_usage else None,
+        ),
+        build=lambda results: view.response(results, group.usage()),
+    )
+
+
+class _ChatView:
+    """Formats outputs as OpenAI chat completion chunks and responses."""
+
+    def __init__(
+        self, request_id: str, model: str, tokenizer: TokenizerLike, req: ChatCompletionRequest
+    ) -> None:
+        self.request_id = request_id
+        self.model = model
+        self.created = int(time.time())
+        self._tok = tokenizer
+        self._include_usage = req.include_usage
+        self._want_logprobs = bool(req.logprobs)
+
+    def _dump(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+        chunk = ChatCompletionChunk(
+            id=self.request_id, created=self.created, model=self.model, choices=choices, usage=usage
+        )
+        return chunk.model_dump_json(exclude=None if self._include_usage else {"usage"})
+
+    def prelude(self, n: int) -> list[str]:
+        """The role of each choice first, as OpenAI streams it."""
+        return [
+            event(
+                self._dump(
+                    [ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))]
+                )
+            )
+            for i in range(n)
+        ]
+
+    def chunk(self, sub: SubRequest, out: RequestOutput) -> str:
+        # The finishing chunk carries an empty delta unless the last step produced text.
+        delta = ChatDelta(content=out.new_text) if out.new_text or not out.finished else ChatDelta()
+        choice = ChatChunkChoice(
+            index=sub.index,
+            delta=delta,
+            logprobs=self._logprobs(out.new_logprobs or ()) if self._want_logprobs else None,
+            finish_reason=out.finish_reason if out.finished else None,
+        )
+        return self._dump([choice])
+
+    def usage_chunk(self, usage: Usage) -> str:
+        return self._dump([], usage)
+
+    def response(self, results: dict[int, ChoiceResult], usage: Usage) -> ChatCompletionResponse:
+        choices = [
+            ChatChoice(
+                index=i,
+                message=ChatMessageOut(content="".join(r.text)),
+                logprobs=self._logprobs(r.logprobs) if self._want_logprobs else None,
+                finish_reason=r.finish_reason,
+            )
+            for i, r in sorted(results.items())
+        ]
+        return ChatCompletionResponse(
+            id=self.request_id, created=self.created, model=self.model, choices=choices, usage=usage
+        )
+
+    def _logprobs(self, logprobs: Sequence[TokenLogprob]) -> ChatLogprobs:
+        def top(token_id: int, logprob: float) -> TopLogprob:
+            tok = self._tok
+            return TopLogprob(
+                token=tok.token_text(token_id),
+                logprob=logprob,
+                bytes=list(tok.token_bytes(token_id)),
+            )
+
+        content = [
+            ChatTokenLogprob(
+                **top(lp.token_id, lp.logprob).model_dump(),
+                top_logprobs=[top(t, v) for t, v in lp.top],
+            )
+            for lp in logprobs
+        ]
+        return ChatLogprobs(content=content)

@@ -1,0 +1,174 @@
+"""`gemma-serve`: the command line (DESIGN.md's flags, vLLM's names) -> engine config -> server.
+
+The port opens at once; the engine loads on a background thread while /health answers 503.
+SIGTERM (or Ctrl+C) stops accepting requests, lets in-flight ones finish for a grace period,
+aborts the rest, stops the engine and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import uvicorn
+
+from server.app import Settings, create_app
+from server.engine.config import DEVICES, DTYPES, LOAD_FORMATS, EngineConfig
+from server.engine_client import EngineClient, EngineProvider
+from server.state import API_KEY_ENV
+
+logger = logging.getLogger("server.cli")
+GRACE_S = 30  # seconds in-flight requests get to finish on shutdown before they are aborted
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """What the command line decides besides the engine: where and how to serve."""
+
+    host: str
+    port: int
+    log_level: str
+    settings: Settings
+
+
+def byte_size(text: str) -> int:
+    """'1073741824', '4GiB', '512M' -> bytes (K/M/G/T are powers of 1024)."""
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected a number of bytes such as 4GiB, got {text!r}")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    return int(number * 1024 ** " kmgt".index(unit or " "))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gemma-serve", description="OpenAI-compatible inference server for Gemma 2 / 3."
+    )
+    add = p.add_argument
+    add("--model", help="Hugging Face directory, .gguf file or preset (default: embedded model)")
+    add("--served-model-name", help="model name in the API (default: derived from --model)")
+    add("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    add("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    add("--device", choices=DEVICES, help="where to run (default: auto)")
+    add("--dtype", choices=DTYPES, help="weights and activations dtype (default: auto)")
+    add("--max-model-len", type=int, help="context length (default: the model's)")
+    add("--max-num-seqs", type=int, help="most requests in one batch")
+    add("--max-num-batched-tokens", type=int, help="most tokens in one engine step")
+    add("--block-size", type=int, help="tokens per KV-cache block")
+    add("--kv-cache-memory", type=byte_size, metavar="BYTES", help="KV-cache budget on CPU")
+    add("--gpu-memory-utilization", type=float, metavar="F", help="GPU memory share (0, 1]")
+    add("--max-queued-requests", type=int, help="waiting requests before answering 429")
+    add("--api-key", default=os.environ.get(API_KEY_ENV), help=f"required key (or ${API_KEY_ENV})")
+    add("--seed", type=int, help="engine seed for unseeded sampling")
+    add("--load-format", choices=LOAD_FORMATS, help="dummy: random weights of a preset's shape")
+    add("--force-reference-kernels", action="store_true", help="pure-torch kernels, no Triton")
+    add("--allowed-origins", nargs="+", default=[], help="CORS origins (off when not given)")
+    add("--log-level", choices=LOG_LEVELS, default="info", help="(default: %(default)s)")
+    return p
+
+
+ENGINE_FLAGS = (
+    "model",
+    "served_model_name",
+    "device",
+    "dtype",
+    "max_model_len",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "block_size",
+    "kv_cache_memory",
+    "gpu_memory_utilization",
+    "max_queued_requests",
+    "seed",
+    "load_format",
+    "force_reference_kernels",
+)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[EngineConfig, ServeOptions]:
+    """The engine config and serving options; invalid values exit with status 2 (argparse)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = {name: getattr(args, name) for name in ENGINE_FLAGS}
+    try:
+        config = EngineConfig(**{k: v for k, v in given.items() if v is not None})
+        origins = tuple(o for item in args.allowed_origins for o in item.split(",") if o)
+        settings = Settings(api_key=args.api_key or None, allowed_origins=origins)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be in [0, 65535], got {args.port}")
+    return config, ServeOptions(args.host, args.port, args.log_level, settings)
+
+
+def serve(provider: EngineProvider, options: ServeOptions) -> int:
+    """Runs the server until SIGTERM/SIGINT; returns the exit status (1 if the engine failed
+    to load, 0 otherwise)."""
+    exit_code = 0
+    server: uvicorn.Server | None = None
+
+    def on_load_error(_: BaseException) -> None:
+        nonlocal exit_code
+        exit_code = 1
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(provider, options.settings, on_load_error=on_load_error)
+    config = uvicorn.Config(
+        app,
+        host=options.host,
+        port=options.port,
+        log_level=options.log_level,
+        timeout_graceful_shutdown=GRACE_S,
+    )
+    server = uvicorn.Server(config)
+    # uvicorn re-raises the signal it caught once it has shut down, which with the default
+    # handlers would end the process with 143 instead of the clean exit 0 the contract wants.
+    previous = {sig: signal.signal(sig, _ignore) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return exit_code
+
+
+def _ignore(signum: int, frame: object) -> None:
+    logger.debug("signal %d after shutdown ignored", signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `gemma-serve`."""
+    config, options = parse_args(argv)
+    logging.basicConfig(
+        level=options.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logger.info("engine configuration: %s", config)
+    logger.info(
+        "serving on http://%s:%d (API key %s, CORS %s)",
+        options.host,
+        options.port,
+        "required" if options.settings.resolved_api_key() else "off",
+        ", ".join(options.settings.allowed_origins) or "off",
+    )
+
+    def provider() -> EngineClient:
+        # Imported here: the engine pulls in torch, which `--help` should not wait for.
+        from server.engine.async_engine import AsyncEngine
+
+        return AsyncEngine.from_config(config)
+
+    return serve(provider, options)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""POST /v1/completions: prompts (text or token ids, batched), n choices, echo, logprobs."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from server.engine.outputs import RequestOutput, TokenLogprob
+from server.engine_client import TokenizerLike
+from server.errors import bad_request
+from server.generation import (
+    ChoiceResult,
+    GenerationGroup,
+    SubRequest,
+    respond,
+    stream_events,
+)
+from server.params import (
+    COMPLETION_DEFAULT_MAX_TOKENS,
+    check_model,
+    check_stream_options,
+    child_seed,
+    encode_prompt,
+    resolve_max_tokens,
+    sampling_params,
+)
+from server.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    Usage,
+    parse_request,
+)
+from server.sse import event
+from server.state import server_state
+
+
+async def create_completion(request: Request) -> Response:
+    """OpenAI's /v1/completions; choice i of prompt p has index p * n + i."""
+    state = server_state(request)
+    engine = state.require_engine()
+    req = parse_request(CompletionRequest, await request.body())
+    check_model(req.model, engine.model_name)
+    _reject_unsupported(req)
+    tok = engine.tokenizer
+    n = req.n or 1
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    subs: list[SubRequest] = []
+    echo: dict[int, str] = {}
+    for p, prompt in enumerate(req.prompts()):
+        ids = encode_prompt(tok, prompt)
+        max_tokens = resolve_max_tokens(
+            req.max_tokens,
+            len(ids),
+            engine.max_model_len,
+            default=COMPLETION_DEFAULT_MAX_TOKENS,
+            prompt_param="prompt",
+        )
+        for i in range(n):
+            index = p * n + i
+            params = sampling_params(
+                req,
+                max_tokens=max_tokens,
+                logprobs=req.logprobs,
+                stop_token_ids=frozenset(),
+                seed=child_seed(req.seed, i),
+                vocab_size=tok.vocab_size,
+            )
+            subs.append(SubRequest(index, f"{request_id}-{index}", ids, params, i == 0))
+            if req.echo:
+                echo[index] = prompt if isinstance(prompt, str) else tok.decode(ids)
+    group = GenerationGroup(engine, state.metrics, subs)
+    view = _CompletionView(request_id, engine.model_name, tok, echo, req)
+    return await respond(
+        request,
+        group,
+        stream=bool(req.stream),
+        events=lambda: stream_events(
+            group,
+            prelude=view.prelude(),
+            chunk=view.chunk,
+            usage_chunk=view.usage_chunk if req.include_usage else None,
+        ),
+        build=lambda results: view.response(results, group.usage()),
+    )
+
+
+def _reject_unsupported(req: CompletionRequest) -> None:
+    check_stream_options(req)
+    if req.suffix:
+        raise bad_request("suffix is not supported", param="suffix")
+    if req.best_of is not None and req.best_of != (req.n or 1):
+        raise bad_request("best_of must equal n: best-of sampling is not supported", "best_of")
+    if req.echo and req.logprobs is not None:
+        # Only sampled tokens get logprobs; returning nulls for the prompt would mislead scorers.
+        raise bad_request(
+            "echo together with logprobs is not supported: prompt logprobs are not computed",
+            param="echo",
+        )
+
+
+class _CompletionView:
+    """Formats outputs as OpenAI completion chunks and responses."""
+
+    def __init__(
+        self,
+        request_id: str,
+        model: str,
+        tokenizer: TokenizerLike,
+        echo: dict[int, str],
+        req: CompletionRequest,
+    ) -> None:
+        self.request_id = request_id
+        self.model = model
+        self.created = int(time.time())
+        self._tok = tokenizer
+        self._echo = echo
+        self._include_usage = req.include_usage
+        self._want_logprobs = req.logprobs is not None
+        self._offsets = {i: len(text) for i, text in echo.items()}  # text_offset, per choice
+
+    def _wrap(
+        self, choices: list[CompletionChoice], usage: Usage | None = None
+    ) -> CompletionResponse:
+        return CompletionResponse(
+            id=self.request_id, created=self.created, model=self.model, choices=choices, usage=usage
+        )
+
+    def _dump(self, chunk: CompletionResponse) -> str:
+        return chunk.model_dump_json(exclude=None if self._include_usage else {"usage"})
+
+    def prelude(self) -> list[str]:
+        """The echoed prompt of each choice, first, as OpenAI streams it."""
+        return [
+            event(self._dump(self._wrap([CompletionChoice(index=i, text=text)])))
+            for i, text in sorted(self._echo.items())
+        ]
+
+    def chunk(self, sub: SubRequest, out: RequestOutput) -> str:
+        logprobs = None
+        if self._want_logprobs:
+            logprobs = self._logprobs(sub.index, out.new_logprobs or ())
+        choice = CompletionChoice(
+            index=sub.index,
+            text=out.new_text,
+            logprobs=logprobs,
+            finish_reason=out.finish_reason if out.finished else None,
+        )
+        return self._dump(self._wrap([choice]))
+
+    def usage_chunk(self, usage: Usage) -> str:
+        return self._wrap([], usage).model_dump_json()
+
+    def response(self, results: dict[int, ChoiceResult], usage: Usage) -> CompletionResponse:
+        choices = [
+            CompletionChoice(
+                index=i,
+                text=self._echo.get(i, "") + "".join(r.text),
+                logprobs=self._logprobs(i, r.logprobs) if self._want_logprobs else None,
+                finish_reason=r.finish_reason,
+            )
+            for i, r in sorted(results.items())
+        ]
+        return self._wrap(choices, usage)
+
+    def _logprobs(self, index: int, logprobs: Sequence[TokenLogprob]) -> CompletionLogprobs:
+        out = CompletionLogprobs()
+        offset = self._offsets.get(index, 0)
+        for lp in logprobs:
+            text = self._tok.token_text(lp.token_id)
+            top = {self._tok.token_text(t): v for t, v in lp.top}
+            top.setdefault(text, lp.logprob)  # OpenAI's dict holds the sampled token too
+            out.tokens.append(text)
+            out.token_logprobs.append(lp.logprob)
+            out.top_logprobs.append(top)
+            out.text_offset.append(offset)
+            offset += len(text)
+        self._offsets[index] = offset
+        return out

@@ -1,0 +1,56 @@
+"""What the HTTP layer needs from the engine and its tokenizer (structural types).
+
+server.engine.async_engine.AsyncEngine is the real implementation; tests use a fake with the
+same surface. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Protocol
+
+from server.engine.outputs import RequestOutput, StepStats
+from server.engine.sampling_params import SamplingParams
+
+
+class TokenizerLike(Protocol):
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]: ...
+
+    def stop_token_ids(self, chat: bool) -> frozenset[int]: ...
+
+    def token_text(self, token_id: int) -> str: ...
+
+    def token_bytes(self, token_id: int) -> bytes: ...
+
+
+class EngineClient(Protocol):
+    tokenizer: TokenizerLike
+    model_name: str
+    max_model_len: int
+
+    def start(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+    def generate(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def add_step_listener(self, fn: Callable[[StepStats], None]) -> None: ...
+
+    @property
+    def is_running(self) -> bool: ...
+
+
+# Builds the engine; slow (loads weights), so the app calls it on a background thread.
+EngineProvider = Callable[[], EngineClient]

@@ -1,0 +1,85 @@
+"""Request gates that run before any route: the body-size limit and the API key.
+
+Both are plain ASGI middleware (not BaseHTTPMiddleware), so streaming responses and client
+disconnects pass through untouched.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.errors import APIError, BodyTooLargeError
+
+PROTECTED_PATHS = frozenset({"/v1", "/tokenize", "/detokenize"})
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over `max_bytes`: at once from Content-Length, else while streaming in."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = _header(scope, b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await BodyTooLargeError(self.max_bytes).response()(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # Raised inside the route's body read; the APIError handler answers 413.
+                    raise BodyTooLargeError(self.max_bytes)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+class ApiKeyMiddleware:
+    """401 unless `Authorization: Bearer <key>` on /v1/*, /tokenize and /detokenize."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.api_key = api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and _protected(scope["path"]):
+            error = self._check(_header(scope, b"authorization"))
+            if error is not None:
+                response = error.response()
+                response.headers["WWW-Authenticate"] = "Bearer"
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _check(self, authorization: str | None) -> APIError | None:
+        if not authorization:
+            message = "Missing API key: send the header 'Authorization: Bearer <key>'"
+            return APIError(401, message, code="invalid_api_key")
+        scheme, _, token = authorization.partition(" ")
+        # compare_digest: the time taken must not reveal how much of the key matched.
+        ok = scheme.lower() == "bearer" and hmac.compare_digest(
+            token.strip().encode(), self.api_key
+        )
+        return None if ok else APIError(401, "Invalid API key", code="invalid_api_key")
+
+
+def _protected(path: str) -> bool:
+    return path in PROTECTED_PATHS or path.startswith("/v1/")
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None

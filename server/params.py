@@ -1,0 +1,133 @@
+"""From a validated OpenAI request to engine inputs: prompt ids, max_tokens, SamplingParams.
+
+Every check that needs the tokenizer or the context length lives here; each failure is a 400
+naming its parameter.
+"""
+
+from __future__ import annotations
+
+from server.engine.sampling_params import SamplingParams
+from server.engine_client import TokenizerLike
+from server.errors import APIError, bad_request
+from server.protocol import INT64_MIN, ChatMessage, SamplingRequest
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+def check_model(requested: str | None, served: str) -> None:
+    """404 unless the request names the served model (or names none)."""
+    if requested is not None and requested != served:
+        raise APIError(
+            404,
+            f"The model '{requested}' does not exist; this server serves '{served}'",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def check_stream_options(req: SamplingRequest) -> None:
+    """stream_options only makes sense with stream: true (OpenAI rejects it otherwise)."""
+    if req.stream_options is not None and not req.stream:
+        raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+
+
+def check_token_ids(ids: list[int], vocab_size: int, param: str) -> list[int]:
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise bad_request(f"Token id {bad[0]} is out of range [0, {vocab_size})", param=param)
+    return ids
+
+
+def resolve_max_tokens(
+    requested: int | None,
+    prompt_len: int,
+    max_model_len: int,
+    *,
+    default: int | None,
+    prompt_param: str,
+) -> int:
+    """max_tokens as given, else `default`, else whatever context the prompt leaves (chat).
+
+    Raises a 400 with the numbers when the prompt plus max_tokens does not fit the context.
+    """
+    max_tokens = requested if requested is not None else default
+    if max_tokens is None:
+        max_tokens = max(1, max_model_len - prompt_len)
+    total = prompt_len + max_tokens
+    if total > max_model_len:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {total} tokens ({prompt_len} in the prompt, {max_tokens} for the "
+            f"completion). Please reduce the length of the prompt or max_tokens.",
+            param=prompt_param if prompt_len >= max_model_len else "max_tokens",
+            code="context_length_exceeded",
+        )
+    return max_tokens
+
+
+def child_seed(seed: int | None, i: int) -> int | None:
+    """The seed of the i-th choice: seed + i, wrapped into int64."""
+    if seed is None:
+        return None
+    return (seed + i - INT64_MIN) % 2**64 + INT64_MIN
+
+
+def sampling_params(
+    req: SamplingRequest,
+    *,
+    max_tokens: int,
+    logprobs: int | None,
+    stop_token_ids: frozenset[int],
+    seed: int | None,
+    vocab_size: int,
+) -> SamplingParams:
+    """The engine's SamplingParams for one choice; unset fields take OpenAI's defaults."""
+    bias = req.logit_bias or {}
+    check_token_ids(sorted(bias), vocab_size, "logit_bias")
+
+    def given(value: float | int | None, default: float | int) -> float | int:
+        return default if value is None else value
+
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=given(req.temperature, 1.0),
+            top_p=given(req.top_p, 1.0),
+            top_k=int(given(req.top_k, 0)),
+            min_p=given(req.min_p, 0.0),
+            seed=seed,
+            presence_penalty=given(req.presence_penalty, 0.0),
+            frequency_penalty=given(req.frequency_penalty, 0.0),
+            repetition_penalty=given(req.repetition_penalty, 1.0),
+            stop=tuple(req.stop or ()),
+            stop_token_ids=stop_token_ids,
+            ignore_eos=bool(req.ignore_eos),
+            min_tokens=int(given(req.min_tokens, 0)),
+            logprobs=logprobs,
+            logit_bias=tuple(sorted(bias.items())),
+        )
+    except ValueError as exc:
+        # SamplingParams names the parameter first: "min_tokens must be in [0, max_tokens]..."
+        message = str(exc)
+        raise bad_request(message, param=message.split(" ", 1)[0]) from exc
+
+
+def encode_prompt(tokenizer: TokenizerLike, prompt: str | list[int]) -> list[int]:
+    """A completion prompt as ids: text is encoded with BOS; ids are checked against the vocab."""
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt, add_bos=True)
+    return check_token_ids(list(prompt), tokenizer.vocab_size, "prompt")
+
+
+def chat_prompt(tokenizer: TokenizerLike, messages: list[ChatMessage]) -> list[int]:
+    """The Gemma chat template applied to the messages (the tokenizer rejects bad turns)."""
+    # Gemma has no developer role: it is the newer name of the system role.
+    turns = [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.content or ""}
+        for m in messages
+    ]
+    try:
+        return tokenizer.apply_chat_template(turns)
+    except ValueError as exc:
+        raise bad_request(f"Invalid messages: {exc}", param="messages") from exc

@@ -1,0 +1,301 @@
+"""OpenAI request and response schemas for /v1/completions and /v1/chat/completions.
+
+Requests are validated strictly from the raw JSON body (`parse_request`): a string where a number
+belongs is an error, as in OpenAI's API, rather than silently coerced. Unknown fields are
+ignored because OpenAI clients send extras. `None` means "use the default" for every optional
+field, since clients send explicit nulls. Responses mirror OpenAI's shapes field for field.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, field_serializer
+from pydantic_core import PydanticCustomError
+
+from server.engine.sampling_params import MAX_LOGPROBS
+
+MAX_N = 16  # choices per request
+MAX_STOP = 16  # stop strings per request (OpenAI allows 4; vLLM users send more)
+MAX_STOP_LEN = 256  # characters per stop string
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _invalid(message: str) -> PydanticCustomError:
+    return PydanticCustomError("invalid_value", message)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_prompt(value: object) -> str | list[str] | list[int] | list[list[int]]:
+    """A prompt is a string, a list of strings, a list of token ids or a list of id lists."""
+    shape = "a string, a list of strings, a list of token ids or a list of token-id lists"
+    if isinstance(value, str):
+        if not value:
+            raise _invalid("prompt must not be empty")
+        return value
+    if not isinstance(value, list) or not value:
+        raise _invalid(f"prompt must be a non-empty {shape}")
+    if all(isinstance(p, str) for p in value):
+        if not all(value):
+            raise _invalid("prompt strings must not be empty")
+        return value
+    if all(_is_int(t) for t in value):
+        _check_ids(value)
+        return value
+    if all(isinstance(p, list) for p in value):
+        for ids in value:
+            if not ids or not all(_is_int(t) for t in ids):
+                raise _invalid("each token-id list in prompt must be a non-empty list of integers")
+            _check_ids(ids)
+        return value
+    raise _invalid(f"prompt must be {shape}")
+
+
+def _check_ids(ids: list[int]) -> None:
+    if any(t < 0 for t in ids):
+        raise _invalid("token ids must be non-negative")
+
+
+def _check_stop(value: object) -> list[str]:
+    """stop: a string or a list of strings. Empty strings mean nothing and are dropped."""
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise _invalid("stop must be a string or a list of strings")
+    items = [s for s in items if s]
+    if len(items) > MAX_STOP:
+        raise _invalid(f"at most {MAX_STOP} stop strings are allowed, got {len(items)}")
+    if any(len(s) > MAX_STOP_LEN for s in items):
+        raise _invalid(f"each stop string must be at most {MAX_STOP_LEN} characters")
+    return items
+
+
+def _check_logit_bias(value: object) -> dict[int, float] | None:
+    """logit_bias maps token ids (as JSON object keys, so strings) to a bias in [-100, 100]."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _invalid("logit_bias must be an object mapping token ids to numbers")
+    bias: dict[int, float] = {}
+    for key, b in value.items():
+        if not (key.isascii() and key.isdigit()):
+            raise _invalid(f"logit_bias keys must be token ids, got {key!r}")
+        if not (isinstance(b, int | float) and not isinstance(b, bool)) or not -100 <= b <= 100:
+            raise _invalid(f"logit_bias values must be numbers in [-100, 100], got {b!r}")
+        bias[int(key)] = float(b)
+    return bias
+
+
+def _check_content(value: object) -> str:
+    """Message content: a string, or a list of text parts (what OpenAI clients send)."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        texts = []
+        for part in value:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise _invalid("only text content parts are supported")
+            if not isinstance(part.get("text"), str):
+                raise _invalid("a text content part needs a string 'text'")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise _invalid("content must be a string or a list of text parts")
+
+
+Prompt = Annotated[Any, PlainValidator(_check_prompt)]
+Stop = Annotated[Any, PlainValidator(_check_stop)]
+LogitBias = Annotated[Any, PlainValidator(_check_logit_bias)]
+Content = Annotated[Any, PlainValidator(_check_content)]
+Unit = Annotated[float, Field(ge=0.0, le=1.0)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = None
+
+
+class SamplingRequest(_Strict):
+    """Fields shared by both endpoints."""
+
+    model: str | None = None  # None: the served model (vLLM's leniency)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: Unit | None = None
+    n: int | None = Field(None, ge=1, le=MAX_N)
+    stop: Stop = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    logit_bias: LogitBias = None
+    ignore_eos: bool | None = None
+    min_tokens: int | None = Field(None, ge=0)
+    user: str | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(SamplingRequest):
+    """POST /v1/completions."""
+
+    prompt: Prompt
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of a (possibly batched) request, each a string or a token-id list."""
+        p = self.prompt
+        if isinstance(p, str) or _is_int(p[0]):
+            return [p]
+        return list(p)
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "model"]
+    content: Content = None
+
+
+class ChatCompletionRequest(SamplingRequest):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+
+class TokenizeRequest(_Strict):
+    """POST /tokenize (vLLM's shape); `messages` applies the chat template instead."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(_Strict):
+    """POST /detokenize (vLLM's shape)."""
+
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]]
+
+
+RequestT = TypeVar("RequestT", bound=BaseModel)
+
+
+def parse_request(model: type[RequestT], body: bytes) -> RequestT:
+    """Validates a raw JSON body; raises pydantic.ValidationError (mapped to HTTP 400)."""
+    return model.model_validate_json(body)
+
+
+# ---- responses -------------------------------------------------------------------------------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(BaseModel):
+    """Both the full response and a streamed chunk (same object name, as in OpenAI's API)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+    @field_serializer("delta")
+    def _delta_without_nulls(self, delta: ChatDelta) -> dict[str, Any]:
+        # OpenAI sends {"content": "..."} or {} (on the finishing chunk), never null fields.
+        return delta.model_dump(exclude_none=True)
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None

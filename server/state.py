@@ -1,0 +1,56 @@
+"""Server settings and the per-app state routes reach through `request.app.state.server`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from starlette.requests import Request
+
+from server.engine_client import EngineClient
+from server.errors import APIError
+from server.metrics import Metrics
+
+API_KEY_ENV = "GEMMA_SERVE_API_KEY"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """HTTP-side settings (the engine's live in EngineConfig)."""
+
+    api_key: str | None = None  # None: $GEMMA_SERVE_API_KEY; neither: no authentication
+    max_body_bytes: int = 1 << 20
+    allowed_origins: tuple[str, ...] = ()  # CORS is off unless origins are given
+
+    def __post_init__(self) -> None:
+        if self.max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
+
+    def resolved_api_key(self) -> str | None:
+        return self.api_key or os.environ.get(API_KEY_ENV) or None
+
+
+class ServerState:
+    """The engine (once loaded), the metrics and the settings of one app."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.engine: EngineClient | None = None
+        self.load_error: BaseException | None = None
+
+    def require_engine(self) -> EngineClient:
+        """The engine, or a 503 while it loads (or if it failed to load or has stopped)."""
+        if self.engine is None:
+            if self.load_error is not None:
+                message = f"The model failed to load: {self.load_error}"
+                raise APIError(503, message, code="model_load_failed")
+            raise APIError(503, "The model is still loading; retry shortly", code="model_loading")
+        if not self.engine.is_running:
+            raise APIError(503, "The engine has stopped", code="engine_dead")
+        return self.engine
+
+
+def server_state(request: Request) -> ServerState:
+    state: ServerState = request.app.state.server
+    return state

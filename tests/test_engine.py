@@ -188,3 +188,26 @@ def test_abort_frees_blocks_mid_prefill_and_mid_decode(checkpoint, prompts) -> N
     assert out.finished and out.finish_reason == "abort"
     assert not engine.has_work
     assert engine.kv.usage().global_ratio == 0.0 and engine.kv.usage().local_ratio == 0.0
+
+
+def test_a_sampling_fault_ends_only_its_own_request(checkpoint, prompts, expected) -> None:
+    engine = tiny_engine(checkpoint)
+    real = engine.sampler
+
+    class FaultySampler:
+        """Raises whenever the request 'offline-2' is in the batch."""
+
+        def __call__(self, logits, requests):
+            if any(r.request_id == "offline-2" for r in requests):
+                raise RuntimeError("injected fault")
+            return real(logits, requests)
+
+        def release(self, request_id: str) -> None:
+            real.release(request_id)
+
+    engine.sampler = FaultySampler()
+    results = engine.generate(prompts[:5], GREEDY)
+    assert results[2].finish_reason == "error" and results[2].token_ids == []
+    for i in (0, 1, 3, 4):
+        assert results[i].token_ids == expected[i]
+    assert engine.kv.usage().global_ratio == 0.0

@@ -6,7 +6,7 @@ schedule -> build batch -> forward -> sample -> update -> detokenize / stop stri
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,9 +26,9 @@ from server.engine.outputs import (
 )
 from server.engine.request import Request
 from server.engine.runner import Runner
-from server.engine.sampler import Sampler
+from server.engine.sampler import Sampler, SamplerOutput
 from server.engine.sampling_params import SamplingParams
-from server.engine.scheduler import Scheduler, SchedulerOutput
+from server.engine.scheduler import ScheduledChunk, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -152,16 +152,43 @@ class LLMEngine:
         try:
             batch = self.runner.build(sched)
             logits = self.runner.forward(batch)
-            sampled = self.sampler(logits, batch.sampling_requests)
         except Exception as e:  # a bug in the forward pass: fail this batch, keep serving
             log.exception("engine step failed")
-            return self._fail(sched, f"internal error in the engine step: {e}")
-        requests = batch.sampling_requests
+            return self._fail(sched.chunks, f"internal error in the engine step: {e}")
+        requests, sampled, failed = self._sample(logits, batch.sampling_requests)
+        errors = self._fail(failed, "internal error while sampling") if failed else []
         self.scheduler.update(sched, {r.request_id: t for r, t in zip(requests, sampled.token_ids)})
-        return [
+        return errors + [
             self._postprocess(r, t, lp)
             for r, t, lp in zip(requests, sampled.token_ids, sampled.logprobs)
         ]
+
+    def _sample(
+        self, logits: torch.Tensor, requests: tuple[Request, ...]
+    ) -> tuple[tuple[Request, ...], SamplerOutput, list[Request]]:
+        """Sample the batch; if that fails, sample each request alone to isolate the culprit.
+
+        Returns the requests that got a token, their sampler output, and the ones that failed.
+        """
+        try:
+            return requests, self.sampler(logits, requests), []
+        except Exception:
+            log.exception("batched sampling failed; retrying request by request")
+        ok: list[Request] = []
+        tokens: list[int] = []
+        logprobs: list[TokenLogprob | None] = []
+        failed: list[Request] = []
+        for i, r in enumerate(requests):
+            try:
+                one = self.sampler(logits[i : i + 1], (r,))
+            except Exception:
+                log.exception("sampling failed for %s", r.request_id)
+                failed.append(r)
+                continue
+            ok.append(r)
+            tokens += one.token_ids
+            logprobs += one.logprobs
+        return tuple(ok), SamplerOutput(tokens, logprobs), failed
 
     def _postprocess(self, req: Request, token: int, lp: TokenLogprob | None) -> RequestOutput:
         """Stop strings and the output delta; an error here ends only this request."""
@@ -195,13 +222,15 @@ class LLMEngine:
             self.sampler.release(req.request_id)
         return self.outputs.output(req, [token], [lp] if lp is not None else None)
 
-    def _fail(self, sched: SchedulerOutput, message: str) -> list[RequestOutput]:
+    def _fail(self, requests: Iterable[Request | ScheduledChunk], message: str):
+        """End these requests with an error; every other request keeps running."""
         outs = []
-        for c in sched.chunks:
-            if not c.request.finished:
-                self.scheduler.finish(c.request, FINISH_ERROR, message)
-                self.sampler.release(c.request.request_id)
-                outs.append(self.outputs.output(c.request, [], None))
+        for item in requests:
+            req = item.request if isinstance(item, ScheduledChunk) else item
+            if not req.finished:
+                self.scheduler.finish(req, FINISH_ERROR, message)
+                self.sampler.release(req.request_id)
+                outs.append(self.outputs.output(req, [], None))
         return outs
 
     # -- offline helper -------------------------------------------------------------------

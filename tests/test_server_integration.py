@@ -1,0 +1,204 @@
+"""The real engine behind the real app under uvicorn, driven by the official openai client."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.app import create_app
+from server.engine.async_engine import AsyncEngine
+from tests.engine_helpers import hf_greedy, tiny_checkpoint, tiny_engine
+from tests.model_helpers import hf_model
+from tests.server_helpers import run_server
+
+PROMPTS = [
+    "The quick brown fox",
+    "def main():",
+    "Hello, world! How are",
+    "café, naïve",
+    "Numbers like 12345",
+    "for i in range(10):",
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=31)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint: Path) -> Iterator[tuple[str, AsyncEngine]]:
+    engine = AsyncEngine(tiny_engine(checkpoint, max_num_batched_tokens=48))
+    with run_server(create_app(lambda: engine)) as url:
+        yield url, engine
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+
+def metrics(url: str) -> dict[str, float]:
+    """Flattened samples: name{label=value,...} -> value."""
+    out = {}
+    for fam in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for s in fam.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+def test_greedy_http_equals_transformers(server, checkpoint: Path) -> None:
+    url, engine = server
+    tok = engine.tokenizer
+    ref = hf_model(checkpoint)
+    c = client(url)
+    for prompt in PROMPTS:
+        ids = tok.encode(prompt)
+        expected = tok.decode(hf_greedy(ref, ids, 12))
+        res = c.completions.create(
+            model=engine.model_name,
+            prompt=prompt,
+            max_tokens=12,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        assert res.choices[0].text == expected
+        assert res.choices[0].finish_reason == "length"
+        assert res.usage.prompt_tokens == len(ids) and res.usage.completion_tokens == 12
+
+
+def test_streamed_text_equals_non_streamed(server) -> None:
+    url, engine = server
+    c = client(url)
+    for prompt in PROMPTS[:3]:
+        full = c.completions.create(
+            model=engine.model_name,
+            prompt=prompt,
+            max_tokens=10,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        stream = c.completions.create(
+            model=engine.model_name,
+            prompt=prompt,
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        chunks = list(stream)
+        text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+        assert text == full.choices[0].text
+        assert chunks[-1].usage.completion_tokens == 10
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    chat = c.chat.completions.create(
+        model=engine.model_name, messages=messages, max_tokens=8, temperature=0
+    )
+    streamed = c.chat.completions.create(
+        model=engine.model_name, messages=messages, max_tokens=8, temperature=0, stream=True
+    )
+    text = "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices)
+    assert text == chat.choices[0].message.content
+    assert chat.choices[0].finish_reason in ("stop", "length")
+
+
+def test_32_concurrent_streams_and_exact_metrics(server) -> None:
+    url, engine = server
+    before = metrics(url)
+    c = client(url)
+    expected = {
+        p: c.completions.create(
+            model=engine.model_name,
+            prompt=p,
+            max_tokens=9,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        .choices[0]
+        .text
+        for p in PROMPTS
+    }
+    mid = metrics(url)
+    aclient = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+    async def one(i: int) -> tuple[str, str, int, int]:
+        prompt = PROMPTS[i % len(PROMPTS)]
+        stream = await aclient.completions.create(
+            model=engine.model_name,
+            prompt=prompt,
+            max_tokens=9,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        text, usage = [], None
+        async for ch in stream:
+            if ch.choices:
+                text.append(ch.choices[0].text)
+            if ch.usage:
+                usage = ch.usage
+        return prompt, "".join(text), usage.prompt_tokens, usage.completion_tokens
+
+    async def all32():
+        return await asyncio.gather(*(one(i) for i in range(32)))
+
+    results = asyncio.run(all32())
+    assert all(text == expected[p] for p, text, _, _ in results)
+    after = metrics(url)
+    served_prompt = sum(r[2] for r in results)
+    served_gen = sum(r[3] for r in results)
+    assert served_gen == 32 * 9
+    key_p, key_g = "gemma_serve_prompt_tokens_total", "gemma_serve_generation_tokens_total"
+    assert after[key_g] - mid[key_g] == served_gen
+    assert after[key_p] - mid[key_p] == served_prompt
+    assert mid[key_g] - before[key_g] == 9 * len(PROMPTS)
+    assert (
+        after["gemma_serve_requests_total{finished_reason=length}"]
+        - mid["gemma_serve_requests_total{finished_reason=length}"]
+        == 32
+    )
+    assert after["gemma_serve_time_to_first_token_seconds_count"] >= 32
+
+
+def test_dropped_streams_free_everything(server) -> None:
+    url, engine = server
+
+    async def drop(i: int) -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as h:
+            body = {
+                "prompt": PROMPTS[i % 6],
+                "max_tokens": 200,
+                "temperature": 0,
+                "stream": True,
+                "ignore_eos": True,
+            }
+            async with h.stream("POST", "/v1/completions", json=body) as r:
+                n = 0
+                async for line in r.aiter_lines():
+                    n += line.startswith("data: ")
+                    if n >= 2 + i % 3:
+                        break  # leave mid-stream: the connection is closed
+
+    async def main() -> None:
+        await asyncio.gather(*(drop(i) for i in range(8)))
+        for _ in range(200):
+            await asyncio.sleep(0.05)
+            m = metrics(url)
+            if m["gemma_serve_requests_running"] == 0 and not engine.engine.has_work:
+                break
+
+    asyncio.run(main())
+    m = metrics(url)
+    assert m["gemma_serve_requests_running"] == 0
+    assert m["gemma_serve_requests_waiting"] == 0
+    assert m["gemma_serve_kv_cache_usage_ratio{pool=global}"] == 0.0
+    assert m["gemma_serve_kv_cache_usage_ratio{pool=local}"] == 0.0
+    assert m["gemma_serve_requests_total{finished_reason=abort}"] >= 8

@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# GPU benchmark for one NVIDIA H200, in at most 8 minutes (GPU_BENCH_BUDGET_S, default 480):
+#   1. device copy bandwidth (for the decode roofline)
+#   2. the GPU kernel tests (tests/test_kernels.py on CUDA)
+#   3. for gemma-2-2b then gemma-2-9b (--load-format dummy --dtype bfloat16): start gemma-serve,
+#      single-stream decode (concurrency 1, input 128, output 256), then throughput at
+#      concurrency 1, 16, 64, 256 (input 512, output 256) with benchmarks/serve.py
+#   4. benchmarks/kernels.py, when it exists
+# Every phase runs under `timeout`, capped by what is left of the budget (phases that no longer
+# fit are skipped); a failing phase is recorded and the script goes on. Ends with the summary
+# tables (decode vs roofline, throughput per concurrency, phases).
+#
+#   benchmarks/gpu.sh RESULTS_DIR
+#
+# RESULTS_DIR gets: phases.tsv, summary.{json,txt}, bandwidth.json, kernels.json, logs/*.log
+# (logs/<preset>_start.log is the server's) and <preset>/{decode,sweep}.json.
+set -uo pipefail
+
+if [[ $# -ne 1 ]]; then
+    echo "usage: $0 RESULTS_DIR" >&2
+    exit 2
+fi
+BUDGET_S=${GPU_BENCH_BUDGET_S:-480}
+RESERVE_S=20          # kept back for stopping a server and printing the report
+PORT=${GPU_BENCH_PORT:-18080}
+mkdir -p "$1/logs" || exit 2
+OUT=$(cd "$1" && pwd)
+cd "$(dirname "$0")/.." || exit 2
+
+if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
+if [[ -n ${GPU_BENCH_SERVER:-} ]]; then # another server command (e.g. a stub, to try the script)
+    read -r -a SERVE <<<"$GPU_BENCH_SERVER"
+elif [[ -x .venv/bin/gemma-serve ]]; then
+    SERVE=(.venv/bin/gemma-serve)
+elif command -v gemma-serve >/dev/null; then
+    SERVE=(gemma-serve)
+else
+    SERVE=("$PY" -m server.cli)
+fi
+SERVER_PID=""
+printf 'phase\tstatus\tseconds\n' >"$OUT/phases.tsv"
+
+log() { echo "[gpu.sh ${SECONDS}s] $*" >&2; }
+
+# phase_limit WANTED_S: WANTED_S capped by the budget left (0 when too little is left).
+phase_limit() {
+    local left=$((BUDGET_S - RESERVE_S - SECONDS))
+    if ((left < 10)); then
+        echo 0
+    elif (($1 < left)); then
+        echo "$1"
+    else
+        echo "$left"
+    fi
+}
+
+# record NAME RC LIMIT START: appends the phase's outcome to phases.tsv.
+record() {
+    local status=ok
+    if (($2 == 124 || $2 == 137)); then
+        status="timeout(${3}s)"
+    elif (($2 == 125)); then
+        status="skipped(no time left)"
+    elif (($2 != 0)); then
+        status="failed(rc=$2)"
+    fi
+    printf '%s\t%s\t%s\n' "$1" "$status" "$((SECONDS - $4))" >>"$OUT/phases.tsv"
+    log "$1: $status"
+}
+
+# run_phase NAME WANTED_S CMD...: CMD under `timeout`, output in logs/NAME.log.
+run_phase() {
+    local name=$1 start=$SECONDS limit rc
+    limit=$(phase_limit "$2")
+    shift 2
+    if ((limit == 0)); then
+        record "$name" 125 0 "$start"
+        return 125
+    fi
+    log "$name (at most ${limit}s)"
+    timeout --kill-after=5 "$limit" "$@" >"$OUT/logs/$name.log" 2>&1
+    rc=$?
+    record "$name" "$rc" "$limit" "$start"
+    return "$rc"
+}
+
+# wait_healthy URL PID LIMIT_S: polls URL/health until 200; 2 if the server exited, 124 on timeout.
+wait_healthy() {
+    local deadline=$((SECONDS + $3))
+    while ((SECONDS < deadline)); do
+        kill -0 "$2" 2>/dev/null || return 2
+        if "$PY" -c 'import sys, urllib.request as u; u.urlopen(sys.argv[1], timeout=2)' \
+            "$1/health" >/dev/null 2>&1; then
+            return 0
+        fi
+        sleep 1
+    done
+    return 124
+}
+
+stop_server() {
+    [[ -n $SERVER_PID ]] || return 0
+    kill -TERM "$SERVER_PID" 2>/dev/null
+    local i
+    for ((i = 0; i < 30; i++)); do
+        kill -0 "$SERVER_PID" 2>/dev/null || break
+        sleep 0.5
+    done
+    kill -KILL "$SERVER_PID" 2>/dev/null
+    wait "$SERVER_PID" 2>/dev/null
+    SERVER_PID=""
+}
+trap stop_server EXIT
+trap 'stop_server; exit 130' INT TERM
+
+# bench_model PRESET PORT START_S DECODE_S SWEEP_S
+bench_model() {
+    local preset=$1 url="http://127.0.0.1:$2" start=$SECONDS limit rc
+    mkdir -p "$OUT/$preset"
+    limit=$(phase_limit "$3")
+    if ((limit == 0)); then
+        record "${preset}_start" 125 0 "$start"
+        return
+    fi
+    log "${preset}_start (at most ${limit}s)"
+    "${SERVE[@]}" --model "$preset" --load-format dummy --dtype bfloat16 --port "$2" \
+        --max-num-seqs 256 >"$OUT/logs/${preset}_start.log" 2>&1 &
+    SERVER_PID=$!
+    wait_healthy "$url" "$SERVER_PID" "$limit"
+    rc=$?
+    record "${preset}_start" "$rc" "$limit" "$start"
+    if ((rc == 0)); then
+        local bench=("$PY" benchmarks/serve.py --base-url "$url" --no-progress --timeout 150)
+        run_phase "${preset}_decode" "$4" "${bench[@]}" --concurrency 1 --num-prompts 4 \
+            --input-len 128 --output-len 256 --warmup-requests 2 --out "$OUT/$preset/decode.json"
+        run_phase "${preset}_sweep" "$5" "${bench[@]}" --sweep-concurrency 1,16,64,256 \
+            --num-prompts 2,16,64,256 --input-len 512 --output-len 256 --warmup-requests 2 \
+            --out "$OUT/$preset/sweep.json"
+    fi
+    stop_server
+}
+
+log "results in $OUT; budget ${BUDGET_S}s; server: ${SERVE[*]}"
+run_phase bandwidth 30 "$PY" benchmarks/gpu_report.py bandwidth --out "$OUT/bandwidth.json"
+run_phase kernel_tests 90 env GEMMA_SERVE_TEST_GPU=1 "$PY" -m pytest -q -p no:cacheprovider \
+    tests/test_kernels.py
+bench_model gemma-2-2b "$PORT" 90 45 100
+bench_model gemma-2-9b "$((PORT + 1))" 120 60 120
+if [[ -f benchmarks/kernels.py ]]; then
+    run_phase kernels 60 "$PY" benchmarks/kernels.py --out "$OUT/kernels.json"
+else
+    printf 'kernels\tskipped(no benchmarks/kernels.py)\t0\n' >>"$OUT/phases.tsv"
+fi
+
+# The end of the log of each phase that did not succeed (the server's log for a failed start).
+while IFS=$'\t' read -r name status _; do
+    if [[ $status != ok && $status != skipped* && -f $OUT/logs/$name.log ]]; then
+        echo "--- $name: $status; last lines of logs/$name.log:"
+        tail -n 8 "$OUT/logs/$name.log"
+    fi
+done < <(tail -n +2 "$OUT/phases.tsv")
+echo "--- kernel tests: $(tail -n 1 "$OUT/logs/kernel_tests.log" 2>/dev/null)"
+echo
+"$PY" benchmarks/gpu_report.py summary "$OUT" | tee "$OUT/summary.txt"
+log "done"

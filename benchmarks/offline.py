@@ -4,8 +4,8 @@ Workload: N requests with prompt lengths drawn uniformly (seeded) from [min_prom
 and exactly `output` generated tokens each (greedy, EOS ignored). transformers runs padded
 batches of --hf-batch requests (left padding); the engine gets all requests at once.
 
-    .venv/bin/python benchmarks/offline.py                    # the embedded default model
-    .venv/bin/python benchmarks/offline.py --model DIR --requests 64 --output 64
+    .venv/bin/python -m benchmarks.offline                    # the embedded default model
+    .venv/bin/python -m benchmarks.offline --model DIR --requests 64 --output 64
 
 Prints one JSON line per system and the ratio; transformers is a benchmark-only dependency.
 """

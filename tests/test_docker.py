@@ -291,7 +291,7 @@ def test_promql_names_extracts_metrics_and_labels() -> None:
 
 def test_dashboard_queries_only_exported_metrics() -> None:
     # The names registered by server/metrics.py, rendered as /metrics would serve them.
-    # TODO(lead): also scrape a live tiny server's /metrics once that fixture exists.
+    # tests/test_server_integration.py checks the same against a live server's /metrics.
     series, exported_labels = exported_samples()
     queries = dashboard_queries()
     assert queries

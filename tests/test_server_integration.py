@@ -202,3 +202,18 @@ def test_dropped_streams_free_everything(server) -> None:
     assert m["gemma_serve_kv_cache_usage_ratio{pool=global}"] == 0.0
     assert m["gemma_serve_kv_cache_usage_ratio{pool=local}"] == 0.0
     assert m["gemma_serve_requests_total{finished_reason=abort}"] >= 8
+
+
+def test_grafana_dashboard_queries_series_the_live_server_exports(server) -> None:
+    from tests.test_docker import dashboard_queries, promql_names
+
+    url, engine = server
+    client(url).completions.create(model=engine.model_name, prompt="Hi", max_tokens=2)
+    live = {
+        s.name
+        for fam in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+        for s in fam.samples
+    }
+    for title, expr, _ in dashboard_queries():
+        names, _ = promql_names(expr)
+        assert names and names <= live, f"{title}: {sorted(names - live)} not on /metrics"

@@ -1,23 +1,22 @@
 """Weight loading: Hugging Face safetensors (single file or sharded), or random weights.
 
 Peak host memory stays near one copy of the weights: the model is built on the meta device,
-materialised empty in the serving dtype, and each checkpoint tensor is read (memory-mapped),
-converted and copied into place one at a time.
+materialised empty in the serving dtype, and each checkpoint tensor is read straight into its
+place (through a bounded chunk buffer when its dtype or device differs; no mmap).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
 
 from model.config import ModelConfig
 from model.gemma import GemmaForCausalLM
+from model.safetensors_stream import iter_entries, read_into
 
 PROGRESS_MIN_BYTES = 1 << 30  # show a progress bar for checkpoints over 1 GiB
 # Checkpoint tensors we accept and drop: the LM head is the embedding matrix (tied).
@@ -102,13 +101,6 @@ def empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> G
     return model.to(dtype=dtype).to_empty(device=device).eval().requires_grad_(False)
 
 
-def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            for name in sf.keys():  # noqa: SIM118 (safe_open is not a dict)
-                yield name, sf.get_tensor(name)
-
-
 def load_safetensors(
     model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device
 ) -> GemmaForCausalLM:
@@ -128,20 +120,20 @@ def load_safetensors(
         disable=total < PROGRESS_MIN_BYTES,
     )
     with bar, torch.no_grad():
-        for name, tensor in _iter_tensors(files):
-            bar.update(tensor.numel() * tensor.element_size())
+        for f, entry in (pair for path in files for pair in iter_entries(path)):
+            bar.update(entry.nbytes)
+            name = entry.name
             target = targets.get(name)
             if target is None:
                 if name not in IGNORED_TENSORS:
                     unexpected.append(name)
                 continue
             dst = params[target.param][target.row_start : target.row_end]
-            if tuple(tensor.shape) != tuple(dst.shape):
+            if entry.shape != tuple(dst.shape):
                 raise CheckpointError(
-                    f"tensor {name} has shape {tuple(tensor.shape)}, "
-                    f"the config implies {tuple(dst.shape)}"
+                    f"tensor {name} has shape {entry.shape}, the config implies {tuple(dst.shape)}"
                 )
-            dst.copy_(tensor.to(dtype))
+            read_into(f, entry, dst)
             seen.add(name)
     missing = sorted(set(targets) - seen)
     if missing or unexpected:

@@ -187,3 +187,24 @@ def test_presets_match_the_paper() -> None:
     assert two.is_sliding(0) and not two.is_sliding(1) and two.sliding_window == 4096
     with pytest.raises(ConfigError, match="unknown preset"):
         preset("gemma-2-1b")
+
+
+def test_streamed_loading_converts_dtypes_in_small_chunks(tmp_path: Path, monkeypatch) -> None:
+    import model.safetensors_stream as stream
+
+    path = make_gemma2(tmp_path)
+    cfg = ModelConfig.from_file(path)
+    direct = load_safetensors(path, cfg, torch.float32, CPU)
+    monkeypatch.setattr(stream, "CHUNK_BYTES", 1000)  # many chunks per tensor
+    bf16 = load_safetensors(path, cfg, torch.bfloat16, CPU)
+    for (name, a), b in zip(direct.named_parameters(), bf16.parameters()):
+        assert b.dtype == torch.bfloat16
+        assert torch.equal(a.to(torch.bfloat16), b), name
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    path = make_gemma2(tmp_path)
+    f = path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="file truncated"):
+        load(path)

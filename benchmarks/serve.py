@@ -100,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--temperature", type=float, default=0.0)
     w.add_argument(
+        "--extra-body",
+        default="{}",
+        help='JSON object merged into every request, e.g. \'{"logit_bias": {"1": -100}}\'',
+    )
+    w.add_argument(
         "--no-ignore-eos",
         dest="ignore_eos",
         action="store_false",
@@ -143,6 +148,7 @@ def configs_from_args(args: argparse.Namespace) -> list[BenchConfig]:
         concurrency=args.concurrency,
         temperature=args.temperature,
         ignore_eos=args.ignore_eos,
+        extra_body=tuple(json.loads(args.extra_body).items()),
         warmup_requests=args.warmup_requests,
         timeout_s=args.timeout,
     )

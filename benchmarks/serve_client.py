@@ -51,6 +51,7 @@ class Endpoint:
     kind: str = "completions"  # or "chat"
     temperature: float = 0.0
     ignore_eos: bool = True
+    extra_body: tuple[tuple[str, Any], ...] = ()  # merged into every request (e.g. logit_bias)
 
     def body(self, spec: PromptSpec) -> dict[str, Any]:
         """The streaming request body for one prompt."""
@@ -66,6 +67,7 @@ class Endpoint:
             body["messages"] = [{"role": "user", "content": spec.prompt}]
         else:
             body["prompt"] = spec.prompt
+        body.update(dict(self.extra_body))
         return body
 
 

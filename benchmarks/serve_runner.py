@@ -64,6 +64,7 @@ class BenchConfig:
     concurrency: int | None = None  # most requests in flight; None: no limit
     temperature: float = 0.0
     ignore_eos: bool = True
+    extra_body: tuple[tuple[str, Any], ...] = ()  # JSON fields merged into every request
     warmup_requests: int = 1  # sent (short) before measuring, not counted
     timeout_s: float = 600.0  # httpx timeout: connecting, and each wait for the next bytes
 
@@ -135,7 +136,14 @@ async def run_benchmark(config: BenchConfig, on_progress: Progress | None = None
         headers=auth_headers(config.api_key), timeout=config.timeout_s, limits=limits
     ) as client:
         model = config.model or await first_model(client, base_url)
-        endpoint = Endpoint(base_url, model, config.endpoint, config.temperature, config.ignore_eos)
+        endpoint = Endpoint(
+            base_url,
+            model,
+            config.endpoint,
+            config.temperature,
+            config.ignore_eos,
+            config.extra_body,
+        )
         prompts = await _prepare_prompts(client, endpoint, config)
         await _warm_up(client, endpoint, prompts, config)
         before = await scrape_counters(client, base_url)

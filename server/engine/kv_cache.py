@@ -57,8 +57,10 @@ class KVCache:
         shape = (cfg.num_key_value_heads, cfg.head_dim)
         b = layout.block_size
         n_full, n_local = len(cfg.full_layers), len(cfg.sliding_layers)
-        g = torch.zeros(n_full, 2, layout.num_global_blocks * b, *shape, dtype=dtype, device=device)
-        loc = torch.zeros(
+        # Uninitialised on purpose: attention only reads slots written earlier (the kernels
+        # mask every other load), and untouched pages cost no memory or start-up time.
+        g = torch.empty(n_full, 2, layout.num_global_blocks * b, *shape, dtype=dtype, device=device)
+        loc = torch.empty(
             n_local, 2, layout.num_local_blocks * b, *shape, dtype=dtype, device=device
         )
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []

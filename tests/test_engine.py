@@ -211,3 +211,12 @@ def test_a_sampling_fault_ends_only_its_own_request(checkpoint, prompts, expecte
     for i in (0, 1, 3, 4):
         assert results[i].token_ids == expected[i]
     assert engine.kv.usage().global_ratio == 0.0
+
+
+def test_unwritten_cache_slots_are_never_read(checkpoint, prompts, expected) -> None:
+    # The cache is allocated uninitialised; poison it so any read of an unwritten slot shows.
+    engine = tiny_engine(checkpoint, max_num_batched_tokens=13, block_size=2)
+    for k, v in engine.runner.cache.layers:
+        k.fill_(float("nan"))
+        v.fill_(float("nan"))
+    assert run(engine, prompts) == expected

@@ -51,6 +51,11 @@ def slots_for_positions(
     return block_ids.long() * block_size + positions % block_size
 
 
+def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """cache rows at slots (any shape); index_select is several times faster than indexing."""
+    return cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[1:])
+
+
 def _softcap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
     if softcap is None or softcap <= 0:
         return scores
@@ -120,8 +125,8 @@ def prefill_attention(
             assert k_cache is not None and v_cache is not None and block_tables is not None
             cpos = torch.arange(first, ctx, device=q.device)
             slots = slots_for_positions(cpos, block_tables[s], block_size, ring_blocks)
-            keys_k = torch.cat([k_cache[slots].to(k.dtype), keys_k])
-            keys_v = torch.cat([v_cache[slots].to(v.dtype), keys_v])
+            keys_k = torch.cat([k_cache.index_select(0, slots).to(k.dtype), keys_k])
+            keys_v = torch.cat([v_cache.index_select(0, slots).to(v.dtype), keys_v])
             key_pos = torch.cat([cpos, key_pos])
         q_pos = torch.arange(ctx, ctx + n, device=q.device)
         diff = q_pos[:, None] - key_pos[None, :]
@@ -167,7 +172,7 @@ def decode_attention(
     valid = j[None, :] < counts[:, None]
     pos = torch.where(valid, first[:, None] + j[None, :], torch.zeros_like(j)[None, :])
     slots = slots_for_positions(pos, block_tables, block_size, ring_blocks)
-    keys_k = k_cache[slots].to(q.dtype).transpose(1, 2)  # [S, Hkv, M, D]
-    keys_v = v_cache[slots].to(q.dtype).transpose(1, 2)
+    keys_k = _gather(k_cache, slots).to(q.dtype).transpose(1, 2)  # [S, Hkv, M, D]
+    keys_v = _gather(v_cache, slots).to(q.dtype).transpose(1, 2)
     o = _attend(q.unsqueeze(2), keys_k, keys_v, valid[:, None, :], scale, softcap)
     return o.squeeze(2).to(q.dtype)

@@ -26,6 +26,7 @@ from server.engine_client import EngineClient, EngineProvider
 from server.errors import APIError, install_error_handlers
 from server.metrics import CONTENT_TYPE, Metrics
 from server.middleware import ApiKeyMiddleware, BodyLimitMiddleware
+from server.openapi import install_openapi
 from server.params import chat_prompt, check_model, check_token_ids
 from server.protocol import DetokenizeRequest, TokenizeRequest, parse_request
 from server.state import ServerState, Settings, server_state
@@ -68,6 +69,7 @@ def create_app(
     app = FastAPI(title="gemma-serve", lifespan=lifespan)
     app.state.server = state
     install_error_handlers(app)
+    install_openapi(app)
     for path, endpoint in [
         ("/v1/completions", create_completion),
         ("/v1/chat/completions", create_chat_completion),

@@ -21,6 +21,7 @@ from server.generation import (
 )
 from server.params import (
     COMPLETION_DEFAULT_MAX_TOKENS,
+    check_choices,
     check_model,
     check_stream_options,
     child_seed,
@@ -52,7 +53,9 @@ async def create_completion(request: Request) -> Response:
     request_id = f"cmpl-{uuid.uuid4().hex}"
     subs: list[SubRequest] = []
     echo: dict[int, str] = {}
-    for p, prompt in enumerate(req.prompts()):
+    prompts = req.prompts()
+    check_choices(len(prompts), n)
+    for p, prompt in enumerate(prompts):
         ids = encode_prompt(tok, prompt)
         max_tokens = resolve_max_tokens(
             req.max_tokens,

@@ -12,7 +12,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import APIError, BodyTooLargeError
 
-PROTECTED_PATHS = frozenset({"/v1", "/tokenize", "/detokenize"})
+# Everything else needs the key (when one is set): deny by default, so a new route, a trailing
+# slash or /openapi.json cannot slip past it. Probes and scrapers carry no key.
+OPEN_PATHS = frozenset({"/health", "/metrics"})
 
 
 class BodyLimitMiddleware:
@@ -46,7 +48,7 @@ class BodyLimitMiddleware:
 
 
 class ApiKeyMiddleware:
-    """401 unless `Authorization: Bearer <key>` on /v1/*, /tokenize and /detokenize."""
+    """401 unless `Authorization: Bearer <key>`, on every path but /health and /metrics."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
@@ -75,7 +77,7 @@ class ApiKeyMiddleware:
 
 
 def _protected(path: str) -> bool:
-    return path in PROTECTED_PATHS or path.startswith("/v1/")
+    return path not in OPEN_PATHS
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from server.engine.sampling_params import SamplingParams
 from server.engine_client import TokenizerLike
 from server.errors import APIError, bad_request
+from server.limits import MAX_CHOICES, MIN_TEMPERATURE
 from server.protocol import INT64_MIN, ChatMessage, SamplingRequest
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -29,6 +30,16 @@ def check_stream_options(req: SamplingRequest) -> None:
     """stream_options only makes sense with stream: true (OpenAI rejects it otherwise)."""
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+
+
+def check_choices(num_prompts: int, n: int) -> None:
+    """Bounds the engine requests one HTTP request starts (prompts x n)."""
+    if num_prompts * n > MAX_CHOICES:
+        raise bad_request(
+            f"{num_prompts} prompts x n={n} = {num_prompts * n} choices; at most {MAX_CHOICES} "
+            "are allowed per request",
+            param="n",
+        )
 
 
 def check_token_ids(ids: list[int], vocab_size: int, param: str) -> list[int]:
@@ -89,10 +100,12 @@ def sampling_params(
     def given(value: float | int | None, default: float | int) -> float | int:
         return default if value is None else value
 
+    temperature = given(req.temperature, 1.0)
     try:
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=given(req.temperature, 1.0),
+            # A tiny temperature would overflow float32 logits: it means greedy anyway.
+            temperature=0.0 if temperature < MIN_TEMPERATURE else temperature,
             top_p=given(req.top_p, 1.0),
             top_k=int(given(req.top_k, 0)),
             min_p=given(req.min_p, 0.0),

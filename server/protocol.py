@@ -10,108 +10,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, field_serializer
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
-from server.engine.sampling_params import MAX_LOGPROBS
+from server.fields import Content, LogitBias, Prompt, Stop, is_int
+from server.limits import MAX_LOGPROBS, MAX_N, MIN_REPETITION_PENALTY
 
-MAX_N = 16  # choices per request
-MAX_STOP = 16  # stop strings per request (OpenAI allows 4; vLLM users send more)
-MAX_STOP_LEN = 256  # characters per stop string
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
-def _invalid(message: str) -> PydanticCustomError:
-    return PydanticCustomError("invalid_value", message)
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _check_prompt(value: object) -> str | list[str] | list[int] | list[list[int]]:
-    """A prompt is a string, a list of strings, a list of token ids or a list of id lists."""
-    shape = "a string, a list of strings, a list of token ids or a list of token-id lists"
-    if isinstance(value, str):
-        if not value:
-            raise _invalid("prompt must not be empty")
-        return value
-    if not isinstance(value, list) or not value:
-        raise _invalid(f"prompt must be a non-empty {shape}")
-    if all(isinstance(p, str) for p in value):
-        if not all(value):
-            raise _invalid("prompt strings must not be empty")
-        return value
-    if all(_is_int(t) for t in value):
-        _check_ids(value)
-        return value
-    if all(isinstance(p, list) for p in value):
-        for ids in value:
-            if not ids or not all(_is_int(t) for t in ids):
-                raise _invalid("each token-id list in prompt must be a non-empty list of integers")
-            _check_ids(ids)
-        return value
-    raise _invalid(f"prompt must be {shape}")
-
-
-def _check_ids(ids: list[int]) -> None:
-    if any(t < 0 for t in ids):
-        raise _invalid("token ids must be non-negative")
-
-
-def _check_stop(value: object) -> list[str]:
-    """stop: a string or a list of strings. Empty strings mean nothing and are dropped."""
-    if value is None:
-        return []
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
-        raise _invalid("stop must be a string or a list of strings")
-    items = [s for s in items if s]
-    if len(items) > MAX_STOP:
-        raise _invalid(f"at most {MAX_STOP} stop strings are allowed, got {len(items)}")
-    if any(len(s) > MAX_STOP_LEN for s in items):
-        raise _invalid(f"each stop string must be at most {MAX_STOP_LEN} characters")
-    return items
-
-
-def _check_logit_bias(value: object) -> dict[int, float] | None:
-    """logit_bias maps token ids (as JSON object keys, so strings) to a bias in [-100, 100]."""
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        raise _invalid("logit_bias must be an object mapping token ids to numbers")
-    bias: dict[int, float] = {}
-    for key, b in value.items():
-        if not (key.isascii() and key.isdigit()):
-            raise _invalid(f"logit_bias keys must be token ids, got {key!r}")
-        if not (isinstance(b, int | float) and not isinstance(b, bool)) or not -100 <= b <= 100:
-            raise _invalid(f"logit_bias values must be numbers in [-100, 100], got {b!r}")
-        bias[int(key)] = float(b)
-    return bias
-
-
-def _check_content(value: object) -> str:
-    """Message content: a string, or a list of text parts (what OpenAI clients send)."""
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        texts = []
-        for part in value:
-            if not isinstance(part, dict) or part.get("type") != "text":
-                raise _invalid("only text content parts are supported")
-            if not isinstance(part.get("text"), str):
-                raise _invalid("a text content part needs a string 'text'")
-            texts.append(part["text"])
-        return "".join(texts)
-    raise _invalid("content must be a string or a list of text parts")
-
-
-Prompt = Annotated[Any, PlainValidator(_check_prompt)]
-Stop = Annotated[Any, PlainValidator(_check_stop)]
-LogitBias = Annotated[Any, PlainValidator(_check_logit_bias)]
-Content = Annotated[Any, PlainValidator(_check_content)]
 Unit = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
@@ -138,7 +44,7 @@ class SamplingRequest(_Strict):
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, le=10.0)
     logit_bias: LogitBias = None
     ignore_eos: bool | None = None
     min_tokens: int | None = Field(None, ge=0)
@@ -163,7 +69,7 @@ class CompletionRequest(SamplingRequest):
     def prompts(self) -> list[str | list[int]]:
         """The prompts of a (possibly batched) request, each a string or a token-id list."""
         p = self.prompt
-        if isinstance(p, str) or _is_int(p[0]):
+        if isinstance(p, str) or is_int(p[0]):
             return [p]
         return list(p)
 

@@ -1,0 +1,109 @@
+"""A request that makes the engine raise fails alone; the others and the server carry on.
+
+The fault is injected through the engine's sampler: a wrapper raises whenever a request whose
+prompt holds the "<table>" token has produced two tokens. The engine then re-samples the batch
+request by request and fails only that one. Over HTTP that request must end with a 500 and an
+OpenAI error body (non-streaming) or an SSE error event then [DONE] (streaming), while every
+request in flight beside it completes with its exact greedy result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+from server.app import create_app
+from server.engine.async_engine import AsyncEngine
+from server.engine.request import Request
+from server.engine.sampler import Sampler, SamplerOutput
+from tests.engine_helpers import tiny_engine
+from tests.server_helpers import run_server
+from tests.stress.clients import Outcome, async_client, bounded, call, finished_requests, wait_idle
+from tests.stress.workload import Oracle, Spec, make_specs
+
+MAGIC = "<table>"  # one token of the tiny vocabulary that the normal prompts never contain
+FAIL_AFTER_TOKENS = 2
+ERROR_FIELDS = {"message", "type", "param", "code"}
+
+
+class FaultySampler:
+    """Delegates to the real sampler, but raises while a marked request is in the batch."""
+
+    def __init__(self, real: Sampler, magic_id: int) -> None:
+        self.real = real
+        self.magic_id = magic_id
+        self.faults = 0
+        self.batched_faults = 0  # faults raised with other requests in the same batch
+
+    def __call__(self, logits: torch.Tensor, requests: tuple[Request, ...]) -> SamplerOutput:
+        if any(self._marked(r) for r in requests):
+            self.faults += 1
+            self.batched_faults += len(requests) > 1
+            raise RuntimeError("injected sampling fault")
+        return self.real(logits, requests)
+
+    def _marked(self, r: Request) -> bool:
+        return self.magic_id in r.prompt_ids and len(r.output_ids) >= FAIL_AFTER_TOKENS
+
+    def release(self, request_id: str) -> None:
+        self.real.release(request_id)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+async def run_all(url: str, jobs: list[tuple[Spec, bool]]) -> list[Outcome]:
+    async with async_client(url, len(jobs)) as client:
+        calls = [call(client, spec, stream=stream, include_usage=True) for spec, stream in jobs]
+        return await bounded(asyncio.gather(*calls), 120.0)
+
+
+def check_failed(outcome: Outcome, expected_text: str) -> None:
+    """The culprit: an OpenAI-shaped error, after (streaming) a correct start."""
+    assert outcome.error is not None and set(outcome.error) == ERROR_FIELDS, outcome
+    assert "Generation failed" in outcome.error["message"], outcome.error
+    assert outcome.error["type"] == "InternalServerError"
+    if outcome.stream:
+        assert outcome.status == 200 and outcome.done and outcome.events[-1] == "[DONE]"
+        assert '"error"' in outcome.events[-2] and outcome.finish_reason is None
+        assert expected_text.startswith(outcome.text)  # the tokens before the fault were right
+    else:
+        assert outcome.status == 500 and not outcome.done
+
+
+def test_an_engine_fault_fails_only_its_request(checkpoint: Path, oracle: Oracle) -> None:
+    normal = make_specs(random.Random(9), 12, max_words=12, max_tokens=(6, 14))
+    culprits = [Spec(chat, f"Hello {MAGIC} world", 10) for chat in (False, True)]
+    expected = oracle.expected(normal + culprits)
+    engine = AsyncEngine(tiny_engine(checkpoint))
+    (magic_id,) = engine.tokenizer.encode(MAGIC, add_bos=False)
+    sampler = FaultySampler(engine.engine.sampler, magic_id)
+    engine.engine.sampler = sampler  # type: ignore[assignment]
+    jobs = [(s, i % 2 == 0) for i, s in enumerate(normal)]
+    jobs[3:3] = [(c, stream) for c in culprits for stream in (True, False)]
+    with run_server(create_app(lambda: engine)) as url:
+        outcomes = asyncio.run(run_all(url, jobs))
+        for outcome in outcomes:
+            if outcome.spec in culprits:
+                check_failed(outcome, expected[outcome.spec].text)
+            else:
+                outcome.check(expected[outcome.spec])
+        # Still serving, correctly: the same prompts again, one at a time.
+        again = asyncio.run(run_all(url, [(normal[0], False), (normal[1], True)]))
+        for outcome in again:
+            outcome.check(expected[outcome.spec])
+        reasons = finished_requests(wait_idle(url))
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+    print(
+        f"\nfault isolation: {len(jobs)} requests in flight, {len(culprits) * 2} failed by "
+        f"{sampler.faults} injected faults ({sampler.batched_faults} in a shared batch); "
+        f"finished: {reasons}"
+    )
+    assert reasons["error"] == len(culprits) * 2
+    assert reasons["stop"] + reasons["length"] == len(normal) + len(again)
+    assert sampler.batched_faults > 0  # the isolation path ran, not just lone failures

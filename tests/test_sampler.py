@@ -107,3 +107,11 @@ def test_invalid_params_raise_clear_errors() -> None:
         SamplingParams(logprobs=50)
     with pytest.raises(ValueError, match="max_tokens must be >= 1"):
         SamplingParams(max_tokens=0)
+
+
+def test_tiny_temperature_is_greedy_not_nan() -> None:
+    logits = torch.tensor([[0.1, 3.0, 2.0]])
+    out = Sampler(CPU)(logits, (req(temperature=1e-300),))
+    assert out.token_ids == [1]
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        SamplingParams(repetition_penalty=1e-300)

@@ -183,6 +183,6 @@ class GemmaForCausalLM(nn.Module):
         x = m.norm(x)
         logits = linear(x, m.embed_tokens.weight).float()
         cap = cfg.final_logit_softcapping
-        if cap is not None and cap > 0:
-            logits = torch.tanh(logits / cap) * cap
+        if cap is not None and cap > 0:  # in place: [N, vocab] is the biggest activation
+            logits = logits.div_(cap).tanh_().mul_(cap)
         return logits

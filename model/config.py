@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,10 +81,6 @@ class ModelConfig:
         """Softmax scale: query_pre_attn_scalar ** -0.5 (not head_dim: they differ for 27B)."""
         return self.query_pre_attn_scalar**-0.5
 
-    @property
-    def num_queries_per_kv(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
     def is_sliding(self, layer: int) -> bool:
         return self.layer_types[layer] == SLIDING
 
@@ -159,9 +155,6 @@ class ModelConfig:
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
         return cls.from_hf_dict(data)
-
-    def with_max_len(self, max_len: int) -> ModelConfig:
-        return replace(self, max_position_embeddings=max_len)
 
 
 def _opt_float(v: Any) -> float | None:

@@ -55,10 +55,6 @@ class Request:
     def finished(self) -> bool:
         return self.status == RequestStatus.FINISHED
 
-    def token_at(self, index: int) -> int:
-        n = len(self.prompt_ids)
-        return self.prompt_ids[index] if index < n else self.output_ids[index - n]
-
     def tokens(self, start: int, end: int) -> list[int]:
         """Token ids of positions start..end-1 over prompt + output."""
         n = len(self.prompt_ids)

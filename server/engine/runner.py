@@ -76,6 +76,9 @@ class Runner:
         for c in chunks:
             table = tables.table(c.request.request_id)
             rows.append(table)
+            if not tables.pool.num_blocks:  # the model has no layers of this kind
+                slots.extend([-1] * c.num_tokens)
+                continue
             end = c.start + c.num_tokens
             # A ring keeps only its last ring * b positions: skip the earlier ones of a long
             # chunk (writing them would race with the later positions in the same slots).

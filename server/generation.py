@@ -161,15 +161,8 @@ class GenerationGroup:
         if last is None or not last.finished:
             # The engine dropped the request without a final output; finish it here so that
             # consumers never wait forever.
-            final = RequestOutput(
-                request_id=sub.request_id,
-                new_token_ids=(),
-                new_text="",
-                new_logprobs=None,
-                num_prompt_tokens=len(sub.prompt_ids),
-                num_output_tokens=sub.num_output_tokens,
-                finished=True,
-                finish_reason=FINISH_ABORT,
+            final = RequestOutput.ended(
+                sub.request_id, len(sub.prompt_ids), sub.num_output_tokens, FINISH_ABORT
             )
             self._record(sub, final)
             self._queue.put_nowait((sub, final))

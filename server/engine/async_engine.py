@@ -18,7 +18,6 @@ from server.engine.config import EngineConfig
 from server.engine.errors import EngineDeadError, QueueFullError
 from server.engine.llm_engine import LLMEngine
 from server.engine.outputs import FINISH_ERROR, RequestOutput, StepStats
-from server.engine.request import Request
 from server.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -92,7 +91,7 @@ class AsyncEngine:
             raise EngineDeadError("the engine is not running")
         if request_id in self._queues:
             raise ValueError(f"duplicate request id {request_id!r}")
-        self._validate(prompt_ids, params)
+        self.engine.check_request(prompt_ids, params)  # read-only: safe off the engine thread
         waiting = len(self.engine.scheduler.waiting) + self._commands.qsize()
         if waiting >= self.max_queued_requests:
             raise QueueFullError(
@@ -114,15 +113,6 @@ class AsyncEngine:
             self._queues.pop(request_id, None)
             if not finished:
                 self.abort(request_id)
-
-    def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """The scheduler's add-time checks, run early so errors reach the caller directly.
-
-        Read-only (lengths and pool sizes never change), so safe off the engine thread.
-        """
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        self.engine.scheduler.check(Request("probe", list(prompt_ids), params))
 
     # -- engine thread ----------------------------------------------------------------------
 
@@ -146,7 +136,11 @@ class AsyncEngine:
                 try:
                     self.engine.add_request(cmd.request_id, cmd.prompt_ids, cmd.params)
                 except Exception as e:  # rejected late: report on the request's own stream
-                    self._emit(_error_output(cmd.request_id, len(cmd.prompt_ids), str(e)))
+                    self._emit(
+                        RequestOutput.ended(
+                            cmd.request_id, len(cmd.prompt_ids), 0, FINISH_ERROR, str(e)
+                        )
+                    )
             elif isinstance(cmd, _Abort):
                 out = self.engine.abort(cmd.request_id)
                 if out is not None:
@@ -183,17 +177,3 @@ class AsyncEngine:
                 fn(stats)
             except Exception:
                 log.exception("step listener failed")
-
-
-def _error_output(request_id: str, num_prompt: int, message: str) -> RequestOutput:
-    return RequestOutput(
-        request_id=request_id,
-        new_token_ids=(),
-        new_text="",
-        new_logprobs=None,
-        num_prompt_tokens=num_prompt,
-        num_output_tokens=0,
-        finished=True,
-        finish_reason=FINISH_ERROR,
-        error=message,
-    )

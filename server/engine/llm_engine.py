@@ -107,14 +107,22 @@ class LLMEngine:
 
     # -- requests -------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams):
-        """Queue a request; raises RequestTooLongError / ValueError for one it cannot serve."""
+    def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        """Raise RequestTooLongError / ValueError for a request that can never be served.
+
+        Reads only fixed sizes (vocabulary, context, pools), so any thread may call it.
+        """
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         vocab = self.loaded.config.vocab_size
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
+        self.scheduler.check(Request("probe", list(prompt_ids), params))
+
+    def add_request(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams):
+        """Queue a request; raises RequestTooLongError / ValueError for one it cannot serve."""
+        self.check_request(prompt_ids, params)
         req = Request(request_id, list(prompt_ids), params, eos_token_ids=self.eos_token_ids)
         self.scheduler.add(req)
         self.outputs.add(req)
@@ -200,16 +208,8 @@ class LLMEngine:
                 self.scheduler.finish(req, FINISH_ERROR, f"internal error: {e}")
             self.sampler.release(req.request_id)
             self.outputs.discard(req.request_id)
-            return RequestOutput(
-                request_id=req.request_id,
-                new_token_ids=(),
-                new_text="",
-                new_logprobs=None,
-                num_prompt_tokens=req.num_prompt_tokens,
-                num_output_tokens=len(req.output_ids),
-                finished=True,
-                finish_reason=FINISH_ERROR,
-                error=req.error,
+            return RequestOutput.ended(
+                req.request_id, req.num_prompt_tokens, len(req.output_ids), FINISH_ERROR, req.error
             )
 
     def _output_for(self, req: Request, token: int, lp: TokenLogprob | None) -> RequestOutput:

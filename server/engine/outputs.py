@@ -48,6 +48,28 @@ class RequestOutput:
     error: str | None = None
     times: RequestTimes | None = None  # set on the final output
 
+    @classmethod
+    def ended(
+        cls,
+        request_id: str,
+        num_prompt_tokens: int,
+        num_output_tokens: int,
+        reason: str,
+        error: str | None = None,
+    ) -> RequestOutput:
+        """A final output carrying no new tokens (an error or an abort)."""
+        return cls(
+            request_id=request_id,
+            new_token_ids=(),
+            new_text="",
+            new_logprobs=None,
+            num_prompt_tokens=num_prompt_tokens,
+            num_output_tokens=num_output_tokens,
+            finished=True,
+            finish_reason=reason,
+            error=error,
+        )
+
 
 @dataclass(frozen=True)
 class StepStats:

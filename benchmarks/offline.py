@@ -38,6 +38,7 @@ def run_engine(model_dir: str | None, prompts: list[list[int]], output: int, arg
             device="cpu",
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
+            pack_cpu_weights=not args.no_pack,
         )
     )
     params = SamplingParams(max_tokens=output, temperature=0.0, ignore_eos=True)
@@ -93,6 +94,9 @@ def run_hf(model_dir: Path, prompts: list[list[int]], output: int, batch: int) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument(
+        "--no-pack", action="store_true", help="torch's CPU GEMMs, not oneDNN's (before/after)"
+    )
     ap.add_argument("--model", default=None, help="HF directory (default: the embedded model)")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--min-prompt", type=int, default=16)

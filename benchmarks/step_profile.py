@@ -22,6 +22,9 @@ from server.engine.sampling_params import SamplingParams
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument(
+        "--no-pack", action="store_true", help="torch's CPU GEMMs, not oneDNN's (before/after)"
+    )
     ap.add_argument("--model", default=None)
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--min-prompt", type=int, default=20)
@@ -30,7 +33,11 @@ def main() -> None:
     args = ap.parse_args()
     engine = LLMEngine(
         EngineConfig(
-            model=args.model, device="cpu", max_num_seqs=args.requests, max_num_batched_tokens=2048
+            model=args.model,
+            device="cpu",
+            max_num_seqs=args.requests,
+            max_num_batched_tokens=2048,
+            pack_cpu_weights=not args.no_pack,
         )
     )
     g = torch.Generator().manual_seed(0)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import cpu_gemm
 from model.attention import AttentionBackend
 from model.config import ModelConfig
 
@@ -30,13 +31,23 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class Linear(nn.Module):
-    """A bias-free linear layer (weight [out, in]) that computes through `linear`."""
+    """A bias-free linear layer (weight [out, in]) that computes through `linear`, or through
+    oneDNN once `pack()` has replaced the weight by its packed form (model/cpu_gemm.py)."""
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.packed: torch.Tensor | None = None
+
+    def pack(self) -> None:
+        """Inference only from here on: the plain weight is released."""
+        if self.packed is None:
+            self.packed = cpu_gemm.pack(self.weight)
+            self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return cpu_gemm.packed_linear(x, self.packed)
         return linear(x, self.weight)
 
 
@@ -158,6 +169,19 @@ class GemmaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = GemmaModel(cfg)
+        self.lm_head_packed: torch.Tensor | None = None
+
+    def pack_for_cpu(self) -> None:
+        """Pack every projection and the LM head for oneDNN's fp32 GEMMs (model/cpu_gemm.py).
+
+        The tied LM head gets a packed copy (the embedding lookup still reads the plain table):
+        vocab x hidden more memory, for the step's biggest GEMM.
+        """
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.pack()
+        if self.lm_head_packed is None:
+            self.lm_head_packed = cpu_gemm.pack(self.model.embed_tokens.weight)
 
     def forward(
         self,
@@ -181,7 +205,10 @@ class GemmaForCausalLM(nn.Module):
         if logits_indices is not None:
             x = x[logits_indices]
         x = m.norm(x)
-        logits = linear(x, m.embed_tokens.weight).float()
+        if self.lm_head_packed is not None:
+            logits = cpu_gemm.packed_linear(x, self.lm_head_packed)
+        else:
+            logits = linear(x, m.embed_tokens.weight).float()
         cap = cfg.final_logit_softcapping
         if cap is not None and cap > 0:  # in place: [N, vocab] is the biggest activation
             logits = logits.div_(cap).tanh_().mul_(cap)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from model import cpu_gemm
 from model.attention import VarlenAttention
 from model.config import ConfigError, ModelConfig, preset
 from model.gemma import GemmaForCausalLM
@@ -57,8 +58,13 @@ def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     return make_gemma2(path, seed=len(request.param), **CONFIGS[request.param])
 
 
-def test_logits_match_transformers_in_a_flat_batch(checkpoint: Path) -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["torch-gemm", "onednn-packed"])
+def test_logits_match_transformers_in_a_flat_batch(checkpoint: Path, packed: bool) -> None:
     model, cfg = load(checkpoint)
+    if packed:  # what the engine serves on CPU (model/cpu_gemm.py)
+        assert cpu_gemm.available(), "this torch build lacks oneDNN's packed linear ops"
+        model.pack_for_cpu()
+        assert model.lm_head_packed is not None
     ref = hf_model(checkpoint)
     # Lengths around and beyond the window (positions window-1, window, window+1 included).
     w = cfg.sliding_window
@@ -111,9 +117,12 @@ def test_greedy_continuation_matches_transformers_generate(tmp_path: Path) -> No
     assert len(expected) == 32
 
 
-def test_gemma3_logits_match_transformers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["torch-gemm", "onednn-packed"])
+def test_gemma3_logits_match_transformers(tmp_path: Path, packed: bool) -> None:
     path = make_gemma3(tmp_path, seed=7, qk_scale=3.0, embed_scale=10.0)
     model, cfg = load(path)
+    if packed:
+        model.pack_for_cpu()
     assert cfg.use_qk_norm and cfg.attn_logit_softcapping is None
     assert cfg.full_layers == (5,) and cfg.rope_theta != cfg.rope_local_theta
     ref = hf_model(path)

@@ -27,6 +27,7 @@ class EngineConfig:
     seed: int = 0
     load_format: str = "auto"
     force_reference_kernels: bool = False
+    pack_cpu_weights: bool = True  # fp32 on CPU: oneDNN GEMMs on packed weights (cpu_gemm.py)
 
     def __post_init__(self) -> None:
         checks = [

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from model import cpu_gemm
 from model.config import PRESETS, ModelConfig, preset
 from model.gemma import GemmaForCausalLM
 from model.loader import load_safetensors, random_model
@@ -91,5 +92,7 @@ def load(cfg: EngineConfig) -> LoadedModel:
         else:
             model = load_safetensors(model_dir, mcfg, dtype, device)
         tokenizer = Tokenizer.from_file(model_dir / "tokenizer.model")
+    if cfg.pack_cpu_weights and cpu_gemm.should_pack(device, dtype):
+        model.pack_for_cpu()
     log.info("loaded %s (%s) on %s in %s", name, mcfg.model_type, device, dtype)
     return LoadedModel(model, mcfg, tokenizer, cfg.served_model_name or name, device, dtype)

@@ -1,6 +1,6 @@
 """A KV cache that holds only two or three requests: preemption and queueing, fairly.
 
-Sixteen requests arrive 0.05 s apart at an engine whose KV budget (64 KiB: 16 blocks of 4 tokens
+Sixteen requests arrive 0.01 s apart at an engine whose KV budget (64 KiB: 16 blocks of 4 tokens
 per pool) cannot hold more than a few of them. Requests must be admitted, preempted (by
 recompute) and re-admitted until all finish, each with its exact greedy result, and in roughly
 the order they came: the scheduler admits in arrival order and preempts the latest admitted,
@@ -32,7 +32,7 @@ from tests.stress.workload import Oracle, Spec, make_specs
 
 KV_BUDGET = 64 << 10  # bytes: 16 global blocks (64 tokens) and 16 local blocks (8 rings)
 REQUESTS = 16
-ARRIVAL_GAP_S = 0.05
+ARRIVAL_GAP_S = 0.01
 # A request finishing after later arrivals: at most the ones that can run beside it (the
 # cache holds about 3) plus one that was admitted while it waited preempted.
 MAX_OVERTAKES = 4

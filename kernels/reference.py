@@ -162,12 +162,43 @@ def decode_attention(
 
     q [S, Hq, D]; block_tables [S, max_blocks]; seq_lens [S]: the query of sequence s is at
     position seq_lens[s] - 1 and sees cached positions max(0, seq_lens[s] - window) ..
-    seq_lens[s] - 1. Batched: one gather and two matmuls for the whole batch.
+    seq_lens[s] - 1. Batched: sequences of similar lengths go together (a gather and two
+    matmuls per group), so that padding to the longest one wastes little copying.
     """
     lens = seq_lens.long()
     first = torch.clamp(lens - window, min=0) if window is not None else torch.zeros_like(lens)
     counts = lens - first
-    width = int(counts.max()) if counts.numel() else 0
+    group = (block_size, ring_blocks, softcap, scale)
+    if counts.numel() <= DECODE_GROUP:
+        return _decode_group(q, k_cache, v_cache, block_tables, first, counts, *group)
+    out = torch.empty_like(q)
+    for idx in torch.argsort(counts).split(DECODE_GROUP):
+        o = _decode_group(
+            q[idx], k_cache, v_cache, block_tables[idx], first[idx], counts[idx], *group
+        )
+        out.index_copy_(0, idx, o)
+    return out
+
+
+# Sequences per decode group: padding within a group of similar lengths is small, and the
+# per-group op overhead stays far below the copying it saves.
+DECODE_GROUP = 16
+
+
+def _decode_group(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    first: torch.Tensor,
+    counts: torch.Tensor,
+    block_size: int,
+    ring_blocks: int,
+    softcap: float | None,
+    scale: float,
+) -> torch.Tensor:
+    """decode_attention for sequences seeing positions first .. first + counts - 1."""
+    width = int(counts.max())
     j = torch.arange(width, device=q.device)
     valid = j[None, :] < counts[:, None]
     pos = torch.where(valid, first[:, None] + j[None, :], torch.zeros_like(j)[None, :])

@@ -160,6 +160,24 @@ def test_decode_ring_wraps(num_splits):
     _close(out, reference.decode_attention(*args, **kw))
 
 
+@pytest.mark.parametrize("ring_blocks,window", [(0, None), (3, 8)])
+def test_reference_decode_groups_by_length(ring_blocks, window):
+    """More sequences than one decode group: grouped by length, each equals itself alone."""
+    lens = torch.randint(1, 40, (2 * reference.DECODE_GROUP + 3,)).tolist()
+    k_cache, v_cache, tables = _cache(lens, 2, 16, 4, ring_blocks, torch.float32)
+    q = torch.randn(len(lens), 4, 16) * 6.0
+    kw = dict(block_size=4, ring_blocks=ring_blocks, window=window, softcap=CAP, scale=SCALE)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    batched = reference.decode_attention(q, k_cache, v_cache, tables, seq_lens, **kw)
+    for s in range(len(lens)):
+        one = slice(s, s + 1)
+        alone = reference.decode_attention(
+            q[one], k_cache, v_cache, tables[one], seq_lens[one], **kw
+        )
+        assert torch.allclose(batched[s], alone[0], atol=1e-5, rtol=1e-5), s
+    assert not batched.isnan().any()
+
+
 def test_decode_split_k_and_softcap_matters():
     """Split-K with more splits than some sequences have tiles (empty partitions)."""
     lens, hkv, d, bs = [1, 5, 40, 33], 2, 32, 8

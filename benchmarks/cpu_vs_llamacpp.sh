@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Side by side on one CPU machine: llama-cpp-python's OpenAI server vs gemma-serve, both on the
 # embedded default model's GGUF (Gemma 3 270M Q4_K_M), same workload, one server at a time
-# (llama.cpp's idle threads spin and would slow the other).
+# (llama.cpp's idle threads spin and would slow the other). With LLAMA_SERVER set, llama.cpp's
+# own llama-server (continuous batching, 8 slots, flash attention) runs the workload too.
 #
-#   LLAMA_PY=/tmp/llama-venv/bin/python benchmarks/cpu_vs_llamacpp.sh OUT_DIR [CONCURRENCY...]
+#   LLAMA_PY=/tmp/llama-venv/bin/python [LLAMA_SERVER=.../llama-server] \
+#       benchmarks/cpu_vs_llamacpp.sh OUT_DIR [CONCURRENCY...]
 #
 # LLAMA_PY: a Python with `pip install 'llama-cpp-python[server]'` (not a project dependency).
+# LLAMA_SERVER: a llama-server binary built from the llama.cpp that llama-cpp-python vendors
+# (`cmake -B build && cmake --build build --target llama-server` in its vendor/llama.cpp).
 # Workload: 32 prompts of 20-300 tokens (random common words, seeded), 64 output tokens each,
 # greedy, EOS banned (logit_bias on <eos> and <end_of_turn>; gemma-serve also gets ignore_eos).
 set -euo pipefail
@@ -55,6 +59,18 @@ bench() {  # name port
     done
 }
 
+SYSTEMS=(llama-cpp-python gemma-serve)
+if [ -n "${LLAMA_SERVER:-}" ]; then
+    SYSTEMS=(llama-cpp-python llama-server gemma-serve)
+    "$LLAMA_SERVER" -m "$GGUF" --host 127.0.0.1 --port 8103 -t "$(nproc)" -np 8 -c 8192 \
+        -fa on >"$OUT/llama-server.log" 2>&1 &
+    SERVER_PID=$!
+    wait_ready http://127.0.0.1:8103/v1/models
+    bench llama-server 8103
+    kill "$SERVER_PID"
+    wait "$SERVER_PID" 2>/dev/null || true
+fi
+
 "$LLAMA_PY" -m llama_cpp.server --model "$GGUF" --host 127.0.0.1 --port 8101 --n_ctx 4096 \
     --n_threads "$(nproc)" --interrupt_requests False >"$OUT/llama.log" 2>&1 &
 LLAMA_PID=$!
@@ -70,12 +86,15 @@ bench gemma-serve 8102
 kill "$OURS_PID"
 wait "$OURS_PID" 2>/dev/null || true
 
-"$PY" - "$OUT" "${CONCURRENCIES[@]}" <<'EOF'
+"$PY" - "$OUT" "${SYSTEMS[*]}" "${CONCURRENCIES[@]}" <<'EOF'
 import json, sys
-out, concs = sys.argv[1], sys.argv[2:]
-print(f"{'concurrency':>11} {'llama-cpp-python tok/s':>23} {'gemma-serve tok/s':>18} {'ratio':>6}")
+out, systems, concs = sys.argv[1], sys.argv[2].split(), sys.argv[3:]
+peers = systems[:-1]
+print(f"output tok/s; ratio = gemma-serve / peer\n{'concurrency':>11}", *(f"{n:>17}" for n in systems),
+      *(f"{'vs ' + n:>21}" for n in peers))
 for c in concs:
-    tput = [json.load(open(f"{out}/{n}-c{c}.json"))["runs"][0]["summary"]["output_throughput"]
-            for n in ("llama-cpp-python", "gemma-serve")]
-    print(f"{c:>11} {tput[0]:>23.1f} {tput[1]:>18.1f} {tput[1] / tput[0]:>6.2f}")
+    tput = {n: json.load(open(f"{out}/{n}-c{c}.json"))["runs"][0]["summary"]["output_throughput"]
+            for n in systems}
+    print(f"{c:>11}", *(f"{tput[n]:>17.1f}" for n in systems),
+          *(f"{tput['gemma-serve'] / tput[n]:>21.2f}" for n in peers))
 EOF

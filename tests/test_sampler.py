@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from server.engine.request import Request
-from server.engine.sampler import Sampler
+from server.engine.sampler import Sampler, _row_edit
 from server.engine.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")
@@ -18,6 +18,16 @@ def req(rid: str = "r", prompt=(5,), output=(), **params) -> Request:
     r = Request(rid, list(prompt), SamplingParams(**params), eos_token_ids=frozenset({1}))
     r.output_ids = list(output)
     return r
+
+
+def edited(base: torch.Tensor, r: Request) -> torch.Tensor:
+    """Row 0 of base with r's bias, min_tokens ban and penalties applied."""
+    edit = _row_edit(base[0], r)
+    assert edit is not None
+    row = base[0].clone()
+    ids, values = edit
+    row[ids] = values
+    return row
 
 
 def probs_logits(p: list[float]) -> torch.Tensor:
@@ -73,7 +83,7 @@ def test_penalties_match_their_definitions() -> None:
         frequency_penalty=0.5,
         presence_penalty=0.25,
     )
-    adjusted = Sampler(CPU)._adjust(base, (r,))[0].tolist()
+    adjusted = edited(base, r).tolist()
     # repetition on prompt+output {0,1,2,3}: positive / 2, negative * 2
     # frequency/presence on output only: token 3 twice, token 2 once
     expected = [1.0, -2.0, 0.25 - 0.5 - 0.25, 0.5 - 1.0 - 0.25, 0.0, 0.3]
@@ -84,8 +94,21 @@ def test_penalties_match_their_definitions() -> None:
 def test_logit_bias_and_min_tokens_ban_eos() -> None:
     base = torch.zeros(1, 4)
     r = req(temperature=0.0, logit_bias=((2, 5.0),), min_tokens=2, output=(3,))
-    adjusted = Sampler(CPU)._adjust(base, (r,))[0]
-    assert adjusted[2].item() == 5.0 and adjusted[1].item() == -math.inf
+    adjusted = edited(base, r)
+    assert adjusted.tolist() == [0.0, -math.inf, 5.0, 0.0]
+
+
+def test_edits_steer_the_batch_and_leave_the_logits_as_they_came() -> None:
+    """In a batch, each row gets only its own edits; the caller's logits are restored."""
+    base = torch.tensor([[3.0, 0.0, 1.0, 2.0], [3.0, 0.0, 1.0, 2.0], [3.0, 0.0, 1.0, 2.0]])
+    before = base.clone()
+    reqs = (
+        req("a", temperature=0.0, logit_bias=((0, -10.0),)),  # 3.0 -> -7.0: token 3 wins
+        req("b", temperature=0.0),
+        req("c", prompt=(0, 3), temperature=0.0, repetition_penalty=4.0),  # 0.75, 0.5: token 2
+    )
+    assert Sampler(CPU)(base, reqs).token_ids == [3, 0, 2]
+    assert torch.equal(base, before)
 
 
 def test_logprobs_of_unmodified_distribution() -> None:

@@ -1,8 +1,9 @@
 """The engine loop on its own thread, with an asyncio face for the HTTP server.
 
 Requests and aborts cross into the engine thread through a command queue; outputs cross back
-with loop.call_soon_threadsafe into one asyncio.Queue per request. The event loop never runs
-model code, so health checks, metrics and new requests stay responsive during long steps.
+with loop.call_soon_threadsafe (once per step) into one asyncio.Queue per request. The event
+loop never runs model code, so health checks, metrics and new requests stay responsive during
+long steps.
 """
 
 from __future__ import annotations
@@ -116,14 +117,18 @@ class AsyncEngine:
 
     # -- engine thread ----------------------------------------------------------------------
 
-    def _emit(self, out: RequestOutput) -> None:
+    def _emit(self, *outs: RequestOutput) -> None:
+        """Hand outputs to their consumers: one event-loop wake-up for a whole step."""
+
         def put() -> None:
-            q = self._queues.get(out.request_id)
-            if q is not None:
-                q.put_nowait(out)
+            for out in outs:
+                q = self._queues.get(out.request_id)
+                if q is not None:
+                    q.put_nowait(out)
 
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(put)
+        if outs:
+            self._loop.call_soon_threadsafe(put)
 
     def _drain_commands(self, block: bool) -> bool:
         """Handle queued adds and aborts; False once the stop sentinel arrives."""
@@ -157,8 +162,7 @@ class AsyncEngine:
             running = self._drain_commands(block=not self.engine.has_work)
             if running and self.engine.has_work:
                 try:
-                    for out in self.engine.step():
-                        self._emit(out)
+                    self._emit(*self.engine.step())
                 except Exception:  # never let the loop die: the engine fails the batch itself
                     log.exception("unexpected error in the engine loop")
                 stats = self.engine.stats()

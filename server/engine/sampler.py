@@ -36,11 +36,24 @@ class Sampler:
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, requests: tuple[Request, ...]) -> SamplerOutput:
+        """Tokens for each row of logits [N, vocab]; logits are left as they came."""
         want_logprobs = [r.params.logprobs is not None for r in requests]
         logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
-        logits = self._adjust(logits, requests)
-        greedy = [r.params.greedy for r in requests]
-        tokens = logits.argmax(dim=-1) if all(greedy) else self._sample(logits, requests, greedy)
+        # Bias, min_tokens and penalties touch few entries: edit the rows in place and put the
+        # originals back afterwards (a clone of [N, vocab] costs more than the whole sampling).
+        edits = [(i, e) for i, r in enumerate(requests) if (e := _row_edit(logits[i], r))]
+        originals = [(i, ids, logits[i, ids]) for i, (ids, _) in edits]
+        try:
+            for i, (ids, values) in edits:
+                logits[i, ids] = values
+            greedy = [r.params.greedy for r in requests]
+            if all(greedy):
+                tokens = logits.argmax(dim=-1)
+            else:
+                tokens = self._sample(logits, requests, greedy)
+        finally:
+            for i, ids, values in originals:
+                logits[i, ids] = values
         token_list = tokens.tolist()
         lp_out: list[TokenLogprob | None] = [None] * len(requests)
         if logprobs is not None:
@@ -48,29 +61,6 @@ class Sampler:
                 if want_logprobs[i]:
                     lp_out[i] = _token_logprob(logprobs[i], token_list[i], r.params.logprobs or 0)
         return SamplerOutput(token_list, lp_out)
-
-    def _adjust(self, logits: torch.Tensor, requests: tuple[Request, ...]) -> torch.Tensor:
-        """Bias, min_tokens suppression and penalties; copies logits only when needed."""
-        copied = False
-        for i, r in enumerate(requests):
-            p = r.params
-            edits = p.logit_bias or p.needs_penalties or len(r.output_ids) < p.min_tokens
-            if not edits:
-                continue
-            if not copied:
-                logits, copied = logits.clone(), True
-            row = logits[i]
-            if p.logit_bias:
-                ids = torch.tensor([t for t, _ in p.logit_bias], device=row.device)
-                row.index_add_(
-                    0, ids, torch.tensor([b for _, b in p.logit_bias], device=row.device)
-                )
-            if len(r.output_ids) < p.min_tokens:
-                banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(r.eos_token_ids))
-                row[list(banned)] = NEG_INF
-            if p.needs_penalties:
-                _apply_penalties(row, r)
-        return logits
 
     def _sample(
         self, logits: torch.Tensor, requests: tuple[Request, ...], greedy: list[bool]
@@ -97,16 +87,42 @@ class Sampler:
         return gen
 
 
-def _apply_penalties(row: torch.Tensor, r: Request) -> None:
+def _row_edit(row: torch.Tensor, r: Request) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A row's logit_bias, min_tokens ban and penalties, as (token ids, new logits) or None.
+
+    Applied in that order: the penalties see the biased logits.
+    """
     p = r.params
-    if p.repetition_penalty != 1.0:  # over prompt and output, as in vLLM / HF
-        seen = torch.tensor(sorted(set(r.prompt_ids) | set(r.output_ids)), device=row.device)
-        vals = row[seen]
-        row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-    if r.output_ids and (p.frequency_penalty or p.presence_penalty):  # OpenAI: output only
-        ids = torch.tensor(r.output_ids, device=row.device)
-        counts = torch.bincount(ids, minlength=row.shape[0])[: row.shape[0]].to(row.dtype)
-        row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+    ban_eos = len(r.output_ids) < p.min_tokens
+    if not (p.logit_bias or ban_eos or p.needs_penalties):
+        return None
+    bias: dict[int, float] = {}
+    for t, b in p.logit_bias:
+        bias[t] = bias.get(t, 0.0) + b
+    banned: set[int] = set()
+    if ban_eos:
+        banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(r.eos_token_ids))
+    repeated = set(r.prompt_ids) | set(r.output_ids) if p.repetition_penalty != 1.0 else set()
+    counts: dict[int, int] = {}
+    if p.frequency_penalty or p.presence_penalty:  # OpenAI: output tokens only
+        for t in r.output_ids:
+            counts[t] = counts.get(t, 0) + 1
+    token_ids = sorted(set(bias) | banned | repeated | set(counts))
+    dev = row.device
+    ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
+    values = row[ids]  # a copy
+    if bias:
+        values += torch.tensor([bias.get(t, 0.0) for t in token_ids], device=dev)
+    if banned:
+        values[torch.tensor([t in banned for t in token_ids], device=dev)] = NEG_INF
+    if repeated:  # over prompt and output, as in vLLM / HF
+        rp = p.repetition_penalty
+        hit = torch.tensor([t in repeated for t in token_ids], device=dev)
+        values = torch.where(hit, torch.where(values > 0, values / rp, values * rp), values)
+    if counts:
+        c = torch.tensor([counts.get(t, 0) for t in token_ids], device=dev).to(values.dtype)
+        values -= p.frequency_penalty * c + p.presence_penalty * (c > 0).to(values.dtype)
+    return ids, values
 
 
 def _filter(logits: torch.Tensor, requests: tuple[Request, ...]) -> torch.Tensor:

@@ -8,6 +8,7 @@ logits), before any sampling transform.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -103,10 +104,7 @@ def _row_edit(row: torch.Tensor, r: Request) -> tuple[torch.Tensor, torch.Tensor
     if ban_eos:
         banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(r.eos_token_ids))
     repeated = set(r.prompt_ids) | set(r.output_ids) if p.repetition_penalty != 1.0 else set()
-    counts: dict[int, int] = {}
-    if p.frequency_penalty or p.presence_penalty:  # OpenAI: output tokens only
-        for t in r.output_ids:
-            counts[t] = counts.get(t, 0) + 1
+    counts = Counter(r.output_ids if p.frequency_penalty or p.presence_penalty else ())
     token_ids = sorted(set(bias) | banned | repeated | set(counts))
     dev = row.device
     ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
@@ -119,7 +117,7 @@ def _row_edit(row: torch.Tensor, r: Request) -> tuple[torch.Tensor, torch.Tensor
         rp = p.repetition_penalty
         hit = torch.tensor([t in repeated for t in token_ids], device=dev)
         values = torch.where(hit, torch.where(values > 0, values / rp, values * rp), values)
-    if counts:
+    if counts:  # OpenAI: output tokens only
         c = torch.tensor([counts.get(t, 0) for t in token_ids], device=dev).to(values.dtype)
         values -= p.frequency_penalty * c + p.presence_penalty * (c > 0).to(values.dtype)
     return ids, values

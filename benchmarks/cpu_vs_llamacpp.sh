@@ -59,32 +59,26 @@ bench() {  # name port
     done
 }
 
+serve_and_bench() {  # name port ready-path command...: start a server, run the workload, stop it
+    local name=$1 port=$2 ready=$3
+    shift 3
+    "$@" >"$OUT/$name.log" 2>&1 &
+    local pid=$!
+    wait_ready "http://127.0.0.1:$port$ready"
+    bench "$name" "$port"
+    kill "$pid"
+    wait "$pid" 2>/dev/null || true
+}
+
 SYSTEMS=(llama-cpp-python gemma-serve)
 if [ -n "${LLAMA_SERVER:-}" ]; then
     SYSTEMS=(llama-cpp-python llama-server gemma-serve)
-    "$LLAMA_SERVER" -m "$GGUF" --host 127.0.0.1 --port 8103 -t "$(nproc)" -np 8 -c 8192 \
-        -fa on >"$OUT/llama-server.log" 2>&1 &
-    SERVER_PID=$!
-    wait_ready http://127.0.0.1:8103/v1/models
-    bench llama-server 8103
-    kill "$SERVER_PID"
-    wait "$SERVER_PID" 2>/dev/null || true
+    serve_and_bench llama-server 8103 /v1/models "$LLAMA_SERVER" -m "$GGUF" --host 127.0.0.1 \
+        --port 8103 -t "$(nproc)" -np 8 -c 8192 -fa on
 fi
-
-"$LLAMA_PY" -m llama_cpp.server --model "$GGUF" --host 127.0.0.1 --port 8101 --n_ctx 4096 \
-    --n_threads "$(nproc)" --interrupt_requests False >"$OUT/llama.log" 2>&1 &
-LLAMA_PID=$!
-wait_ready http://127.0.0.1:8101/v1/models
-bench llama-cpp-python 8101
-kill "$LLAMA_PID"
-wait "$LLAMA_PID" 2>/dev/null || true
-
-.venv/bin/gemma-serve --port 8102 >"$OUT/gemma-serve.log" 2>&1 &
-OURS_PID=$!
-wait_ready http://127.0.0.1:8102/health
-bench gemma-serve 8102
-kill "$OURS_PID"
-wait "$OURS_PID" 2>/dev/null || true
+serve_and_bench llama-cpp-python 8101 /v1/models "$LLAMA_PY" -m llama_cpp.server --model "$GGUF" \
+    --host 127.0.0.1 --port 8101 --n_ctx 4096 --n_threads "$(nproc)" --interrupt_requests False
+serve_and_bench gemma-serve 8102 /health .venv/bin/gemma-serve --port 8102
 
 "$PY" - "$OUT" "${SYSTEMS[*]}" "${CONCURRENCIES[@]}" <<'EOF'
 import json, sys

@@ -19,12 +19,16 @@ from model.attention import AttentionBackend
 from model.config import ModelConfig
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [T, in] @ weight[out, in]^T.
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [T, in] @ weight[out, in]^T, through oneDNN when `packed` (cpu_gemm.pack(weight)) is set.
 
-    On CPUs the BLAS runs the same product 1.5-2x faster with the weight as the left operand
-    when T is small (decode batches), and no slower for large T; see benchmarks/RESULTS.md.
+    Unpacked on CPUs, the BLAS runs the same product 1.5-2x faster with the weight as the left
+    operand when T is small (decode batches), and no slower for large T.
     """
+    if packed is not None:
+        return cpu_gemm.packed_linear(x, packed)
     if x.device.type == "cpu" and x.dim() == 2:
         return torch.mm(weight, x.t()).t().contiguous()
     return F.linear(x, weight)
@@ -46,9 +50,7 @@ class Linear(nn.Module):
             self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            return cpu_gemm.packed_linear(x, self.packed)
-        return linear(x, self.weight)
+        return linear(x, self.weight, self.packed)
 
 
 class RMSNorm(nn.Module):
@@ -205,10 +207,7 @@ class GemmaForCausalLM(nn.Module):
         if logits_indices is not None:
             x = x[logits_indices]
         x = m.norm(x)
-        if self.lm_head_packed is not None:
-            logits = cpu_gemm.packed_linear(x, self.lm_head_packed)
-        else:
-            logits = linear(x, m.embed_tokens.weight).float()
+        logits = linear(x, m.embed_tokens.weight, self.lm_head_packed).float()
         cap = cfg.final_logit_softcapping
         if cap is not None and cap > 0:  # in place: [N, vocab] is the biggest activation
             logits = logits.div_(cap).tanh_().mul_(cap)

@@ -1,33 +1,49 @@
 #!/usr/bin/env bash
-# GPU benchmark for one NVIDIA H200, in at most 8 minutes (GPU_BENCH_BUDGET_S, default 480):
+# GPU benchmark for one NVIDIA H200, in at most 9 minutes (GPU_BENCH_BUDGET_S, default 540):
+#   0. installs the web-stack wheels of .gpu/whl when present (the GPU image lacks fastapi & co.)
 #   1. device copy bandwidth (for the decode roofline)
-#   2. the GPU kernel tests (tests/test_kernels.py on CUDA)
-#   3. for gemma-2-2b then gemma-2-9b (--load-format dummy --dtype bfloat16): start gemma-serve,
+#   2. the GPU kernel tests (tests/test_kernels.py and tests/test_kernels_e2e.py on CUDA)
+#   3. benchmarks/kernels.py: every kernel and its tile variants, flex_attention, copy roofline
+#   4. for gemma-2-2b then gemma-2-9b (--load-format dummy --dtype bfloat16): start gemma-serve,
 #      single-stream decode (concurrency 1, input 128, output 256), then throughput at
 #      concurrency 1, 16, 64, 256 (input 512, output 256) with benchmarks/serve.py
-#   4. benchmarks/kernels.py, when it exists
 # Every phase runs under `timeout`, capped by what is left of the budget (phases that no longer
 # fit are skipped); a failing phase is recorded and the script goes on. Ends with the summary
-# tables (decode vs roofline, throughput per concurrency, phases).
+# tables (kernels, decode vs roofline, throughput per concurrency, phases).
 #
-#   benchmarks/gpu.sh RESULTS_DIR
+# Prepare on the CPU machine first (wheels and preset directories, ~18 MiB, git-ignored):
+#   python -m benchmarks.gpu_prep          # writes .gpu/
+# then on the GPU machine (device tool: carry [".gpu"], timeout_s ~590; the tool brings back
+# at most 8 files, so ask for the archive):
+#   benchmarks/gpu.sh /tmp/gpu "$OUT/gpu.tar.gz"
 #
 # RESULTS_DIR gets: phases.tsv, summary.{json,txt}, bandwidth.json, kernels.json, logs/*.log
-# (logs/<preset>_start.log is the server's) and <preset>/{decode,sweep}.json.
+# (logs/<preset>_start.log is the server's) and <preset>/{decode,sweep}.json; ARCHIVE, when
+# given, is a .tar.gz of all of it.
 set -uo pipefail
 
-if [[ $# -ne 1 ]]; then
-    echo "usage: $0 RESULTS_DIR" >&2
+if [[ $# -lt 1 || $# -gt 2 ]]; then
+    echo "usage: $0 RESULTS_DIR [ARCHIVE.tar.gz]" >&2
     exit 2
 fi
-BUDGET_S=${GPU_BENCH_BUDGET_S:-480}
+ARCHIVE=""
+if [[ $# -eq 2 ]]; then
+    mkdir -p "$(dirname "$2")" && ARCHIVE="$(cd "$(dirname "$2")" && pwd)/$(basename "$2")" || exit 2
+fi
+BUDGET_S=${GPU_BENCH_BUDGET_S:-540}
 RESERVE_S=20          # kept back for stopping a server and printing the report
 PORT=${GPU_BENCH_PORT:-18080}
 mkdir -p "$1/logs" || exit 2
 OUT=$(cd "$1" && pwd)
 cd "$(dirname "$0")/.." || exit 2
 
-if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
+if [[ -n ${GPU_BENCH_PYTHON:-} ]]; then # another interpreter (e.g. to try the script here)
+    PY=$GPU_BENCH_PYTHON
+elif [[ -x .venv/bin/python ]]; then
+    PY=.venv/bin/python
+else
+    PY=python3
+fi
 if [[ -n ${GPU_BENCH_SERVER:-} ]]; then # another server command (e.g. a stub, to try the script)
     read -r -a SERVE <<<"$GPU_BENCH_SERVER"
 elif [[ -x .venv/bin/gemma-serve ]]; then
@@ -39,6 +55,7 @@ else
 fi
 SERVER_PID=""
 printf 'phase\tstatus\tseconds\n' >"$OUT/phases.tsv"
+SITE=/tmp/gemma-serve-site # the carried wheels go here, ahead of the image's packages
 
 log() { echo "[gpu.sh ${SECONDS}s] $*" >&2; }
 
@@ -115,7 +132,10 @@ trap 'stop_server; exit 130' INT TERM
 
 # bench_model PRESET PORT START_S DECODE_S SWEEP_S
 bench_model() {
-    local preset=$1 url="http://127.0.0.1:$2" start=$SECONDS limit rc
+    local preset=$1 url="http://127.0.0.1:$2" start=$SECONDS limit rc model=("--model" "$1")
+    if [[ -f .gpu/models/$preset/config.json ]]; then # prepared by benchmarks/gpu_prep.py
+        model=(--model ".gpu/models/$preset" --served-model-name "$preset")
+    fi
     mkdir -p "$OUT/$preset"
     limit=$(phase_limit "$3")
     if ((limit == 0)); then
@@ -123,7 +143,7 @@ bench_model() {
         return
     fi
     log "${preset}_start (at most ${limit}s)"
-    "${SERVE[@]}" --model "$preset" --load-format dummy --dtype bfloat16 --port "$2" \
+    "${SERVE[@]}" "${model[@]}" --load-format dummy --dtype bfloat16 --port "$2" \
         --max-num-seqs 256 >"$OUT/logs/${preset}_start.log" 2>&1 &
     SERVER_PID=$!
     wait_healthy "$url" "$SERVER_PID" "$limit"
@@ -141,16 +161,17 @@ bench_model() {
 }
 
 log "results in $OUT; budget ${BUDGET_S}s; server: ${SERVE[*]}"
+if compgen -G ".gpu/whl/*.whl" >/dev/null; then
+    run_phase wheels 60 "$PY" -m pip install -q --no-index --no-deps --no-compile \
+        --no-cache-dir --upgrade --target "$SITE" .gpu/whl/*.whl
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+fi
 run_phase bandwidth 30 "$PY" benchmarks/gpu_report.py bandwidth --out "$OUT/bandwidth.json"
-run_phase kernel_tests 90 env GEMMA_SERVE_TEST_GPU=1 "$PY" -m pytest -q -p no:cacheprovider \
-    tests/test_kernels.py
+run_phase kernel_tests 120 env GEMMA_SERVE_TEST_GPU=1 "$PY" -m pytest -q -p no:cacheprovider \
+    tests/test_kernels.py tests/test_kernels_e2e.py
+run_phase kernels 150 "$PY" benchmarks/kernels.py --out "$OUT/kernels.json"
 bench_model gemma-2-2b "$PORT" 90 45 100
 bench_model gemma-2-9b "$((PORT + 1))" 120 60 120
-if [[ -f benchmarks/kernels.py ]]; then
-    run_phase kernels 60 "$PY" benchmarks/kernels.py --out "$OUT/kernels.json"
-else
-    printf 'kernels\tskipped(no benchmarks/kernels.py)\t0\n' >>"$OUT/phases.tsv"
-fi
 
 # The end of the log of each phase that did not succeed (the server's log for a failed start).
 while IFS=$'\t' read -r name status _; do
@@ -160,6 +181,11 @@ while IFS=$'\t' read -r name status _; do
     fi
 done < <(tail -n +2 "$OUT/phases.tsv")
 echo "--- kernel tests: $(tail -n 1 "$OUT/logs/kernel_tests.log" 2>/dev/null)"
+echo "--- kernels (benchmarks/kernels.py):"
+sed -n '/^op /,/^wrote /p' "$OUT/logs/kernels.log" 2>/dev/null | grep -v '^wrote '
 echo
 "$PY" benchmarks/gpu_report.py summary "$OUT" | tee "$OUT/summary.txt"
+if [[ -n $ARCHIVE ]]; then
+    tar -czf "$ARCHIVE" -C "$(dirname "$OUT")" "$(basename "$OUT")" && log "archive: $ARCHIVE"
+fi
 log "done"

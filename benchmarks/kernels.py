@@ -1,12 +1,15 @@
-"""GPU benchmark of the Triton attention kernels at Gemma 2 shapes (bf16).
+"""Benchmark of the Triton attention kernels at Gemma 2 shapes (bf16), one GPU run.
 
-Prefill (packed 4 x 2048 tokens, soft-cap 50, window 4096 and global) is compared with torch's
-compiled flex_attention (tanh score_mod, causal/sliding-window document block mask) in TFLOP/s
-of useful (unmasked) work; decode (batch 64 x 4096 context, paged, block 16) is reported in GB/s
-of K/V read against a measured device-to-device copy bandwidth; store_kv in GB/s moved.
-Every kernel is first checked against the torch reference at the benchmarked shape.
+Prefill (packed 2 x 8192 tokens, soft-cap 50, window 4096 and global) is compared with torch's
+flex_attention (tanh score_mod, causal/sliding-window document block mask, compiled on CUDA) in
+TFLOP/s of useful (unmasked) work; decode (batch 64 x 4096 context, paged, block 16) is reported
+in GB/s of K/V read against a measured device-to-device copy bandwidth; store_kv in GB/s moved.
+Besides the launch heuristics' choice ("default"), each op is timed at a few other tile configs
+and split counts, so one run on a GPU says which to keep. Every timed config is first checked
+against the torch reference at the benchmarked shape.
 
     python benchmarks/kernels.py --out results.json
+    TRITON_INTERPRET=1 python benchmarks/kernels.py --device cpu --tiny   # smoke run, no GPU
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -24,54 +29,94 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SHAPES = {"gemma2-9b": (16, 8, 256), "gemma2-27b": (32, 16, 128)}  # (Hq, Hkv, head_dim)
 SOFTCAP = 50.0
+WINDOW = 4096
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried besides triton_ops.prefill_config's choice.
+PREFILL_VARIANTS = {
+    128: [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
+    256: [(128, 16, 8, 2), (128, 16, 8, 3), (64, 32, 4, 2)],
+}
+# (BLOCK_N, num_splits) tried besides the split heuristic's choice.
+DECODE_VARIANTS = [(64, 1), (64, 4), (32, 2), (128, 2)]
 
 
-def _bench(fn, rep_ms: int) -> float:
-    """Median milliseconds of fn()."""
-    import triton.testing
+def _bench(fn, rep_ms: int, device: str) -> float:
+    """Median milliseconds of fn(): CUDA events via do_bench on a GPU, wall clock on a CPU."""
+    if device == "cuda":
+        import triton.testing
 
-    return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
+        return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
 
 
-def _max_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """Largest absolute difference relative to the reference's largest magnitude."""
-    return float((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6))
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref||; NaN anywhere gives NaN (which fails every check)."""
+    out, ref = out.float(), ref.float()
+    return float(torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref))
 
 
-def copy_bandwidth(rep_ms: int) -> float:
-    """Device-to-device copy bandwidth in GB/s (bytes read + written), 1 GiB buffers."""
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+def copy_bandwidth(rep_ms: int, device: str) -> float:
+    """Device-to-device copy bandwidth in GB/s (bytes read + written), 1 GiB buffers on a GPU."""
+    src = torch.randint(0, 255, (2**30 if device == "cuda" else 2**26,), dtype=torch.uint8)
+    src = src.to(device)
     dst = torch.empty_like(src)
-    ms = _bench(lambda: dst.copy_(src), rep_ms)
+    ms = _bench(lambda: dst.copy_(src), rep_ms, device)
     return 2 * src.numel() / ms / 1e6
 
 
-def bench_prefill(name: str, window: int | None, args: argparse.Namespace) -> dict:
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
+def _prefill_rows(name: str, window: int | None, args: argparse.Namespace) -> list[dict]:
     from kernels import reference, triton_ops
-    from kernels.prefill_attention import prefill_flops
+    from kernels.prefill_attention import launch_prefill, prefill_flops
 
-    hq, hkv, d = SHAPES[name]
+    dev, (hq, hkv, d) = args.device, SHAPES[name]
     lens = [args.prefill_len] * args.prefill_seqs
     t, scale = sum(lens), d**-0.5
-    q = torch.randn(t, hq, d, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(t, hkv, d, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(t, hkv, d, device="cuda", dtype=torch.bfloat16)
-    cu = torch.tensor([0] + [sum(lens[: i + 1]) for i in range(len(lens))], device="cuda")
+    q, k, v = (torch.randn(t, h, d, device=dev, dtype=torch.bfloat16) for h in (hq, hkv, hkv))
+    cu = torch.tensor([0] + [sum(lens[: i + 1]) for i in range(len(lens))], device=dev)
     cu = cu.to(torch.int32)
     kw = dict(block_size=16, ring_blocks=0, window=window, softcap=SOFTCAP, scale=scale)
     ops_args = (q, k, v, cu, None, None, None, None)
-    out = triton_ops.prefill_attention(*ops_args, **kw)
-    err = _max_err(out, reference.prefill_attention(*ops_args, **kw))
+    ref = reference.prefill_attention(*ops_args, **kw)
     flops = prefill_flops(lens, hq, d, window)
-    ms = _bench(lambda: triton_ops.prefill_attention(*ops_args, **kw), args.rep_ms)
-    row = {"op": "prefill", "model": name, "window": window, "tokens": t, "triton_ms": ms,
-           "triton_tflops": flops / ms / 1e9, "max_rel_err": err}  # fmt: skip
-    if args.no_flex:
-        return {**row, "flex_error": "skipped"}
+    base = {"op": "prefill", "model": name, "window": window, "tokens": t}
+    default = triton_ops.prefill_config(d, triton_ops.interpreting())
+    configs = [("default", None)] + [(f"m{m}n{n}w{w}s{s}", (m, n, w, s))
+                                     for m, n, w, s in PREFILL_VARIANTS[d]]  # fmt: skip
+    rows = []
+    for label, cfg in configs:
+        if cfg is None:
+            run = lambda: triton_ops.prefill_attention(*ops_args, **kw)  # noqa: E731
+            label = (f"default m{default.block_m}n{default.block_n}"
+                     f"w{default.num_warps}s{default.num_stages}")  # fmt: skip
+        else:
+            m, n, w, s = cfg
+            run = lambda m=m, n=n, w=w, s=s: launch_prefill(  # noqa: E731
+                *ops_args, **kw, block_m=m, block_n=n, num_warps=w, num_stages=s,
+                upcast=triton_ops.interpreting(),
+            )  # fmt: skip
+        row = {**base, "config": label}
+        try:
+            row["rel_err"] = _rel_err(run(), ref)
+            ms = _bench(run, args.rep_ms, dev)
+            row.update(ms=ms, tflops=flops / ms / 1e9)
+        except Exception as exc:  # e.g. out of shared memory for one variant: record, go on
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        rows.append(row)
+    if not args.no_flex:
+        rows.append(_flex_row(base, q, k, v, lens, window, scale, flops, ref, args))
+    return rows
 
-    doc = torch.repeat_interleave(torch.arange(len(lens), device="cuda"), torch.tensor(lens).cuda())
+
+def _flex_row(base, q, k, v, lens, window, scale, flops, ref, args) -> dict:
+    """torch's flex_attention at the same settings (compiled on CUDA, eager on a CPU)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    dev, t = args.device, q.shape[0]
+    doc = torch.repeat_interleave(torch.arange(len(lens), device=dev), torch.tensor(lens).to(dev))
     win = window if window is not None else t + 1
 
     def mask_mod(b, h, qi, ki):
@@ -80,110 +125,141 @@ def bench_prefill(name: str, window: int | None, args: argparse.Namespace) -> di
     def score_mod(score, b, h, qi, ki):
         return SOFTCAP * torch.tanh(score / SOFTCAP)
 
+    row = {**base, "config": "flex_attention"}
     try:
-        block_mask = create_block_mask(mask_mod, None, None, t, t, device="cuda")
-        flex = torch.compile(flex_attention)
+        block_mask = create_block_mask(mask_mod, None, None, t, t, device=dev)
+        flex = torch.compile(flex_attention) if dev == "cuda" else flex_attention
         fq, fk, fv = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
 
         def run_flex():
             return flex(fq, fk, fv, score_mod=score_mod, block_mask=block_mask, scale=scale,
                         enable_gqa=True)  # fmt: skip
 
-        fout = run_flex()[0].transpose(0, 1)
-        fms = _bench(run_flex, args.rep_ms)
-        row.update(flex_ms=fms, flex_tflops=flops / fms / 1e9, flex_vs_ref=_max_err(fout, out))
+        row["rel_err"] = _rel_err(run_flex()[0].transpose(0, 1), ref)
+        ms = _bench(run_flex, args.rep_ms, dev)
+        row.update(ms=ms, tflops=flops / ms / 1e9)
     except Exception as exc:  # flex may lack a kernel for a shape (e.g. D 256 shared memory)
-        row.update(flex_error=f"{type(exc).__name__}: {str(exc)[:200]}")
+        row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     return row
 
 
-def bench_decode(name: str, window: int | None, bandwidth: float, args: argparse.Namespace):
+def _decode_rows(name: str, bandwidth: float, args: argparse.Namespace) -> list[dict]:
     from kernels import reference, triton_ops
+    from kernels.decode_attention import launch_decode
 
-    hq, hkv, d = SHAPES[name]
+    dev, (hq, hkv, d) = args.device, SHAPES[name]
     s, ctx, bs = args.decode_batch, args.decode_ctx, 16
     per_seq = math.ceil(ctx / bs)
-    k_cache = torch.randn(s * per_seq * bs, hkv, d, device="cuda", dtype=torch.bfloat16)
+    k_cache = torch.randn(s * per_seq * bs, hkv, d, device=dev, dtype=torch.bfloat16)
     v_cache = torch.randn_like(k_cache)
-    tables = torch.randperm(s * per_seq, device="cuda", dtype=torch.int32).view(s, per_seq)
-    lens = torch.full((s,), ctx, device="cuda", dtype=torch.int32)
-    q = torch.randn(s, hq, d, device="cuda", dtype=torch.bfloat16)
-    kw = dict(block_size=bs, ring_blocks=0, window=window, softcap=SOFTCAP, scale=d**-0.5)
+    tables = torch.randperm(s * per_seq, device=dev, dtype=torch.int32).view(s, per_seq)
+    lens = torch.full((s,), ctx, device=dev, dtype=torch.int32)
+    q = torch.randn(s, hq, d, device=dev, dtype=torch.bfloat16)
+    kw = dict(block_size=bs, ring_blocks=0, window=None, softcap=SOFTCAP, scale=d**-0.5)
     dargs = (q, k_cache, v_cache, tables, lens)
-    err = _max_err(
-        triton_ops.decode_attention(*dargs, **kw), reference.decode_attention(*dargs, **kw)
-    )
-    ms = _bench(lambda: triton_ops.decode_attention(*dargs, **kw), args.rep_ms)
-    visible = min(ctx, window) if window is not None else ctx
-    kv_bytes = 2 * s * visible * hkv * d * k_cache.element_size()
-    gbs = kv_bytes / ms / 1e6
-    return {"op": "decode", "model": name, "window": window, "batch": s, "context": ctx,
-            "triton_ms": ms, "gb_per_s": gbs, "pct_of_copy": 100 * gbs / bandwidth,
-            "max_rel_err": err}  # fmt: skip
+    ref = reference.decode_attention(*dargs, **kw)
+    kv_bytes = 2 * s * ctx * hkv * d * k_cache.element_size()
+    interp = triton_ops.interpreting()
+    block_n = triton_ops.decode_block_n(d, interp)
+    splits = triton_ops.choose_num_splits(s, hkv, ctx, block_n, triton_ops.num_sms(q.device))
+    rows = []
+    for bn, ns in [(None, None)] + DECODE_VARIANTS:
+        if bn is None:
+            label = f"default n{block_n}k{splits}"
+            run = lambda: triton_ops.decode_attention(*dargs, **kw)  # noqa: E731
+        else:
+            label = f"n{bn}k{ns}"
+            run = lambda bn=bn, ns=ns: launch_decode(  # noqa: E731
+                *dargs, **kw, block_n=bn, num_splits=ns, num_warps=4,
+                num_stages=2 if d >= 256 else 3, upcast=interp,
+            )  # fmt: skip
+        row = {"op": "decode", "model": name, "batch": s, "context": ctx, "config": label}
+        try:
+            row["rel_err"] = _rel_err(run(), ref)
+            ms = _bench(run, args.rep_ms, dev)
+            gbs = kv_bytes / ms / 1e6
+            row.update(ms=ms, gb_per_s=gbs, pct_of_copy=100 * gbs / bandwidth)
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        rows.append(row)
+    return rows
 
 
-def bench_store(name: str, bandwidth: float, args: argparse.Namespace) -> dict:
+def _store_row(name: str, bandwidth: float, args: argparse.Namespace) -> dict:
     from kernels import triton_ops
 
-    _, hkv, d = SHAPES[name]
+    dev, (_, hkv, d) = args.device, SHAPES[name]
     t = args.prefill_len * args.prefill_seqs
-    k = torch.randn(t, hkv, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(t, hkv, d, device=dev, dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    k_cache = torch.zeros(2 * t, hkv, d, device="cuda", dtype=torch.bfloat16)
-    v_cache = torch.zeros_like(k_cache)
-    slots = torch.randperm(2 * t, device="cuda")[:t]
+    k_cache = torch.full((2 * t, hkv, d), float("nan"), device=dev, dtype=torch.bfloat16)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    slots = torch.randperm(2 * t, device=dev)[:t]
     triton_ops.store_kv(k, v, k_cache, v_cache, slots)
-    ok = bool(torch.equal(k_cache[slots], k) and torch.equal(v_cache[slots], v))
-    ms = _bench(lambda: triton_ops.store_kv(k, v, k_cache, v_cache, slots), args.rep_ms)
+    exact = bool(torch.equal(k_cache[slots], k) and torch.equal(v_cache[slots], v))
+    ms = _bench(lambda: triton_ops.store_kv(k, v, k_cache, v_cache, slots), args.rep_ms, dev)
     gbs = 2 * 2 * k.numel() * k.element_size() / ms / 1e6  # k and v, read + written
-    return {"op": "store_kv", "model": name, "tokens": t, "triton_ms": ms, "gb_per_s": gbs,
-            "pct_of_copy": 100 * gbs / bandwidth, "exact": ok}  # fmt: skip
+    return {"op": "store_kv", "model": name, "tokens": t, "config": "default", "ms": ms,
+            "gb_per_s": gbs, "pct_of_copy": 100 * gbs / bandwidth, "exact": exact}  # fmt: skip
 
 
-def _table(rows: list[dict]) -> str:
-    lines = [f"{'op':9}{'model':12}{'window':>7}{'ms':>9}  result"]
+def table(rows: list[dict]) -> str:
+    """One line per timed config: op, model, window, config, ms, throughput, error."""
+    lines = [f"{'op':9}{'model':12}{'window':>7}  {'config':22}{'ms':>9}  result"]
     for r in rows:
+        win = str(r.get("window")) if r["op"] == "prefill" else "-"
+        head = f"{r['op']:9}{r['model']:12}{win:>7}  {r['config']:22}"
+        if "error" in r:
+            lines.append(f"{head}{'-':>9}  {r['error'][:70]}")
+            continue
         if r["op"] == "prefill":
-            res = f"{r['triton_tflops']:.1f} TFLOP/s"
-            res += (f" | flex {r['flex_tflops']:.1f} TFLOP/s" if "flex_tflops" in r
-                    else f" | flex: {r.get('flex_error', '')[:60]}")  # fmt: skip
+            res = f"{r['tflops']:.1f} TFLOP/s"
         else:
             res = f"{r['gb_per_s']:.0f} GB/s ({r['pct_of_copy']:.0f}% of copy)"
-        err = f"  err {r['max_rel_err']:.1e}" if "max_rel_err" in r else ""
-        win = str(r.get("window")) if r["op"] != "store_kv" else "-"
-        lines.append(f"{r['op']:9}{r['model']:12}{win:>7}{r['triton_ms']:9.3f}  {res}{err}")
+        if "rel_err" in r:
+            res += f"  err {r['rel_err']:.1e}"
+        elif "exact" in r:
+            res += "  exact" if r["exact"] else "  WRONG"
+        lines.append(f"{head}{r['ms']:9.3f}  {res}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("kernel_bench.json"), help="JSON output")
+    smoke = "cpu: a smoke run under TRITON_INTERPRET=1 (no real timings)"
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help=smoke)
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes (for --device cpu)")
     parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--prefill-seqs", type=int, default=4)
-    parser.add_argument("--prefill-len", type=int, default=2048)
+    parser.add_argument("--prefill-seqs", type=int, default=2)
+    parser.add_argument("--prefill-len", type=int, default=8192)
     parser.add_argument("--decode-batch", type=int, default=64)
     parser.add_argument("--decode-ctx", type=int, default=4096)
-    parser.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time")
+    parser.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time")
     parser.add_argument("--no-flex", action="store_true", help="skip the flex_attention baseline")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print(
-            "benchmarks/kernels.py needs a CUDA GPU (none found); nothing to do.", file=sys.stderr
-        )
+    if args.tiny:
+        args.prefill_seqs, args.prefill_len, args.decode_batch, args.decode_ctx = 2, 24, 3, 40
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("benchmarks/kernels.py: no CUDA GPU found (--device cpu for a smoke run)",
+              file=sys.stderr)  # fmt: skip
         return 2
     torch.manual_seed(0)
-    bandwidth = copy_bandwidth(args.rep_ms)
+    bandwidth = copy_bandwidth(args.rep_ms, args.device)
     rows: list[dict] = []
+    window = WINDOW if not args.tiny else 16  # shorter than the sequences, so it matters
     for name in args.models:
-        for window in (4096, None):
-            rows.append(bench_prefill(name, window, args))
-            print(_table(rows[-1:]).splitlines()[1], flush=True)
-        rows.append(bench_decode(name, None, bandwidth, args))
-        rows.append(bench_store(name, bandwidth, args))
-    result = {"device": torch.cuda.get_device_name(), "copy_gb_per_s": bandwidth, "rows": rows}
+        for w in (window, None):
+            new = _prefill_rows(name, w, args)
+            print(table(new).split("\n", 1)[1], flush=True)
+            rows += new
+        rows += _decode_rows(name, bandwidth, args)
+        rows.append(_store_row(name, bandwidth, args))
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (interpreter)"
+    result = {"device": name, "copy_gb_per_s": bandwidth, "rows": rows}
     args.out.write_text(json.dumps(result, indent=2))
     print(f"device: {result['device']}, copy bandwidth {bandwidth:.0f} GB/s")
-    print(_table(rows))
+    print(table(rows))
     print(f"wrote {args.out}")
     return 0
 

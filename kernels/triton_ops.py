@@ -36,8 +36,9 @@ def interpreting() -> bool:
 def prefill_config(head_dim: int, interpret: bool) -> PrefillConfig:
     """Tiles for the prefill kernel. On sm_90 the fp32 accumulator (BLOCK_M x D) must stay in
     registers and Q plus num_stages K/V tiles in shared memory (227 KB). Checked with ptxas for
-    sm_90 (the AOT test): these compile to wgmma with no register spills; at D 256, BLOCK_N 64 or
-    BLOCK_M 64 spill."""
+    sm_90 (the AOT test): these compile to wgmma with no register spills under Triton 3.9 (3.6
+    leaves the D-256 config an 8-byte stack frame); at D 256, BLOCK_N 64 or BLOCK_M 64 spill
+    40-256 bytes. BLOCK_N 16 at D 256 is spill-free on both; benchmarks/kernels.py times it."""
     if interpret:
         return PrefillConfig(block_m=32, block_n=16, num_warps=4, num_stages=1)
     if head_dim <= 64:
@@ -63,7 +64,7 @@ def choose_num_splits(
     return max(1, min(want, by_len, 32))
 
 
-def _num_sms(device: torch.device) -> int:
+def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return H100_SMS
@@ -134,7 +135,7 @@ def decode_attention(
         if window is not None:
             bound = min(bound, window)
         num_splits = choose_num_splits(
-            q.shape[0], k_cache.shape[1], bound, block_n, _num_sms(q.device)
+            q.shape[0], k_cache.shape[1], bound, block_n, num_sms(q.device)
         )
     return launch_decode(
         q, k_cache, v_cache, block_tables, seq_lens,

@@ -143,6 +143,35 @@ class ModelConfig:
                 raise
             raise ConfigError(f"invalid value in config.json: {e}") from None
 
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A Hugging Face config dict that `from_hf_dict` reads back to this config."""
+        scaling = None
+        if self.rope_scaling_factor != 1.0:
+            scaling = {"rope_type": "linear", "factor": self.rope_scaling_factor}
+        return {
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "query_pre_attn_scalar": self.query_pre_attn_scalar,
+            "sliding_window": self.sliding_window,
+            "layer_types": list(self.layer_types),
+            "attn_logit_softcapping": self.attn_logit_softcapping,
+            "final_logit_softcapping": self.final_logit_softcapping,
+            "rope_theta": self.rope_theta,
+            "rope_local_base_freq": self.rope_local_theta,
+            "rope_scaling": scaling,
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_ids),
+            "pad_token_id": self.pad_token_id,
+        }
+
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:
         path = Path(path)

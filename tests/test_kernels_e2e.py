@@ -1,7 +1,12 @@
-"""The tiny model served end to end through the Triton kernels (interpreted on CPU)."""
+"""The tiny model served end to end through the Triton kernels (interpreted on CPU).
+
+With GEMMA_SERVE_TEST_GPU=1 (benchmarks/gpu.sh) both engines run on CUDA: the Triton one through
+the engine's own dispatch, the reference one forced by `force_reference_kernels`.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +17,7 @@ from kernels.dispatch import AttentionOps
 from server.engine.sampling_params import SamplingParams
 from tests.engine_helpers import tiny_checkpoint, tiny_engine
 
+DEVICE = "cuda" if os.environ.get("GEMMA_SERVE_TEST_GPU") else "cpu"
 TRITON_OPS = AttentionOps(
     name="triton",
     store_kv=triton_ops.store_kv,
@@ -29,9 +35,13 @@ def test_engine_logits_and_tokens_match_the_reference_path(checkpoint: Path) -> 
     prompts = [[2, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50], [2, 7], [2] + list(range(60, 80))]
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=3)
     # Chunks of 8 (the window) over blocks of 4: chunked prefill, ring wrap-around in decode.
-    ref = tiny_engine(checkpoint, max_num_batched_tokens=8)
-    tri = tiny_engine(checkpoint, max_num_batched_tokens=8)
-    tri.runner.ops = TRITON_OPS
+    ref = tiny_engine(
+        checkpoint, max_num_batched_tokens=8, device=DEVICE, force_reference_kernels=True
+    )
+    tri = tiny_engine(checkpoint, max_num_batched_tokens=8, device=DEVICE)
+    if DEVICE == "cpu":  # the engine picks the references on a CPU
+        tri.runner.ops = TRITON_OPS
+    assert (ref.runner.ops.name, tri.runner.ops.name) == ("torch-reference", "triton")
     want = ref.generate(prompts, params)
     got = tri.generate(prompts, params)
     for w, g in zip(want, got):

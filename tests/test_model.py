@@ -198,6 +198,23 @@ def test_presets_match_the_paper() -> None:
         preset("gemma-2-1b")
 
 
+def test_hf_dict_round_trips(tmp_path: Path) -> None:
+    """to_hf_dict reads back to the same config: presets, and a Gemma 3 with linear RoPE
+    scaling and distinct local/global thetas (what benchmarks/gpu_prep.py writes out)."""
+    from transformers import Gemma2Config
+
+    for name in ("gemma-2-2b", "gemma-2-9b", "gemma-2-27b"):
+        cfg = preset(name)
+        assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+        hf = Gemma2Config(**cfg.to_hf_dict())  # the keys are the ones transformers reads
+        assert (hf.head_dim, hf.query_pre_attn_scalar) == (cfg.head_dim, cfg.query_pre_attn_scalar)
+        assert hf.attn_logit_softcapping == 50.0 and hf.final_logit_softcapping == 30.0
+    scaling = {"rope_scaling": {"rope_type": "linear", "factor": 8.0}, "rope_theta": 1e6}
+    g3 = ModelConfig.from_file(make_gemma3(tmp_path, **scaling))
+    assert (g3.rope_scaling_factor, g3.rope_theta, g3.rope_local_theta) == (8.0, 1e6, 10000.0)
+    assert ModelConfig.from_hf_dict(json.loads(json.dumps(g3.to_hf_dict()))) == g3
+
+
 def test_streamed_loading_converts_dtypes_in_small_chunks(tmp_path: Path, monkeypatch) -> None:
     import model.safetensors_stream as stream
 

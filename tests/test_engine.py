@@ -213,6 +213,57 @@ def test_a_sampling_fault_ends_only_its_own_request(checkpoint, prompts, expecte
     assert engine.kv.usage().global_ratio == 0.0
 
 
+def _faulty_forward(engine: LLMEngine, fails) -> list[set[str]]:
+    """Make the engine's forward pass raise, after running (so K/V are half written), whenever
+    fails(request ids of the batch) says so. Returns the batches that raised."""
+    build, forward = engine.runner.build, engine.runner.forward
+    current: list[set[str]] = []
+    raised: list[set[str]] = []
+
+    def build_and_note(sched):
+        current[:] = [{c.request.request_id for c in sched.chunks}]
+        return build(sched)
+
+    def faulty(batch):
+        logits = forward(batch)
+        if fails(current[0]):
+            raised.append(current[0])
+            raise RuntimeError("injected forward fault")
+        return logits
+
+    engine.runner.build, engine.runner.forward = build_and_note, faulty
+    return raised
+
+
+def test_a_forward_fault_ends_only_its_own_request(checkpoint, prompts, expected) -> None:
+    engine = tiny_engine(checkpoint, max_num_batched_tokens=24)  # chunked prefills too
+    raised = _faulty_forward(engine, lambda ids: "offline-2" in ids)
+    results = engine.generate(prompts[:6], GREEDY)
+    assert results[2].finish_reason == "error" and results[2].token_ids == []
+    for i in (0, 1, 3, 4, 5):
+        assert results[i].token_ids == expected[i], i
+    assert len(raised[0]) > 1 and raised[-1] == {"offline-2"}  # blamed only when alone
+    assert engine.kv.usage().global_ratio == 0.0 and engine.kv.usage().local_ratio == 0.0
+
+
+def test_a_transient_forward_fault_loses_nothing(checkpoint, prompts, expected) -> None:
+    engine = tiny_engine(checkpoint, max_num_batched_tokens=24)
+    batches: list[set[str]] = []  # the batched (not retrying-alone) steps so far
+
+    def fails(ids: set[str]) -> bool:  # the 2nd and 4th batched steps fail, once each
+        if len(ids) > 1:
+            batches.append(ids)
+            return len(batches) in (2, 4)
+        return False
+
+    raised = _faulty_forward(engine, fails)
+    results = engine.generate(prompts[:8], GREEDY)
+    assert len(raised) == 2
+    assert [r.token_ids for r in results] == expected[:8]
+    assert all(r.finish_reason == FINISH_LENGTH for r in results)
+    assert engine.kv.usage().global_ratio == 0.0 and engine.kv.usage().local_ratio == 0.0
+
+
 def test_unwritten_cache_slots_are_never_read(checkpoint, prompts, expected) -> None:
     # The cache is allocated uninitialised; poison it so any read of an unwritten slot shows.
     engine = tiny_engine(checkpoint, max_num_batched_tokens=13, block_size=2)

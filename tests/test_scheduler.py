@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 from server.engine.block_pool import BlockPool
 from server.engine.errors import RequestTooLongError
 from server.engine.kv_manager import KVCacheManager
-from server.engine.outputs import FINISH_ABORT, FINISH_LENGTH
+from server.engine.outputs import FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH
 from server.engine.request import Request
 from server.engine.sampling_params import SamplingParams
-from server.engine.scheduler import Scheduler, SchedulerOutput
+from server.engine.scheduler import MAX_FAULTS, Scheduler, SchedulerOutput
 
 EOS = 1
 
@@ -130,6 +130,60 @@ def test_abort_anywhere_frees_everything() -> None:
     assert s.kv.global_tables.pool.num_used == 0 and s.kv.local_tables.pool.num_used == 0
 
 
+def failed_step(s: Scheduler) -> list[Request]:
+    """One step whose forward pass raised: recover, and end the culprits as the engine does."""
+    culprits = s.recover(s.schedule())
+    for r in culprits:
+        s.finish(r, FINISH_ERROR, "injected")
+    return culprits
+
+
+def test_a_failed_step_retries_each_request_alone() -> None:
+    s = make_scheduler(budget=64)
+    reqs = [request(f"r{i}", 5 + i, 4) for i in range(3)]
+    for r in reqs:
+        s.add(r)
+    fake_step(s)  # all three prefill and sample one token
+    assert [len(r.output_ids) for r in reqs] == [1, 1, 1]
+    assert failed_step(s) == []  # a batch of three: nobody is blamed yet
+    check_invariants(s)
+    assert not s.running and [r.request_id for r in s.waiting] == ["r0", "r1", "r2"]
+    assert [r.retry_until for r in reqs] == [6, 7, 8]  # where the failed decodes ended
+    # Each retries alone, recomputing prompt + its one output token, then samples.
+    for r in reqs:
+        out, _ = fake_step(s)
+        chunks = [(c.request, c.start, c.num_tokens) for c in out.chunks]
+        assert chunks == [(r, 0, r.num_tokens - 1)]
+        assert r.retry_until == 0 and len(r.output_ids) == 2
+        check_invariants(s)
+    out, _ = fake_step(s)  # batched again
+    assert {c.request.request_id for c in out.decodes} == {"r0", "r1", "r2"}
+    # A request that fails alone is the culprit; the others carry on.
+    reqs[1].retry_until = 1  # as if r1 were still retrying
+    s.running.remove(reqs[1])
+    s.running.insert(0, reqs[1])
+    assert failed_step(s) == [reqs[1]]
+    assert reqs[1].finish_reason == FINISH_ERROR and reqs[1].faults == 2
+    while s.has_work:
+        fake_step(s)
+    assert [len(r.output_ids) for r in (reqs[0], reqs[2])] == [4, 4]
+    assert s.kv.global_tables.pool.num_used == 0 and s.kv.local_tables.pool.num_used == 0
+
+
+def test_a_request_in_too_many_failed_steps_is_failed() -> None:
+    s = make_scheduler(budget=64)
+    a, b = request("a", 6, 8), request("b", 6, 8)
+    s.add(a)
+    s.add(b)
+    for fault in range(1, MAX_FAULTS):
+        assert failed_step(s) == []  # both in the batch: both retry alone and pass
+        fake_step(s)
+        fake_step(s)
+        assert (a.faults, b.faults, a.retry_until, b.retry_until) == (fault, fault, 0, 0)
+    assert failed_step(s) == [a, b]
+    assert not s.has_work and s.kv.global_tables.pool.num_used == 0
+
+
 def test_block_pool_refcounts() -> None:
     pool = BlockPool(3)
     a = pool.allocate(2)
@@ -149,6 +203,7 @@ ops = st.lists(
         st.tuples(st.just("add"), st.integers(1, 30), st.integers(1, 12)),
         st.tuples(st.just("step"), st.integers(1, 3), st.just(0)),
         st.tuples(st.just("abort"), st.integers(0, 20), st.just(0)),
+        st.tuples(st.just("fail"), st.just(0), st.just(0)),
     ),
     max_size=40,
 )
@@ -168,6 +223,9 @@ def test_any_interleaving_keeps_blocks_consistent(ops, budget: int, global_block
             for _ in range(a):
                 fake_step(s)
                 check_invariants(s)
+        elif op == "fail":
+            failed_step(s)
+            check_invariants(s)
         else:
             s.abort(f"r{a}")
             check_invariants(s)

@@ -160,9 +160,10 @@ class LLMEngine:
         try:
             batch = self.runner.build(sched)
             logits = self.runner.forward(batch)
-        except Exception as e:  # a bug in the forward pass: fail this batch, keep serving
-            log.exception("engine step failed")
-            return self._fail(sched.chunks, f"internal error in the engine step: {e}")
+        except Exception as e:  # a fault in the forward pass: isolate it, keep serving
+            log.exception("engine step failed; its requests retry alone")
+            culprits = self.scheduler.recover(sched)
+            return self._fail(culprits, f"internal error in the engine step: {e}")
         requests, sampled, failed = self._sample(logits, batch.sampling_requests)
         errors = self._fail(failed, "internal error while sampling") if failed else []
         self.scheduler.update(sched, {r.request_id: t for r, t in zip(requests, sampled.token_ids)})

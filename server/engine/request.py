@@ -34,6 +34,8 @@ class Request:
     finish_reason: str | None = None
     error: str | None = None
     num_preemptions: int = 0
+    faults: int = 0  # engine steps that failed with this request in the batch
+    retry_until: int = 0  # > 0: after a failed step, runs alone until this many are computed
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None

@@ -4,6 +4,10 @@ Each step: running decodes first, then running prefills (chunked to the token bu
 waiting requests in arrival order while both KV pools and max_num_seqs allow. When the cache
 cannot grow a running request, the most recently admitted request is preempted by recompute:
 its blocks are freed and it re-enters the front of the waiting queue.
+
+When a step fails (the forward pass raised), `recover` restarts the batch's requests by
+recompute and each then runs alone up to the point that failed: a request that breaks the
+forward pass fails by itself, and every other one goes on with its output intact.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from server.engine.errors import RequestTooLongError
 from server.engine.kv_manager import KVCacheManager
 from server.engine.outputs import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP
 from server.engine.request import Request, RequestStatus
+
+MAX_FAULTS = 3  # failed steps a request may be part of before it is failed itself
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,11 @@ class Scheduler:
         return None
 
     def schedule(self) -> SchedulerOutput:
+        retrying = next((r for r in self.running if r.retry_until), None) or next(
+            (r for r in self.waiting if r.retry_until), None
+        )
+        if retrying is not None:
+            return self._schedule_alone(retrying)
         budget = self.max_num_batched_tokens
         decodes: list[ScheduledChunk] = []
         prefills: list[ScheduledChunk] = []
@@ -142,6 +153,39 @@ class Scheduler:
             budget -= n
         return SchedulerOutput(tuple(decodes), tuple(prefills), tuple(preempted))
 
+    def _schedule_alone(self, req: Request) -> SchedulerOutput:
+        """A step with `req` only (a request retrying after a failed step)."""
+        preempted: list[str] = []
+        if req.status == RequestStatus.WAITING:
+            while len(self.running) >= self.max_num_seqs:
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+            self.waiting.remove(req)
+            req.status = RequestStatus.RUNNING
+            self.running.insert(0, req)  # first in admission order: never its own victim
+        n = min(req.num_tokens - req.num_computed_tokens, self.max_num_batched_tokens)
+        if not self._grow_or_preempt(req, req.num_computed_tokens + n, preempted):
+            return SchedulerOutput((), (), tuple(preempted))  # cannot happen: it fit before
+        chunk = ScheduledChunk(req, req.num_computed_tokens, n)
+        one = (chunk,)
+        return SchedulerOutput(one if n == 1 else (), () if n == 1 else one, tuple(preempted))
+
+    def recover(self, output: SchedulerOutput) -> list[Request]:
+        """The step `output` failed. Returns the requests to fail: one that ran alone, or that
+        has been in MAX_FAULTS failed steps. The others restart by recompute and retry alone."""
+        chunks = [c for c in output.chunks if c.request.status == RequestStatus.RUNNING]
+        culprits = []
+        for chunk in reversed(chunks):  # reversed: appendleft keeps their order at the head
+            req = chunk.request
+            req.faults += 1
+            if len(chunks) == 1 or req.faults >= MAX_FAULTS:
+                culprits.append(req)
+                continue
+            req.retry_until = max(req.retry_until, chunk.start + chunk.num_tokens)
+            self._restart(req)
+        return culprits[::-1]
+
     def _grow_or_preempt(self, req: Request, num_tokens: int, preempted: list[str]) -> bool:
         """Grow req's blocks, preempting the latest admitted requests as needed.
 
@@ -156,12 +200,16 @@ class Scheduler:
         return True
 
     def _preempt(self, req: Request) -> None:
+        self._restart(req)
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+
+    def _restart(self, req: Request) -> None:
+        """Free a running request's blocks; it waits at the head of the queue to recompute."""
         self.running.remove(req)
         self.kv.free(req.request_id)
         req.status = RequestStatus.WAITING
         req.num_computed_tokens = 0
-        req.num_preemptions += 1
-        self.num_preemptions += 1
         self.waiting.appendleft(req)
 
     def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
@@ -173,6 +221,8 @@ class Scheduler:
             if req.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
             req.num_computed_tokens = chunk.start + chunk.num_tokens
+            if req.num_computed_tokens >= req.retry_until:
+                req.retry_until = 0  # past the point that failed: batched again
             token = sampled.get(req.request_id)
             if token is None:
                 continue

@@ -184,8 +184,12 @@ def launch_prefill(
     num_warps: int,
     num_stages: int,
     upcast: bool,
+    max_seqlen: int | None = None,
 ) -> torch.Tensor:
-    """Launch `prefill_kernel` with explicit tile sizes (see reference.prefill_attention)."""
+    """Launch `prefill_kernel` with explicit tile sizes (see reference.prefill_attention).
+
+    max_seqlen (the longest chunk, known on the host) sizes the grid; without it the lengths
+    are read back from the device, a sync per call."""
     t, hq, d = q.shape
     hkv = k.shape[1]
     assert hq % hkv == 0 and d >= 16 and d & (d - 1) == 0, "head_dim: a power of two >= 16"
@@ -196,7 +200,12 @@ def launch_prefill(
     if t == 0 or num_seqs == 0:
         return out
     # Grid size needs the longest chunk; with one chunk T bounds it without a device sync.
-    max_len = t if num_seqs == 1 else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    if max_seqlen is not None:
+        max_len = max_seqlen
+    elif num_seqs == 1:
+        max_len = t
+    else:
+        max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     has_ctx = context_lens is not None and k_cache is not None
     if has_ctx:
         assert v_cache is not None and block_tables is not None

@@ -101,6 +101,7 @@ def prefill_attention(
     window: int | None,
     softcap: float | None,
     scale: float,
+    max_seqlen: int | None = None,
 ) -> torch.Tensor:
     """Causal attention for packed chunks, each also attending to its context in the cache.
 
@@ -109,8 +110,10 @@ def prefill_attention(
     context_lens [S]: tokens of sequence s before its chunk, already in the cache (None: none);
     chunk row i of sequence s is at position context_lens[s] + i.
     For ring layouts the cache must still hold the window's context: callers store the chunk
-    only after this call.
+    only after this call. max_seqlen, the longest chunk, spares a GPU kernel a device sync;
+    this reference reads the lengths on the host anyway and ignores it.
     """
+    del max_seqlen
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
     ctx_list = context_lens.tolist() if context_lens is not None else [0] * (len(bounds) - 1)

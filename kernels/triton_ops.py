@@ -96,6 +96,7 @@ def prefill_attention(
     window: int | None,
     softcap: float | None,
     scale: float,
+    max_seqlen: int | None = None,
 ) -> torch.Tensor:
     """See `kernels.reference.prefill_attention`."""
     interpret = interpreting()
@@ -104,7 +105,7 @@ def prefill_attention(
         q, k, v, cu_seqlens, context_lens, k_cache, v_cache, block_tables,
         block_size=block_size, ring_blocks=ring_blocks, window=window, softcap=softcap,
         scale=scale, block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, upcast=interpret,
+        num_stages=cfg.num_stages, upcast=interpret, max_seqlen=max_seqlen,
     )  # fmt: skip
 
 

@@ -94,6 +94,7 @@ class AttentionBatch:
     context_lens: torch.Tensor  # [num_prefills] int32: tokens before each chunk
     global_pool: PoolBatch
     local_pool: PoolBatch
+    max_prefill_len: int = 0  # the longest prefill chunk (host-side: kernels need no sync)
 
 
 class CacheAttention:
@@ -144,6 +145,7 @@ class CacheAttention:
             v_cache,
             tables[nd:],
             **kw,
+            max_seqlen=batch.max_prefill_len,
         )
         ops.store_kv(k[nd:], v[nd:], k_cache, v_cache, pool.slot_mapping[nd:])
         return out

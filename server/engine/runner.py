@@ -60,6 +60,7 @@ class Runner:
             context_lens=_i32([c.start for c in prefills], dev),
             global_pool=self._pool(chunks, self.kv.global_tables),
             local_pool=self._pool(chunks, self.kv.local_tables),
+            max_prefill_len=max((c.num_tokens for c in prefills), default=0),
         )
         return ModelBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),

@@ -2,7 +2,7 @@
 # GPU benchmark for one NVIDIA H200, in at most 9 minutes (GPU_BENCH_BUDGET_S, default 540):
 #   0. installs the web-stack wheels of .gpu/whl when present (the GPU image lacks fastapi & co.)
 #   1. device copy bandwidth (for the decode roofline)
-#   2. the GPU kernel tests (tests/test_kernels.py and tests/test_kernels_e2e.py on CUDA)
+#   2. the GPU tests (tests/test_kernels.py, test_kernels_e2e.py, test_cuda_graphs.py on CUDA)
 #   3. benchmarks/kernels.py: every kernel and its tile variants, flex_attention, copy roofline
 #   4. for gemma-2-2b then gemma-2-9b (--load-format dummy --dtype bfloat16): start gemma-serve,
 #      single-stream decode (concurrency 1, input 128, output 256), then throughput at
@@ -168,7 +168,7 @@ if compgen -G ".gpu/whl/*.whl" >/dev/null; then
 fi
 run_phase bandwidth 30 "$PY" benchmarks/gpu_report.py bandwidth --out "$OUT/bandwidth.json"
 run_phase kernel_tests 120 env GEMMA_SERVE_TEST_GPU=1 "$PY" -m pytest -q -p no:cacheprovider \
-    tests/test_kernels.py tests/test_kernels_e2e.py
+    tests/test_kernels.py tests/test_kernels_e2e.py tests/test_cuda_graphs.py
 run_phase kernels 150 "$PY" benchmarks/kernels.py --out "$OUT/kernels.json"
 bench_model gemma-2-2b "$PORT" 90 45 100
 bench_model gemma-2-9b "$((PORT + 1))" 120 60 120

@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, help="engine seed for unseeded sampling")
     add("--load-format", choices=LOAD_FORMATS, help="dummy: random weights of a preset's shape")
     add("--force-reference-kernels", action="store_true", help="pure-torch kernels, no Triton")
+    add("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     add("--allowed-origins", nargs="+", default=[], help="CORS origins (off when not given)")
     add("--log-level", choices=LOG_LEVELS, default="info", help="(default: %(default)s)")
     return p
@@ -90,6 +91,7 @@ ENGINE_FLAGS = (
     "seed",
     "load_format",
     "force_reference_kernels",
+    "enforce_eager",
 )
 
 

@@ -35,10 +35,9 @@ def test_engine_logits_and_tokens_match_the_reference_path(checkpoint: Path) -> 
     prompts = [[2, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50], [2, 7], [2] + list(range(60, 80))]
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=3)
     # Chunks of 8 (the window) over blocks of 4: chunked prefill, ring wrap-around in decode.
-    ref = tiny_engine(
-        checkpoint, max_num_batched_tokens=8, device=DEVICE, force_reference_kernels=True
-    )
-    tri = tiny_engine(checkpoint, max_num_batched_tokens=8, device=DEVICE)
+    kw = dict(max_num_batched_tokens=8, device=DEVICE, dtype="float32")
+    ref = tiny_engine(checkpoint, **kw, force_reference_kernels=True)
+    tri = tiny_engine(checkpoint, **kw)  # on CUDA: decode steps replay CUDA graphs
     if DEVICE == "cpu":  # the engine picks the references on a CPU
         tri.runner.ops = TRITON_OPS
     assert (ref.runner.ops.name, tri.runner.ops.name) == ("torch-reference", "triton")

@@ -36,7 +36,7 @@ def test_every_flag(monkeypatch: pytest.MonkeyPatch) -> None:
         "--dtype bfloat16 --max-model-len 4096 --max-num-seqs 8 --max-num-batched-tokens 512 "
         "--block-size 32 --kv-cache-memory 2GiB --gpu-memory-utilization 0.5 "
         "--max-queued-requests 10 --api-key k --seed 7 --load-format dummy "
-        "--force-reference-kernels --allowed-origins http://a,http://b http://c "
+        "--force-reference-kernels --enforce-eager --allowed-origins http://a,http://b http://c "
         "--log-level debug"
     )
     config, options = parse_args(flags.split())
@@ -55,6 +55,7 @@ def test_every_flag(monkeypatch: pytest.MonkeyPatch) -> None:
         seed=7,
         load_format="dummy",
         force_reference_kernels=True,
+        enforce_eager=True,
     )
     assert (options.host, options.port, options.log_level) == ("0.0.0.0", 9000, "debug")
     assert options.settings.api_key == "k"

@@ -28,6 +28,7 @@ class EngineConfig:
     load_format: str = "auto"
     force_reference_kernels: bool = False
     pack_cpu_weights: bool = True  # fp32 on CPU: oneDNN GEMMs on packed weights (cpu_gemm.py)
+    enforce_eager: bool = False  # on CUDA: no CUDA graphs for decode steps (cuda_graphs.py)
 
     def __post_init__(self) -> None:
         checks = [

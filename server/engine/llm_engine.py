@@ -14,8 +14,9 @@ import torch
 from kernels.dispatch import select_ops
 from server.engine import model_source
 from server.engine.config import EngineConfig
+from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.kv_cache import CacheLayout, KVCache
-from server.engine.kv_manager import KVCacheManager
+from server.engine.kv_manager import KVCacheManager, cdiv
 from server.engine.output_processor import OutputProcessor
 from server.engine.outputs import (
     FINISH_ERROR,
@@ -75,6 +76,8 @@ class LLMEngine:
             self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len
         )
         self.runner = Runner(loaded.model, cache, self.kv, self.ops, loaded.device)
+        if loaded.device.type == "cuda" and self.ops.name == "triton" and not config.enforce_eager:
+            self.runner.graphs = self._capture_graphs()  # (the references sync: uncapturable)
         self.sampler = Sampler(loaded.device, config.seed)
         self.outputs = OutputProcessor(self.tokenizer)
         self.eos_token_ids = frozenset(mcfg.eos_token_ids) | {self.tokenizer.eos_id}
@@ -94,6 +97,24 @@ class LLMEngine:
             config.max_num_batched_tokens,
         )
 
+    def _capture_graphs(self) -> DecodeGraphs | None:
+        """CUDA graphs for decode steps; if capture fails the engine runs eagerly."""
+        try:
+            return DecodeGraphs(
+                self.loaded.model,
+                self.runner.cache,
+                self.ops,
+                max_num_seqs=self.config.max_num_seqs,
+                global_width=cdiv(self.max_model_len, self.config.block_size),
+                ring_blocks=self.layout.ring_blocks,
+                block_size=self.config.block_size,
+                device=self.loaded.device,
+                capture=True,
+            )
+        except Exception:
+            log.exception("CUDA graph capture failed; decode steps run eagerly")
+            return None
+
     def _default_budget(self, loaded: model_source.LoadedModel) -> int:
         mcfg, cfg = loaded.config, self.config
         per_token = 2 * mcfg.num_hidden_layers * mcfg.num_key_value_heads * mcfg.head_dim
@@ -103,6 +124,8 @@ class LLMEngine:
             return min(CPU_KV_BUDGET, worst)
         free, total = torch.cuda.mem_get_info(loaded.device)
         reserve = (1 << 30) + cfg.max_num_batched_tokens * mcfg.intermediate_size * 16
+        if not cfg.enforce_eager:  # the decode graphs' fp32 logits, all buckets together
+            reserve += 2 * cfg.max_num_seqs * mcfg.vocab_size * 4
         return max(0, int(total * cfg.gpu_memory_utilization) - (total - free) - reserve)
 
     # -- requests -------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import torch
 
 from kernels.dispatch import AttentionOps
 from model.gemma import GemmaForCausalLM
+from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.kv_cache import AttentionBatch, CacheAttention, KVCache, PoolBatch
 from server.engine.kv_manager import BlockTables, KVCacheManager
 from server.engine.request import Request
@@ -35,6 +36,7 @@ class Runner:
         device: torch.device,
     ) -> None:
         self.model, self.cache, self.kv, self.ops, self.device = model, cache, kv, ops, device
+        self.graphs: DecodeGraphs | None = None  # decode-only steps replay these when set
 
     def build(self, out: SchedulerOutput) -> ModelBatch:
         chunks = out.chunks
@@ -102,6 +104,12 @@ class Runner:
     @torch.inference_mode()
     def forward(self, batch: ModelBatch) -> torch.Tensor:
         """fp32 soft-capped logits [len(sampling_requests), vocab]."""
+        if self.graphs is not None:
+            logits = self.graphs.run(
+                batch.input_ids, batch.positions, batch.attention, batch.logits_indices
+            )
+            if logits is not None:
+                return logits
         attn = CacheAttention(self.model.config, self.cache, batch.attention, self.ops)
         return self.model(batch.input_ids, batch.positions, attn, batch.logits_indices)
 

@@ -1,10 +1,12 @@
 """A request that makes the engine raise fails alone; the others and the server carry on.
 
-The fault is injected through the engine's sampler: a wrapper raises whenever a request whose
-prompt holds the "<table>" token has produced two tokens. The engine then re-samples the batch
-request by request and fails only that one. Over HTTP that request must end with a 500 and an
-OpenAI error body (non-streaming) or an SSE error event then [DONE] (streaming), while every
-request in flight beside it completes with its exact greedy result.
+The fault is injected through the engine's sampler or its forward pass: a wrapper raises
+whenever a request whose prompt holds the "<table>" token has produced two tokens. After a
+sampling fault the engine re-samples the batch request by request; after a forward fault the
+batch's requests recompute and retry alone (Scheduler.recover). Either way it fails only that
+request. Over HTTP it must end with a 500 and an OpenAI error body (non-streaming) or an SSE
+error event then [DONE] (streaming), while every request in flight beside it completes with its
+exact greedy result.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import torch
 
 from server.app import create_app
@@ -57,6 +60,44 @@ class FaultySampler:
         return getattr(self.real, name)
 
 
+class FaultyForward:
+    """Wraps the runner: the forward pass runs (K/V half written), then raises while a marked
+    request is in the batch."""
+
+    def __init__(self, runner: Any, magic_id: int) -> None:
+        self.build, self.forward = runner.build, runner.forward
+        self.magic_id = magic_id
+        self.faults = 0
+        self.batched_faults = 0
+        self.batch: list[Request] = []
+        runner.build, runner.forward = self._build, self._forward
+
+    def _build(self, sched: Any) -> Any:
+        self.batch = [c.request for c in sched.chunks]
+        return self.build(sched)
+
+    def _forward(self, batch: Any) -> torch.Tensor:
+        logits = self.forward(batch)
+        if any(
+            self.magic_id in r.prompt_ids and len(r.output_ids) >= FAIL_AFTER_TOKENS
+            for r in self.batch
+        ):
+            self.faults += 1
+            self.batched_faults += len(self.batch) > 1
+            raise RuntimeError("injected forward fault")
+        return logits
+
+
+def install_sampler_fault(engine: AsyncEngine, magic_id: int) -> FaultySampler:
+    sampler = FaultySampler(engine.engine.sampler, magic_id)
+    engine.engine.sampler = sampler  # type: ignore[assignment]
+    return sampler
+
+
+def install_forward_fault(engine: AsyncEngine, magic_id: int) -> FaultyForward:
+    return FaultyForward(engine.engine.runner, magic_id)
+
+
 async def run_all(url: str, jobs: list[tuple[Spec, bool]]) -> list[Outcome]:
     async with async_client(url, len(jobs)) as client:
         calls = [call(client, spec, stream=stream, include_usage=True) for spec, stream in jobs]
@@ -76,14 +117,14 @@ def check_failed(outcome: Outcome, expected_text: str) -> None:
         assert outcome.status == 500 and not outcome.done
 
 
-def test_an_engine_fault_fails_only_its_request(checkpoint: Path, oracle: Oracle) -> None:
+@pytest.mark.parametrize("install", [install_sampler_fault, install_forward_fault])
+def test_an_engine_fault_fails_only_its_request(checkpoint: Path, oracle: Oracle, install) -> None:
     normal = make_specs(random.Random(9), 12, max_words=12, max_tokens=(6, 14))
     culprits = [Spec(chat, f"Hello {MAGIC} world", 10) for chat in (False, True)]
     expected = oracle.expected(normal + culprits)
     engine = AsyncEngine(tiny_engine(checkpoint))
     (magic_id,) = engine.tokenizer.encode(MAGIC, add_bos=False)
-    sampler = FaultySampler(engine.engine.sampler, magic_id)
-    engine.engine.sampler = sampler  # type: ignore[assignment]
+    sampler = install(engine, magic_id)
     jobs = [(s, i % 2 == 0) for i, s in enumerate(normal)]
     jobs[3:3] = [(c, stream) for c in culprits for stream in (True, False)]
     with run_server(create_app(lambda: engine)) as url:

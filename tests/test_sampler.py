@@ -123,6 +123,28 @@ def test_logprobs_of_unmodified_distribution() -> None:
     assert lp.top[0][1] == pytest.approx(ref[2].item())
 
 
+def test_logprobs_in_a_mixed_batch() -> None:
+    """Rows asking for 3, none, 0 and 1 alternatives, read back together, each its own."""
+    logits = torch.randn(4, 50) * 3
+    reqs = (
+        req("a", temperature=0.0, logprobs=3),
+        req("b", temperature=0.0),
+        req("c", temperature=0.0, logprobs=0),
+        req("d", temperature=0.0, logprobs=1, logit_bias=((7, 100.0),)),
+    )
+    out = Sampler(CPU)(logits, reqs)
+    ref = torch.log_softmax(logits, -1)
+    assert out.token_ids[3] == 7 and out.logprobs[1] is None
+    for row, n in ((0, 3), (2, 0), (3, 1)):
+        lp = out.logprobs[row]
+        assert lp.token_id == out.token_ids[row]
+        assert lp.token_id == (7 if row == 3 else int(logits[row].argmax()))
+        assert lp.logprob == pytest.approx(ref[row, lp.token_id].item())  # unbiased
+        want = ref[row].topk(n) if n else None
+        assert [t for t, _ in lp.top] == (want.indices.tolist() if n else [])
+        assert [v for _, v in lp.top] == pytest.approx(want.values.tolist() if n else [])
+
+
 def test_invalid_params_raise_clear_errors() -> None:
     with pytest.raises(ValueError, match="top_p must be in"):
         SamplingParams(top_p=0.0)

@@ -58,9 +58,10 @@ class Sampler:
         token_list = tokens.tolist()
         lp_out: list[TokenLogprob | None] = [None] * len(requests)
         if logprobs is not None:
-            for i, r in enumerate(requests):
-                if want_logprobs[i]:
-                    lp_out[i] = _token_logprob(logprobs[i], token_list[i], r.params.logprobs or 0)
+            rows = [i for i, want in enumerate(want_logprobs) if want]
+            tops = [requests[i].params.logprobs or 0 for i in rows]
+            for i, lp in zip(rows, _token_logprobs(logprobs, tokens, rows, tops)):
+                lp_out[i] = lp
         return SamplerOutput(token_list, lp_out)
 
     def _sample(
@@ -148,9 +149,17 @@ def _filter(logits: torch.Tensor, requests: tuple[Request, ...]) -> torch.Tensor
     return logits
 
 
-def _token_logprob(row: torch.Tensor, token: int, top_n: int) -> TokenLogprob:
-    top: tuple[tuple[int, float], ...] = ()
-    if top_n:
-        vals, ids = row.topk(top_n)
-        top = tuple(zip(ids.tolist(), vals.tolist()))
-    return TokenLogprob(token, float(row[token]), top)
+def _token_logprobs(
+    logprobs: torch.Tensor, tokens: torch.Tensor, rows: list[int], tops: list[int]
+) -> list[TokenLogprob]:
+    """The sampled token's logprob and the top-n alternatives of each of `rows`, read back from
+    the device together (not per request: each read is a sync on a GPU)."""
+    idx = torch.tensor(rows, device=logprobs.device)
+    lp, tok = logprobs[idx], tokens[idx]
+    vals, ids = lp.topk(max(tops), dim=-1)  # k may be 0: empty [n, 0] results
+    floats = torch.cat([lp.gather(1, tok[:, None]), vals], dim=1).tolist()
+    longs = torch.cat([tok[:, None], ids], dim=1).tolist()
+    return [
+        TokenLogprob(t[0], f[0], tuple(zip(t[1 : n + 1], f[1 : n + 1])))
+        for f, t, n in zip(floats, longs, tops)
+    ]

@@ -167,8 +167,10 @@ if compgen -G ".gpu/whl/*.whl" >/dev/null; then
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
 run_phase bandwidth 30 "$PY" benchmarks/gpu_report.py bandwidth --out "$OUT/bandwidth.json"
-run_phase kernel_tests 120 env GEMMA_SERVE_TEST_GPU=1 "$PY" -m pytest -q -p no:cacheprovider \
-    tests/test_kernels.py tests/test_kernels_e2e.py tests/test_cuda_graphs.py
+XDIST=() # Triton compiles each test's kernels anew: spread them over the cores when possible
+if "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n 8); fi
+run_phase kernel_tests 150 env GEMMA_SERVE_TEST_GPU=1 "$PY" -m pytest -q -p no:cacheprovider \
+    "${XDIST[@]}" tests/test_kernels.py tests/test_kernels_e2e.py tests/test_cuda_graphs.py
 run_phase kernels 180 "$PY" benchmarks/kernels.py --out "$OUT/kernels.json"
 # 9B first: its single-stream decode against the roofline is the open number.
 bench_model gemma-2-9b "$PORT" 120 60 120

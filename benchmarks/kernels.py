@@ -36,8 +36,11 @@ PREFILL_VARIANTS = {
     128: [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)],
     256: [(128, 16, 8, 2), (128, 16, 8, 3), (64, 32, 4, 2)],
 }
-# (BLOCK_N, num_splits) tried besides the split heuristic's choice.
-DECODE_VARIANTS = [(64, 1), (64, 4), (32, 2), (128, 2)]
+# (BLOCK_N, num_splits, num_warps, num_stages) tried besides triton_ops' choice.
+DECODE_VARIANTS = [
+    (64, 1, 4, 2), (64, 4, 4, 2), (32, 2, 4, 2), (128, 2, 4, 2), (64, 2, 8, 2), (64, 2, 4, 3),
+    (32, 2, 4, 4),
+]  # fmt: skip
 
 
 def _bench(fn, rep_ms: int, device: str) -> float:
@@ -164,15 +167,16 @@ def _decode_rows(name: str, bandwidth: float, args: argparse.Namespace) -> list[
     block_n = triton_ops.decode_block_n(d, interp)
     splits = triton_ops.choose_num_splits(s, hkv, ctx, block_n, triton_ops.num_sms(q.device))
     rows = []
-    for bn, ns in [(None, None)] + DECODE_VARIANTS:
-        if bn is None:
+    for variant in [None] + DECODE_VARIANTS:
+        if variant is None:
             label = f"default n{block_n}k{splits}"
             run = lambda: triton_ops.decode_attention(*dargs, **kw)  # noqa: E731
         else:
-            label = f"n{bn}k{ns}"
-            run = lambda bn=bn, ns=ns: launch_decode(  # noqa: E731
-                *dargs, **kw, block_n=bn, num_splits=ns, num_warps=4,
-                num_stages=2 if d >= 256 else 3, upcast=interp,
+            bn, ns, w, st = variant
+            label = f"n{bn}k{ns}w{w}s{st}"
+            run = lambda bn=bn, ns=ns, w=w, st=st: launch_decode(  # noqa: E731
+                *dargs, **kw, block_n=bn, num_splits=ns, num_warps=w, num_stages=st,
+                upcast=interp,
             )  # fmt: skip
         row = {"op": "decode", "model": name, "batch": s, "context": ctx, "config": label}
         try:

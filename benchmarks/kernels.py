@@ -115,7 +115,18 @@ def _prefill_rows(name: str, window: int | None, args: argparse.Namespace) -> li
     return rows
 
 
-def _flex_row(base, q, k, v, lens, window, scale, flops, ref, args) -> dict:
+def _flex_row(
+    base: dict,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lens: list[int],
+    window: int | None,
+    scale: float,
+    flops: float,
+    ref: torch.Tensor,
+    args: argparse.Namespace,
+) -> dict:
     """torch's flex_attention at the same settings (compiled on CUDA, eager on a CPU)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 

@@ -33,7 +33,9 @@ def buckets_for(max_num_seqs: int) -> tuple[int, ...]:
 class _Pool:
     """Static slot mapping [n] and block tables [n, width] of one KV pool."""
 
-    def __init__(self, n: int, width: int, ring_blocks: int, block_size: int, device) -> None:
+    def __init__(
+        self, n: int, width: int, ring_blocks: int, block_size: int, device: torch.device
+    ) -> None:
         self.slots = torch.full((n,), -1, dtype=torch.long, device=device)
         self.tables = torch.zeros((n, max(width, 1)), dtype=torch.int32, device=device)
         self.ring_blocks, self.block_size = ring_blocks, block_size

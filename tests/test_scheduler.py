@@ -158,14 +158,21 @@ def test_a_failed_step_retries_each_request_alone() -> None:
         check_invariants(s)
     out, _ = fake_step(s)  # batched again
     assert {c.request.request_id for c in out.decodes} == {"r0", "r1", "r2"}
-    # A request that fails alone is the culprit; the others carry on.
-    reqs[1].retry_until = 1  # as if r1 were still retrying
-    s.running.remove(reqs[1])
-    s.running.insert(0, reqs[1])
-    assert failed_step(s) == [reqs[1]]
-    assert reqs[1].finish_reason == FINISH_ERROR and reqs[1].faults == 2
+    # From now on every step with r1 in it fails: r1 alone is blamed, the others finish.
+    batches, culprits = [], []
     while s.has_work:
-        fake_step(s)
+        out = s.schedule()
+        batch = {c.request.request_id for c in out.chunks}
+        batches.append(batch)
+        if "r1" in batch:
+            culprits += s.recover(out)
+            for r in culprits:
+                s.finish(r, FINISH_ERROR, "injected")
+        else:
+            s.update(out, {c.request.request_id: 7 for c in out.chunks if c.samples})
+        check_invariants(s)
+    assert culprits == [reqs[1]] and reqs[1].faults == 3  # batched once more, then alone
+    assert batches[0] == {"r0", "r1", "r2"} and batches.count({"r1"}) == 1  # blamed alone
     assert [len(r.output_ids) for r in (reqs[0], reqs[2])] == [4, 4]
     assert s.kv.global_tables.pool.num_used == 0 and s.kv.local_tables.pool.num_used == 0
 

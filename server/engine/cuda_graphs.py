@@ -43,9 +43,11 @@ class _Pool:
     def fits(self, batch: PoolBatch) -> bool:
         return batch.block_tables.shape[1] <= self.tables.shape[1]
 
-    def load(self, batch: PoolBatch, n: int, bucket: int) -> None:
+    def load(self, batch: PoolBatch, n: int) -> None:
         self.slots[:n].copy_(batch.slot_mapping)
         self.tables[:n, : batch.block_tables.shape[1]].copy_(batch.block_tables)
+
+    def pad(self, n: int, bucket: int) -> None:
         self.slots[n:bucket].fill_(-1)  # padding rows must never store into a real slot
         self.tables[n:bucket].zero_()
 
@@ -138,11 +140,14 @@ class DecodeGraphs:
         self.input_ids[:n].copy_(input_ids)
         self.positions[:n].copy_(positions)
         self.seq_lens[:n].copy_(attention.seq_lens)
-        self.input_ids[n:bucket].zero_()
-        self.positions[n:bucket].zero_()
-        self.seq_lens[n:bucket].fill_(1)
-        self.global_pool.load(attention.global_pool, n, bucket)
-        self.local_pool.load(attention.local_pool, n, bucket)
+        self.global_pool.load(attention.global_pool, n)
+        self.local_pool.load(attention.local_pool, n)
+        if n < bucket:  # padding rows: valid inputs that store nothing (stale ones would)
+            self.input_ids[n:bucket].zero_()
+            self.positions[n:bucket].zero_()
+            self.seq_lens[n:bucket].fill_(1)
+            self.global_pool.pad(n, bucket)
+            self.local_pool.pad(n, bucket)
         graph = self.graphs.get(bucket)
         if graph is None:
             return self._forward(bucket)[:n]

@@ -73,6 +73,7 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order
+        self.retrying: deque[Request] = deque()  # after a failed step; finished ones linger
         self.num_preemptions = 0
 
     def add(self, request: Request) -> None:
@@ -110,11 +111,10 @@ class Scheduler:
         return None
 
     def schedule(self) -> SchedulerOutput:
-        retrying = next((r for r in self.running if r.retry_until), None) or next(
-            (r for r in self.waiting if r.retry_until), None
-        )
-        if retrying is not None:
-            return self._schedule_alone(retrying)
+        while self.retrying and (self.retrying[0].finished or not self.retrying[0].retry_until):
+            self.retrying.popleft()  # retried past the failure, or ended (aborted, failed)
+        if self.retrying:
+            return self._schedule_alone(self.retrying[0])
         budget = self.max_num_batched_tokens
         decodes: list[ScheduledChunk] = []
         prefills: list[ScheduledChunk] = []
@@ -184,6 +184,8 @@ class Scheduler:
                 continue
             req.retry_until = max(req.retry_until, chunk.start + chunk.num_tokens)
             self._restart(req)
+            if req not in self.retrying:
+                self.retrying.appendleft(req)
         return culprits[::-1]
 
     def _grow_or_preempt(self, req: Request, num_tokens: int, preempted: list[str]) -> bool:

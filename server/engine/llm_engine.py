@@ -58,6 +58,11 @@ class LLMEngine:
         if config.max_model_len is not None and config.max_model_len > limit:
             raise ValueError(f"--max-model-len {config.max_model_len} exceeds the model's {limit}")
         self.max_model_len = config.max_model_len or limit
+        self.ops = select_ops(loaded.device, config.force_reference_kernels)
+        # Decode graphs: on CUDA with the Triton ops (the references sync: uncapturable).
+        self.use_graphs = (
+            loaded.device.type == "cuda" and self.ops.name == "triton" and not config.enforce_eager
+        )
         budget = config.kv_cache_memory or self._default_budget(loaded)
         self.layout = CacheLayout.from_budget(
             mcfg, budget, config.block_size, config.max_num_seqs, loaded.dtype
@@ -71,13 +76,12 @@ class LLMEngine:
             has_local=bool(mcfg.sliding_layers),
         )
         cache = KVCache(mcfg, self.layout, loaded.dtype, loaded.device)
-        self.ops = select_ops(loaded.device, config.force_reference_kernels)
         self.scheduler = Scheduler(
             self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len
         )
         self.runner = Runner(loaded.model, cache, self.kv, self.ops, loaded.device)
-        if loaded.device.type == "cuda" and self.ops.name == "triton" and not config.enforce_eager:
-            self.runner.graphs = self._capture_graphs()  # (the references sync: uncapturable)
+        if self.use_graphs:
+            self.runner.graphs = self._capture_graphs()
         self.sampler = Sampler(loaded.device, config.seed)
         self.outputs = OutputProcessor(self.tokenizer)
         self.eos_token_ids = frozenset(mcfg.eos_token_ids) | {self.tokenizer.eos_id}
@@ -124,7 +128,7 @@ class LLMEngine:
             return min(CPU_KV_BUDGET, worst)
         free, total = torch.cuda.mem_get_info(loaded.device)
         reserve = (1 << 30) + cfg.max_num_batched_tokens * mcfg.intermediate_size * 16
-        if not cfg.enforce_eager:  # the decode graphs' fp32 logits, all buckets together
+        if self.use_graphs:  # the decode graphs' fp32 logits, all buckets together
             reserve += 2 * cfg.max_num_seqs * mcfg.vocab_size * 4
         return max(0, int(total * cfg.gpu_memory_utilization) - (total - free) - reserve)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,49 @@ from typing import Any
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 SUPPORTED_MODEL_TYPES = ("gemma2", "gemma3_text")
+# The one activation Gemma uses; HF configs name it, and anything else is refused, not ignored.
+SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh",)
+
+# transformers' defaults (Gemma2Config, Gemma3TextConfig) for the keys a config.json leaves out.
+# Saved configs omit values equal to the default: the nested text_config of a multimodal Gemma 3
+# checkpoint lists only a handful of fields.
+_COMMON_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 2304,
+    "intermediate_size": 9216,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "rms_norm_eps": 1e-6,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "bos_token_id": 2,
+    "tie_word_embeddings": True,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+}
+HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gemma2": _COMMON_DEFAULTS
+    | {
+        "vocab_size": 256000,
+        "max_position_embeddings": 8192,
+        "rope_theta": 10000.0,
+        "final_logit_softcapping": 30.0,
+        "attn_logit_softcapping": 50.0,
+    },
+    "gemma3_text": _COMMON_DEFAULTS
+    | {
+        "vocab_size": 262208,
+        "max_position_embeddings": 131072,
+        "rope_theta": 1_000_000.0,
+        "rope_local_base_freq": 10000.0,
+        "final_logit_softcapping": None,
+        "attn_logit_softcapping": None,
+    },
+}
+# Keys of a multimodal Gemma 3 config (model_type gemma3) that apply to its text model too.
+_TOP_LEVEL_TEXT_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings")
 
 
 class ConfigError(ValueError):
@@ -42,6 +86,7 @@ class ModelConfig:
     bos_token_id: int = 2
     eos_token_ids: tuple[int, ...] = (1,)
     pad_token_id: int = 0
+    tie_word_embeddings: bool = True  # False: a separate lm_head.weight
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -94,24 +139,40 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        """Build from a Hugging Face config dict (transformers 4.x and 5.x spellings)."""
-        if d.get("model_type") == "gemma3" and "text_config" in d:
-            d = {"model_type": "gemma3_text", **d["text_config"]}
+        """Build from a Hugging Face config dict (transformers 4.x and 5.x spellings).
+
+        Keys left out take transformers' defaults for the model type, as transformers would.
+        """
+        if d.get("model_type") == "gemma3" and isinstance(d.get("text_config"), dict):
+            top = {k: d[k] for k in _TOP_LEVEL_TEXT_KEYS if k in d}
+            d = {**top, **d["text_config"], "model_type": "gemma3_text"}
         model_type = d.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
                 f"unsupported model_type {model_type!r}; "
                 f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
+        d = {**HF_DEFAULTS[model_type], **d}
         try:
+            activation = d["hidden_activation"] or d.get("hidden_act")
+            if activation not in SUPPORTED_ACTIVATIONS:
+                raise ConfigError(
+                    f"unsupported hidden_activation {activation!r}; "
+                    f"supported: {', '.join(SUPPORTED_ACTIVATIONS)}"
+                )
+            if d.get("use_bidirectional_attention"):
+                raise ConfigError(
+                    "bidirectional attention (an embedding model) is not supported: "
+                    "this server generates text with causal Gemma models"
+                )
             n_layers = int(d["num_hidden_layers"])
             hidden, heads = int(d["hidden_size"]), int(d["num_attention_heads"])
-            head_dim = int(d.get("head_dim") or hidden // heads)
+            head_dim = int(d["head_dim"] or hidden // heads)
             layer_types = tuple(
                 d.get("layer_types") or _default_layer_types(model_type, d, n_layers)
             )
             rope_global, rope_local, factor = _rope(model_type, d)
-            eos = d.get("eos_token_id", 1)
+            eos = d["eos_token_id"]
             return cls(
                 model_type=model_type,
                 vocab_size=int(d["vocab_size"]),
@@ -119,22 +180,26 @@ class ModelConfig:
                 intermediate_size=int(d["intermediate_size"]),
                 num_hidden_layers=n_layers,
                 num_attention_heads=heads,
-                num_key_value_heads=int(d.get("num_key_value_heads") or heads),
+                num_key_value_heads=int(d["num_key_value_heads"] or heads),
                 head_dim=head_dim,
-                query_pre_attn_scalar=float(d.get("query_pre_attn_scalar") or head_dim),
-                sliding_window=int(d.get("sliding_window") or 4096),
+                query_pre_attn_scalar=float(d["query_pre_attn_scalar"] or head_dim),
+                sliding_window=int(d["sliding_window"] or 4096),
                 layer_types=layer_types,
-                attn_logit_softcapping=_opt_float(d.get("attn_logit_softcapping")),
-                final_logit_softcapping=_opt_float(d.get("final_logit_softcapping")),
+                # transformers' Gemma 3 reads attn_logit_softcapping but never applies it.
+                attn_logit_softcapping=(
+                    _opt_float(d["attn_logit_softcapping"]) if model_type == "gemma2" else None
+                ),
+                final_logit_softcapping=_opt_float(d["final_logit_softcapping"]),
                 rope_theta=rope_global,
                 rope_local_theta=rope_local,
                 rope_scaling_factor=factor,
-                rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-                max_position_embeddings=int(d.get("max_position_embeddings", 8192)),
+                rms_norm_eps=float(d["rms_norm_eps"]),
+                max_position_embeddings=int(d["max_position_embeddings"]),
                 use_qk_norm=model_type == "gemma3_text",
-                bos_token_id=int(d.get("bos_token_id", 2)),
-                eos_token_ids=tuple(int(e) for e in (eos if isinstance(eos, list) else [eos])),
-                pad_token_id=int(d.get("pad_token_id") or 0),
+                bos_token_id=int(d["bos_token_id"]),
+                eos_token_ids=_ids(eos),
+                pad_token_id=int(d["pad_token_id"] or 0),
+                tie_word_embeddings=bool(d["tie_word_embeddings"]),
             )
         except KeyError as e:
             raise ConfigError(f"config.json lacks required field {e.args[0]!r}") from None
@@ -170,6 +235,7 @@ class ModelConfig:
             "bos_token_id": self.bos_token_id,
             "eos_token_id": list(self.eos_token_ids),
             "pad_token_id": self.pad_token_id,
+            "tie_word_embeddings": self.tie_word_embeddings,
         }
 
     @classmethod
@@ -183,7 +249,18 @@ class ModelConfig:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_hf_dict(data)
+        cfg = cls.from_hf_dict(data)
+        # Instruction-tuned checkpoints list their end-of-turn token as an EOS only here (Gemma
+        # 2 -it: [1, 107]); transformers' generate and vLLM stop at it, so do we.
+        gen = path.parent / "generation_config.json"
+        if gen.is_file():
+            try:
+                extra = _ids(json.loads(gen.read_text()).get("eos_token_id"))
+            except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as e:
+                raise ConfigError(f"{gen} is not a valid generation config: {e}") from None
+            eos = cfg.eos_token_ids + tuple(i for i in extra if i not in cfg.eos_token_ids)
+            cfg = dataclasses.replace(cfg, eos_token_ids=eos)
+        return cfg
 
 
 def _opt_float(v: Any) -> float | None:
@@ -199,19 +276,39 @@ def _default_layer_types(model_type: str, d: dict[str, Any], n: int) -> list[str
 
 def _rope(model_type: str, d: dict[str, Any]) -> tuple[float, float, float]:
     """(global theta, local theta, linear scaling factor of the global layers)."""
+    theta = float(d["rope_theta"])
+    local_default = theta if model_type == "gemma2" else 10000.0
+    local_theta = float(d.get("rope_local_base_freq", local_default))
     params = d.get("rope_parameters")
     if isinstance(params, dict) and FULL in params:  # transformers 5, per layer type
-        full, local = params[FULL], params.get(SLIDING, {})
-        factor = float(full.get("factor", 1.0)) if full.get("rope_type") == "linear" else 1.0
-        return float(full["rope_theta"]), float(local.get("rope_theta", 10000.0)), factor
-    if isinstance(params, dict) and "rope_theta" in params:
-        theta = float(params["rope_theta"])
-        return theta, theta, 1.0
-    theta = float(d.get("rope_theta", 10000.0))
-    local = float(d.get("rope_local_base_freq", theta if model_type == "gemma2" else 10000.0))
-    scaling = d.get("rope_scaling") or {}
-    factor = float(scaling.get("factor", 1.0)) if scaling.get("rope_type") == "linear" else 1.0
-    return theta, local, factor
+        full, local = params[FULL] or {}, params.get(SLIDING) or {}
+        _check_rope_type(local)
+        return (
+            float(full.get("rope_theta", theta)),
+            float(local.get("rope_theta", local_theta)),
+            _check_rope_type(full),
+        )
+    if isinstance(params, dict):
+        theta = float(params.get("rope_theta", theta))
+        return theta, theta if model_type == "gemma2" else local_theta, _check_rope_type(params)
+    return theta, local_theta, _check_rope_type(d.get("rope_scaling") or {})
+
+
+def _check_rope_type(params: dict[str, Any]) -> float:
+    """The linear scaling factor of a RoPE spec; other scaling types are refused."""
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "linear":
+        return float(params.get("factor", 1.0))
+    if rope_type != "default":
+        raise ConfigError(f"unsupported rope_type {rope_type!r}; supported: default, linear")
+    return 1.0
+
+
+def _ids(value: Any) -> tuple[int, ...]:
+    """An HF token-id field: one id, a list of ids, or null."""
+    if value is None:
+        return ()
+    return tuple(int(e) for e in (value if isinstance(value, list) else [value]))
 
 
 def _gemma2_preset(

@@ -3,7 +3,8 @@
 Every detail that engines have got wrong is here on purpose (see GEMMA.md): RMSNorm in fp32
 scaling by (1 + w); four norms per layer (sandwich); embeddings scaled by sqrt(d_model) cast to
 the model dtype first; tanh-GELU; soft-capped attention (in the backend) and final logits in
-fp32; tied LM head. Gemma 3 adds per-head q/k RMSNorm and separate local/global RoPE bases.
+fp32; tied LM head (a separate one only where the config unties it). Gemma 3 adds per-head q/k
+RMSNorm and separate local/global RoPE bases.
 
 q/k/v and gate/up projections are fused (one matmul each); the loader splits HF tensors in.
 """
@@ -171,6 +172,8 @@ class GemmaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = GemmaModel(cfg)
+        # Gemma ties the LM head to the embedding; an untied checkpoint brings its own.
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
         self.lm_head_packed: torch.Tensor | None = None
 
     def pack_for_cpu(self) -> None:
@@ -182,7 +185,7 @@ class GemmaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.pack()
-        if self.lm_head_packed is None:
+        if self.lm_head is None and self.lm_head_packed is None:
             self.lm_head_packed = cpu_gemm.pack(self.model.embed_tokens.weight)
 
     def forward(
@@ -207,7 +210,10 @@ class GemmaForCausalLM(nn.Module):
         if logits_indices is not None:
             x = x[logits_indices]
         x = m.norm(x)
-        logits = linear(x, m.embed_tokens.weight, self.lm_head_packed).float()
+        if self.lm_head is not None:
+            logits = self.lm_head(x).float()
+        else:
+            logits = linear(x, m.embed_tokens.weight, self.lm_head_packed).float()
         cap = cfg.final_logit_softcapping
         if cap is not None and cap > 0:  # in place: [N, vocab] is the biggest activation
             logits = logits.div_(cap).tanh_().mul_(cap)

@@ -19,8 +19,15 @@ from model.gemma import GemmaForCausalLM
 from model.safetensors_stream import iter_entries, read_into
 
 PROGRESS_MIN_BYTES = 1 << 30  # show a progress bar for checkpoints over 1 GiB
-# Checkpoint tensors we accept and drop: the LM head is the embedding matrix (tied).
-IGNORED_TENSORS = ("lm_head.weight",)
+# Prefixes of the text model's tensors in multimodal Gemma 3 checkpoints (transformers 4.x and
+# 5.x layouts), and of their vision parts, which a text server drops.
+TEXT_PREFIXES = ("language_model.model.", "model.language_model.")
+VISION_PREFIXES = (
+    "vision_tower.",
+    "multi_modal_projector.",
+    "model.vision_tower.",
+    "model.multi_modal_projector.",
+)
 
 
 class CheckpointError(ValueError):
@@ -65,6 +72,8 @@ def _targets(cfg: ModelConfig) -> dict[str, _Target]:
         "model.embed_tokens.weight": _Target("model.embed_tokens.weight", 0, cfg.vocab_size),
         "model.norm.weight": _Target("model.norm.weight", 0, hidden),
     }
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = _Target("lm_head.weight", 0, cfg.vocab_size)
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}"
         fused = {
@@ -122,11 +131,11 @@ def load_safetensors(
     with bar, torch.no_grad():
         for f, entry in (pair for path in files for pair in iter_entries(path)):
             bar.update(entry.nbytes)
-            name = entry.name
-            target = targets.get(name)
+            name = checkpoint_name(entry.name, cfg)
+            target = targets.get(name) if name is not None else None
             if target is None:
-                if name not in IGNORED_TENSORS:
-                    unexpected.append(name)
+                if name is not None:
+                    unexpected.append(entry.name)
                 continue
             dst = params[target.param][target.row_start : target.row_end]
             if entry.shape != tuple(dst.shape):
@@ -146,6 +155,19 @@ def load_safetensors(
             f"checkpoint {model_dir} does not match the config: " + "; ".join(parts)
         )
     return model
+
+
+def checkpoint_name(name: str, cfg: ModelConfig) -> str | None:
+    """A checkpoint tensor's name in the text model's layout, or None for one to drop: vision
+    parts, and a tied model's copy of the embedding as lm_head."""
+    if name.startswith(VISION_PREFIXES):
+        return None
+    for prefix in TEXT_PREFIXES:
+        if name.startswith(prefix):
+            return "model." + name[len(prefix) :]
+    if name in ("lm_head.weight", "language_model.lm_head.weight"):
+        return None if cfg.tie_word_embeddings else "lm_head.weight"
+    return name
 
 
 def _short(names: list[str], limit: int = 8) -> str:

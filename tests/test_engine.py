@@ -176,6 +176,23 @@ def test_eos_min_tokens_and_logit_bias(checkpoint, prompts) -> None:
     assert res.token_ids == [eos] * 6 and res.finish_reason == FINISH_LENGTH
 
 
+def test_ids_the_tokenizer_knows_but_the_model_lacks_are_refused(tmp_path: Path) -> None:
+    """A model vocabulary smaller than the tokenizer's (as when a preset borrows a larger
+    tokenizer): prompt and logit_bias ids past the model's are a ValueError, not a crash."""
+    big = tiny_engine(tiny_checkpoint(tmp_path / "full"))
+    vocab = big.loaded.config.vocab_size
+    engine = tiny_engine(tiny_checkpoint(tmp_path / "small", vocab_size=vocab - 8))
+    assert engine.tokenizer.vocab_size == vocab
+    with pytest.raises(ValueError, match=rf"prompt token ids out of range \[0, {vocab - 8}\)"):
+        engine.add_request("p", [2, vocab - 3], GREEDY)
+    biased = replace(GREEDY, logit_bias=((vocab - 3, 5.0),))
+    with pytest.raises(ValueError, match=rf"logit_bias token ids out of range \[0, {vocab - 8}\)"):
+        engine.add_request("b", [2, 5], biased)
+    assert not engine.has_work
+    ok = replace(GREEDY, logit_bias=((vocab - 9, 5.0),))
+    assert len(engine.generate([[2, 5]], ok)[0].token_ids) == N_NEW
+
+
 def test_abort_frees_blocks_mid_prefill_and_mid_decode(checkpoint, prompts) -> None:
     engine = tiny_engine(checkpoint, max_num_batched_tokens=16)
     engine.add_request("a", prompts[-1], GREEDY)  # 100 tokens: several chunks

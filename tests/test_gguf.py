@@ -80,7 +80,8 @@ def _tensor_data(rng: np.random.Generator, shape: tuple[int, ...], qtype: Q) -> 
     return raw.reshape(shape[0], -1)
 
 
-def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
+def write_tiny_gguf(path: Path, seed: int = 0, untied: bool = False) -> Path:
+    """A tiny gemma3 GGUF; `untied` adds an output.weight (an LM head of its own)."""
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(path, "gemma3")
     w.add_context_length(4096)
@@ -106,6 +107,7 @@ def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
     for name, shape, qtype in [
         ("token_embd", (len(TOKENS), HIDDEN), Q.Q8_0),
         ("output_norm", (HIDDEN,), Q.F32),
+        *([("output", (len(TOKENS), HIDDEN), Q.Q6_K)] if untied else []),
     ] + [(f"blk.{i}.{n}", s, t) for i in range(LAYERS) for n, s, t in LAYER_TENSORS]:
         data = _tensor_data(rng, shape, qtype)
         w.add_tensor(f"{name}.weight", data, raw_dtype=None if qtype == Q.F32 else qtype)
@@ -312,6 +314,30 @@ def test_transformers_loads_converted_dir(tiny: tuple[Path, Path]) -> None:
         expected = ref["model.embed_tokens.weight" if name == "lm_head.weight" else name]
         np.testing.assert_array_equal(param.numpy(), expected, err_msg=name)
     assert model.config.layer_types == ["sliding_attention"] * 2
+
+
+def test_untied_output_weight_is_the_lm_head(tmp_path: Path) -> None:
+    """A GGUF with output.weight converts to an untied checkpoint, and the engine's model uses
+    that head: logits equal transformers' on the converted directory."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from model.attention import VarlenAttention
+    from model.config import ModelConfig
+    from model.loader import load_safetensors
+
+    out = convert_gguf(write_tiny_gguf(tmp_path / "u.gguf", untied=True), tmp_path / "hf", False)
+    cfg = ModelConfig.from_file(out)
+    assert not cfg.tie_word_embeddings
+    ours = load_safetensors(out, cfg, torch.float32, torch.device("cpu"))
+    ref = transformers.Gemma3ForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert not torch.equal(ref.lm_head.weight, ref.model.embed_tokens.weight)
+    ids = torch.tensor([2, 270, 271, 272, 275, 280])
+    cu = torch.tensor([0, len(ids)], dtype=torch.int32)
+    with torch.no_grad():
+        expected = ref(ids[None]).logits[0]
+        got = ours(ids, torch.arange(len(ids)), VarlenAttention(cfg, cu))
+    # fp32 noise relative to the largest logit (no final cap here, so |logits| reach ~1e4)
+    assert (got - expected).abs().max() <= 2e-6 * expected.abs().max()
 
 
 def test_half_precision_outputs_round_like_torch(tiny: tuple[Path, Path], tmp_path: Path) -> None:

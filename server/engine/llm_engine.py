@@ -145,6 +145,10 @@ class LLMEngine:
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
+        # The tokenizer can know more ids than the model (a preset borrows a larger one).
+        bad = [t for t, _ in params.logit_bias if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"logit_bias token ids out of range [0, {vocab}): {bad[:5]}")
         self.scheduler.check(Request("probe", list(prompt_ids), params))
 
     def add_request(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams):

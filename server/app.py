@@ -83,7 +83,9 @@ def create_app(
         ("/health", health),
         ("/metrics", metrics),
     ]:
-        app.add_api_route(path, endpoint, methods=["GET"])
+        # HEAD too where load balancers and uptime checks probe
+        methods = ["GET", "HEAD"] if path == "/health" else ["GET"]
+        app.add_api_route(path, endpoint, methods=methods)
     # Added last = runs first: CORS preflights, then the size limit, then the key.
     api_key = settings.resolved_api_key()
     if api_key:

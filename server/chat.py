@@ -60,7 +60,12 @@ async def create_chat_completion(request: Request) -> Response:
         req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     )
     max_tokens = resolve_max_tokens(
-        requested, len(ids), engine.max_model_len, default=None, prompt_param="messages"
+        requested,
+        len(ids),
+        engine.max_model_len,
+        default=None,
+        prompt_param="messages",
+        tokens_param="max_completion_tokens" if req.max_completion_tokens else "max_tokens",
     )
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     stop_ids = tok.stop_token_ids(chat=True)  # <end_of_turn> ends the model's turn

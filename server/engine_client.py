@@ -35,6 +35,7 @@ class EngineClient(Protocol):
     tokenizer: TokenizerLike
     model_name: str
     max_model_len: int
+    max_queued_requests: int
 
     def start(self) -> None: ...
 

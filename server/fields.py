@@ -25,16 +25,12 @@ def is_int(x: object) -> bool:
 def _check_prompt(value: object) -> str | list[str] | list[int] | list[list[int]]:
     """A prompt is a string, a list of strings, a list of token ids or a list of id lists."""
     shape = "a string, a list of strings, a list of token ids or a list of token-id lists"
-    if isinstance(value, str):
-        if not value:
-            raise _invalid("prompt must not be empty")
+    if isinstance(value, str):  # "" too, as OpenAI: the prompt is then BOS alone
         return value
     if not isinstance(value, list) or not value:
         raise _invalid(f"prompt must be a non-empty {shape}")
     if all(isinstance(p, str) for p in value):
         _check_batch(value)
-        if not all(value):
-            raise _invalid("prompt strings must not be empty")
         return value
     if all(is_int(t) for t in value):
         _check_ids(value)

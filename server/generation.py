@@ -82,6 +82,13 @@ class GenerationGroup:
     async def start(self) -> None:
         """Submits every request and waits for each one's first output; raises the first
         engine error (after aborting the others)."""
+        limit = self._engine.max_queued_requests
+        if len(self.subs) > limit:  # could never be queued at once, however idle the server
+            raise bad_request(
+                f"This request makes {len(self.subs)} completions (prompts x n), more than the "
+                f"server queues at once (--max-queued-requests {limit})",
+                param="n",
+            )
         for sub in self.subs:
             sub.submitted = True
             self._tasks.append(asyncio.create_task(self._pump(sub), name=sub.request_id))
@@ -258,7 +265,7 @@ async def stream_events(
             yield frame
         async for sub, out in group.outputs():
             if out.finish_reason == FINISH_ERROR:
-                error = APIError(500, f"Generation failed: {out.error or 'engine error'}")
+                error = APIError(500, f"Generation failed: {out.error or 'engine error'}", code=500)
                 yield sse.event(json.dumps(error.body()))
                 break
             yield sse.event(chunk(sub, out))
@@ -267,6 +274,8 @@ async def stream_events(
                 yield sse.event(usage_chunk(group.usage()))
     except Exception as exc:
         logger.error("stream failed", exc_info=exc)
-        error = APIError(500, f"Generation failed ({type(exc).__name__}); see the server log")
+        error = APIError(
+            500, f"Generation failed ({type(exc).__name__}); see the server log", code=500
+        )
         yield sse.event(json.dumps(error.body()))
     yield sse.DONE

@@ -56,6 +56,7 @@ def resolve_max_tokens(
     *,
     default: int | None,
     prompt_param: str,
+    tokens_param: str = "max_tokens",
 ) -> int:
     """max_tokens as given, else `default`, else whatever context the prompt leaves (chat).
 
@@ -71,7 +72,7 @@ def resolve_max_tokens(
             f"This model's maximum context length is {max_model_len} tokens. However, you "
             f"requested {total} tokens ({prompt_len} in the prompt, {max_tokens} for the "
             f"completion). Please reduce the length of the prompt or max_tokens.",
-            param=prompt_param if prompt_len >= max_model_len else "max_tokens",
+            param=prompt_param if prompt_len >= max_model_len else tokens_param,
             code="context_length_exceeded",
         )
     return max_tokens

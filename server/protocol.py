@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
+from pydantic_core import PydanticCustomError
 
 from server.fields import Content, LogitBias, Prompt, Stop, is_int
 from server.limits import MAX_LOGPROBS, MAX_N, MIN_REPETITION_PENALTY
@@ -37,7 +38,7 @@ class SamplingRequest(_Strict):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=INT64_MAX)
     min_p: Unit | None = None
     n: int | None = Field(None, ge=1, le=MAX_N)
     stop: Stop = None
@@ -76,7 +77,15 @@ class CompletionRequest(SamplingRequest):
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "model"]
-    content: Content = None
+    content: Content = None  # may be left out only by the assistant (OpenAI's rule)
+
+    @model_validator(mode="after")
+    def _content_given(self) -> ChatMessage:
+        if self.content is None and self.role not in ("assistant", "model"):
+            raise PydanticCustomError(
+                "missing", "a {role} message needs content", {"role": self.role}
+            )
+        return self
 
 
 class ChatCompletionRequest(SamplingRequest):

@@ -85,6 +85,7 @@ class FakeEngine:
         self.tokenizer = FakeTokenizer()
         self.model_name = model_name
         self.max_model_len = max_model_len
+        self.max_queued_requests = 1024  # the server's default
         self.step_s = step_s  # sleep per generated token
         self.queue_full = False  # raise QueueFullError on the next requests
         self.fail_with: Exception | None = None  # raised by generate before the first output

@@ -158,6 +158,32 @@ def test_stop_string_split_across_tokens(checkpoint, prompts) -> None:
         assert len(res.token_ids) == k + 2  # stopped on the token that completed the string
 
 
+def test_stop_strings_wait_for_min_tokens(checkpoint, prompts) -> None:
+    """As in vLLM: a stop string completed before min_tokens does not end the request; the
+    first one completed by a token at or past min_tokens does."""
+    engine = tiny_engine(checkpoint)
+    n, min_tokens = 30, 6
+    decode = engine.tokenizer.decode
+    for prompt in prompts:  # one whose text has no partial characters (clean prefix decodes)
+        free = engine.generate([prompt], replace(GREEDY, max_tokens=n))[0]
+        texts = [decode(free.token_ids[:i]) for i in range(n + 1)]
+        if "\ufffd" not in texts[n] and len(texts[3].strip()) >= 2:
+            break
+    stop = texts[3].strip()[-2:]  # completed within the first 3 tokens
+    assert stop in texts[min_tokens - 1]
+    expected = (texts[n], n)  # no stop string after min_tokens: runs to max_tokens
+    for i in range(min_tokens, n + 1):
+        at = texts[i].find(stop, max(0, len(texts[i - 1]) - len(stop) + 1))
+        if at >= 0:
+            expected = (texts[i][:at], i)
+            break
+    params = replace(GREEDY, max_tokens=n, stop=(stop,), min_tokens=min_tokens)
+    res = engine.generate([prompt], params)[0]
+    assert (res.text, len(res.token_ids)) == expected
+    assert res.token_ids == free.token_ids[: expected[1]]
+    assert res.finish_reason == (FINISH_STOP if expected[1] < n else FINISH_LENGTH)
+
+
 def test_eos_min_tokens_and_logit_bias(checkpoint, prompts) -> None:
     engine = tiny_engine(checkpoint)
     eos = engine.tokenizer.eos_id
@@ -191,6 +217,19 @@ def test_ids_the_tokenizer_knows_but_the_model_lacks_are_refused(tmp_path: Path)
     assert not engine.has_work
     ok = replace(GREEDY, logit_bias=((vocab - 9, 5.0),))
     assert len(engine.generate([[2, 5]], ok)[0].token_ids) == N_NEW
+
+
+def test_max_model_len_is_bounded_by_what_the_kv_cache_holds(checkpoint) -> None:
+    """The model's 256-token context, but a cache that holds one 64-token sequence: the engine
+    serves 64 (so a request sized to the context can run); an explicit 256 fails at start."""
+    engine = tiny_engine(checkpoint, kv_cache_memory=64 << 10)
+    assert engine.kv.max_tokens_that_fit() == 64 < engine.loaded.config.max_position_embeddings
+    assert engine.max_model_len == engine.scheduler.max_model_len == 64
+    params = replace(GREEDY, max_tokens=64 - 5)
+    assert len(engine.generate([[2, 5, 6, 7, 8]], params)[0].token_ids) == 59
+    with pytest.raises(ValueError, match="--max-model-len 256 does not fit in the KV cache"):
+        tiny_engine(checkpoint, kv_cache_memory=64 << 10, max_model_len=256)
+    assert tiny_engine(checkpoint, kv_cache_memory=64 << 10, max_model_len=48).max_model_len == 48
 
 
 def test_abort_frees_blocks_mid_prefill_and_mid_decode(checkpoint, prompts) -> None:

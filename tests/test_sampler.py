@@ -60,6 +60,9 @@ def test_top_k_and_min_p() -> None:
     assert sample_many(logits, temperature=1.0, top_k=2) == {0, 1}
     # min_p 0.4: keep tokens with p >= 0.4 * 0.4 = 0.16
     assert sample_many(logits, temperature=1.0, min_p=0.4) == {0, 1, 2}
+    # k at or past the vocabulary keeps everything, however large (no int64 overflow)
+    for k in (4, 5, 2**63 - 1, 2**70):
+        assert sample_many(logits, temperature=1.0, top_k=k) == {0, 1, 2, 3}, k
 
 
 def test_sampling_frequencies_follow_probabilities() -> None:

@@ -3,6 +3,7 @@ body, and the server keeps serving. Also: API keys, loading, disconnects, metric
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -73,7 +74,8 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str | None]] = [
     ("top_logprobs 50", CHAT, {"messages": USER, "logprobs": True, "top_logprobs": 50}, 400,
      "top_logprobs"),
     ("top_logprobs alone", CHAT, {"messages": USER, "top_logprobs": 2}, 400, "top_logprobs"),
-    ("empty prompt", COMPLETIONS, {"prompt": ""}, 400, "prompt"),
+    ("user message without content", CHAT, {"messages": [{"role": "user"}]}, 400,
+     "messages[0]"),
     ("empty prompt list", COMPLETIONS, {"prompt": []}, 400, "prompt"),
     ("missing prompt", COMPLETIONS, {"max_tokens": 3}, 400, "prompt"),
     ("token id out of vocab", COMPLETIONS, {"prompt": [10**6]}, 400, "prompt"),
@@ -100,6 +102,9 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str | None]] = [
     ("prompt too long", COMPLETIONS, {"prompt": "x" * 80}, 400, "prompt"),
     ("prompt + max_tokens too long", CHAT, {"messages": USER, "max_tokens": 60}, 400,
      "max_tokens"),
+    ("prompt + max_completion_tokens too long", CHAT,
+     {"messages": USER, "max_completion_tokens": 60}, 400, "max_completion_tokens"),
+    ("top_k past int64", COMPLETIONS, {"prompt": "x", "top_k": 2**63}, 400, "top_k"),
     ("body too large", COMPLETIONS, {"prompt": "x" * 5000}, 413, None),
     ("tokenize without prompt", "/tokenize", {}, 400, "prompt"),
     ("detokenize bad ids", "/detokenize", {"tokens": [10**6]}, 400, "tokens"),
@@ -179,6 +184,7 @@ def test_engine_errors(served: tuple[str, FakeEngine]) -> None:
         payloads = list(sse_payloads(iter(r.text.splitlines())))
         assert r.status_code == 200 and payloads[-1] == "[DONE]"
         assert "device on fire" in payloads[-2] and '"error"' in payloads[-2]
+        assert json.loads(payloads[-2])["error"]["code"] == 500  # as without streaming
     finally:
         engine.queue_full, engine.fail_with, engine.error_output = False, None, None
     assert_still_serving(url)
@@ -204,6 +210,32 @@ def test_queue_full_after_the_first_choice_aborts_the_others(
     finally:
         engine.generate = original  # type: ignore[method-assign]
     assert not engine.active
+
+
+def test_what_openai_accepts_is_accepted(served: tuple[str, FakeEngine]) -> None:
+    """An empty prompt (BOS alone), a prefilled assistant turn without content, HEAD /health."""
+    url, engine = served
+    r = httpx.post(f"{url}{COMPLETIONS}", json={"prompt": ["", "a"], "max_tokens": 2})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 2
+    assert [ids for ids, _ in engine.submitted.values()][-2] == [engine.tokenizer.bos_id]
+    messages = [*USER, {"role": "assistant"}, {"role": "user", "content": "more"}]
+    assert httpx.post(f"{url}{CHAT}", json={"messages": messages}).status_code == 200
+    head = httpx.head(f"{url}/health")
+    assert head.status_code == 200 and head.content == b""
+
+
+def test_more_choices_than_the_queue_holds_is_a_400(served: tuple[str, FakeEngine]) -> None:
+    """prompts x n over --max-queued-requests could never be queued: 400, not a 429 forever."""
+    url, engine = served
+    saved, engine.max_queued_requests = engine.max_queued_requests, 4
+    try:
+        body = {"prompt": ["a", "b"], "max_tokens": 2, "n": 3}
+        error = assert_error(httpx.post(f"{url}{COMPLETIONS}", json=body), 400, "n")
+        assert "makes 6 completions" in error["message"] and not engine.active
+        r = httpx.post(f"{url}{COMPLETIONS}", json={**body, "n": 2})
+        assert r.status_code == 200 and len(r.json()["choices"]) == 4
+    finally:
+        engine.max_queued_requests = saved
 
 
 def test_api_key(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -75,7 +75,7 @@ OVER_THE_LIMIT: list[tuple[str, str, Any, int, str | None]] = [
     ("max_tokens over the context", COMPLETIONS, completion(max_tokens=CONTEXT - 2), 400,
      "max_tokens"),
     ("chat max_completion_tokens", CHAT, {"messages": USER, "max_completion_tokens": 10**9}, 400,
-     "max_tokens"),
+     "max_completion_tokens"),
     ("min_tokens over max_tokens", COMPLETIONS, completion(max_tokens=4, min_tokens=5), 400,
      "min_tokens"),
     ("repetition_penalty", COMPLETIONS,
@@ -135,8 +135,8 @@ def test_body_just_under_the_default_limit_is_read() -> None:
     # A body of exactly MAX_BODY_BYTES passes the size gate (and is then judged on content).
     assert Settings().max_body_bytes == MAX_BODY_BYTES
     with run_server(create_app(FakeEngine)) as url:
-        filler = MAX_BODY_BYTES - len(b'{"prompt": "", "user": ""}')
-        body = b'{"prompt": "", "user": "' + b"u" * filler + b'"}'
+        filler = MAX_BODY_BYTES - len(b'{"prompt": [], "user": ""}')
+        body = b'{"prompt": [], "user": "' + b"u" * filler + b'"}'
         assert len(body) == MAX_BODY_BYTES
         r = post(url, COMPLETIONS, body)
         assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"

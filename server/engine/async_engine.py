@@ -96,8 +96,7 @@ class AsyncEngine:
         waiting = len(self.engine.scheduler.waiting) + self._commands.qsize()
         if waiting >= self.max_queued_requests:
             raise QueueFullError(
-                f"{waiting} requests are waiting (--max-queued-requests "
-                f"{self.max_queued_requests}); retry later"
+                f"{waiting} requests are waiting (--max-queued-requests {self.max_queued_requests})"
             )
         q: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._queues[request_id] = q

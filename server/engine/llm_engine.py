@@ -75,6 +75,7 @@ class LLMEngine:
             has_global=bool(mcfg.full_layers),
             has_local=bool(mcfg.sliding_layers),
         )
+        self.max_model_len = self._fit_max_model_len(config.max_model_len is not None)
         cache = KVCache(mcfg, self.layout, loaded.dtype, loaded.device)
         self.scheduler = Scheduler(
             self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len
@@ -133,6 +134,29 @@ class LLMEngine:
         return max(0, int(total * cfg.gpu_memory_utilization) - (total - free) - reserve)
 
     # -- requests -------------------------------------------------------------------------
+
+    def _fit_max_model_len(self, explicit: bool) -> int:
+        """The context length, bounded by the longest sequence the KV cache can hold.
+
+        A model's own limit larger than the cache is lowered (so a request without max_tokens
+        is sized to what can run); a --max-model-len the cache cannot hold is an error.
+        """
+        fit = self.kv.max_tokens_that_fit()
+        if self.max_model_len <= fit:
+            return self.max_model_len
+        if explicit:
+            raise ValueError(
+                f"--max-model-len {self.max_model_len} does not fit in the KV cache, which holds "
+                f"at most {fit} tokens of one sequence: lower --max-model-len or give the cache "
+                "more memory (--kv-cache-memory, --gpu-memory-utilization)"
+            )
+        log.warning(
+            "max_model_len lowered from the model's %d to %d tokens, what the KV cache holds "
+            "(--kv-cache-memory / --gpu-memory-utilization raise it)",
+            self.max_model_len,
+            fit,
+        )
+        return fit
 
     def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         """Raise RequestTooLongError / ValueError for a request that can never be served.

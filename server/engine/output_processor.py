@@ -2,7 +2,9 @@
 
 Stop strings are matched on text, so they are found even when split across tokens. While a
 request has stop strings, the last (longest stop - 1) characters are held back: they might be
-the start of a stop string, which must not reach the client.
+the start of a stop string, which must not reach the client. As in vLLM, stop strings (like
+EOS and stop tokens) do not end a request before min_tokens tokens: text completed earlier is
+not searched again.
 """
 
 from __future__ import annotations
@@ -25,14 +27,16 @@ class TextState:
         self.stops = request.params.stop
         self.holdback = max((len(s) for s in self.stops), default=1) - 1
         self.stopped = False  # by a stop string: the text is final, nothing more to flush
+        self.searched = 0  # a stop string ending within text[:searched] no longer counts
 
     def add_tokens(self, token_ids: list[int]) -> bool:
         """Detokenize new tokens; True if a stop string now appears (text is cut there)."""
         self.text += self.detok.add(token_ids)
-        if not self.stops:
+        searched, self.searched = self.searched, len(self.text)
+        if not self.stops or len(self.request.output_ids) < self.request.params.min_tokens:
             return False
-        start = max(0, self.emitted - self.holdback)
-        hits = [(i, s) for s in self.stops if (i := self.text.find(s, start)) >= 0]
+        found = ((self.text.find(s, max(0, searched - len(s) + 1)), s) for s in self.stops)
+        hits = [(i, s) for i, s in found if i >= 0]
         if not hits:
             return False
         index, stop = min(hits)

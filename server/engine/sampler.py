@@ -126,10 +126,11 @@ def _row_edit(row: torch.Tensor, r: Request) -> tuple[torch.Tensor, torch.Tensor
 
 def _filter(logits: torch.Tensor, requests: tuple[Request, ...]) -> torch.Tensor:
     """top-k, top-p and min-p, row by row parameters, only when some request uses them."""
-    top_k = [r.params.top_k if r.params.top_k > 0 else 0 for r in requests]
+    vocab = logits.shape[-1]
+    # 0 disables; so does any k >= vocab (however large: it never reaches a tensor)
+    top_k = [r.params.top_k if 0 < r.params.top_k < vocab else 0 for r in requests]
     top_p = [r.params.top_p for r in requests]
     min_p = [r.params.min_p for r in requests]
-    vocab = logits.shape[-1]
     if any(top_k) or any(p < 1.0 for p in top_p):
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         rank = torch.arange(vocab, device=logits.device)[None, :]

@@ -68,7 +68,8 @@ async def create_chat_completion(request: Request) -> Response:
         tokens_param="max_completion_tokens" if req.max_completion_tokens else "max_tokens",
     )
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    stop_ids = tok.stop_token_ids(chat=True)  # <end_of_turn> ends the model's turn
+    # <end_of_turn> ends the model's turn; like EOS, it no longer does under ignore_eos
+    stop_ids = frozenset() if req.ignore_eos else tok.stop_token_ids(chat=True)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     subs = [
         SubRequest(

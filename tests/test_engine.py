@@ -232,6 +232,37 @@ def test_max_model_len_is_bounded_by_what_the_kv_cache_holds(checkpoint) -> None
     assert tiny_engine(checkpoint, kv_cache_memory=64 << 10, max_model_len=48).max_model_len == 48
 
 
+def test_a_cache_without_room_for_one_sequence_fails_at_start(checkpoint) -> None:
+    with pytest.raises(ValueError, match="KV cache budget holds no block"):
+        tiny_engine(checkpoint, kv_cache_memory=1000)
+
+
+def test_local_pool_is_sized_by_what_sequences_can_fill(checkpoint) -> None:
+    """A context shorter than the window: rings never grow past it, so the local pool keeps
+    only that much per sequence and the global pool gets the rest of the budget."""
+    budget = 256 << 10
+    full = tiny_engine(checkpoint, kv_cache_memory=budget, block_size=2)
+    short = tiny_engine(checkpoint, kv_cache_memory=budget, block_size=2, max_model_len=4)
+    window, seqs = full.loaded.config.sliding_window, full.config.max_num_seqs
+    assert full.layout.num_local_blocks == seqs * window // 2  # a whole ring per sequence
+    assert short.layout.num_local_blocks == seqs * 4 // 2
+    assert short.layout.num_global_blocks > full.layout.num_global_blocks
+    out = short.generate([[2, 5]], replace(GREEDY, max_tokens=2))[0]
+    assert out.token_ids == full.generate([[2, 5]], replace(GREEDY, max_tokens=2))[0].token_ids
+
+
+def test_a_request_id_in_flight_cannot_be_added_again(checkpoint, prompts, expected) -> None:
+    engine = tiny_engine(checkpoint)
+    engine.add_request("x", prompts[3], GREEDY)
+    with pytest.raises(ValueError, match="request id 'x' is already in flight"):
+        engine.add_request("x", prompts[5], GREEDY)
+    tokens = []
+    while engine.has_work:
+        tokens += [t for out in engine.step() for t in out.new_token_ids]
+    assert tokens == expected[3]
+    engine.add_request("x", prompts[5], GREEDY)  # finished ids can be used again
+
+
 def test_abort_frees_blocks_mid_prefill_and_mid_decode(checkpoint, prompts) -> None:
     engine = tiny_engine(checkpoint, max_num_batched_tokens=16)
     engine.add_request("a", prompts[-1], GREEDY)  # 100 tokens: several chunks

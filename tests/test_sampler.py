@@ -65,6 +65,50 @@ def test_top_k_and_min_p() -> None:
         assert sample_many(logits, temperature=1.0, top_k=k) == {0, 1, 2, 3}, k
 
 
+def test_a_zero_noise_draw_never_picks_a_filtered_token() -> None:
+    """Exp(1) can draw 0: a filtered token's 0 / 0 must not become a NaN that argmax picks."""
+
+    class ZeroNoise(Sampler):
+        def _noise(self, probs, requests, greedy):
+            return torch.zeros_like(probs)
+
+    logits = probs_logits([0.1, 0.2, 0.6, 0.1])
+    assert ZeroNoise(CPU)(logits, (req(temperature=1.0, top_k=1),)).token_ids == [2]
+    assert ZeroNoise(CPU)(logits, (req(temperature=1.0, top_p=0.5),)).token_ids == [2]
+
+
+def test_a_failed_call_leaves_seeded_generators_as_they_were() -> None:
+    """After a raising call, a retry draws the same noise: same tokens as a clean sampler."""
+    logits = torch.randn(2, 50)
+    seeded = (req("a", temperature=1.0, seed=7), req("b", temperature=1.0, seed=8))
+    clean = Sampler(CPU)
+    expected = [clean(logits, seeded).token_ids for _ in range(3)]
+
+    class FailsOnce(Sampler):
+        failed = False
+
+        def _noise(self, probs, requests, greedy):
+            noise = super()._noise(probs, requests, greedy)  # drawn, then the call fails
+            if not self.failed:
+                self.failed = True
+                raise RuntimeError("injected")
+            return noise
+
+    faulty = FailsOnce(CPU)
+    with pytest.raises(RuntimeError):
+        faulty(logits, seeded)
+    assert [faulty(logits, seeded).token_ids for _ in range(3)] == expected
+    with pytest.raises(RuntimeError):  # a generator that already existed is rewound too
+        FailsOnce(CPU)(logits, seeded)
+    warm = FailsOnce(CPU)
+    warm.failed = True
+    assert warm(logits, seeded).token_ids == expected[0]
+    warm.failed = False
+    with pytest.raises(RuntimeError):
+        warm(logits, seeded)
+    assert [warm(logits, seeded).token_ids for _ in range(2)] == expected[1:]
+
+
 def test_sampling_frequencies_follow_probabilities() -> None:
     logits = probs_logits([0.7, 0.2, 0.1])
     sampler = Sampler(CPU, seed=3)

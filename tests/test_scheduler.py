@@ -118,6 +118,15 @@ def test_too_long_requests_are_rejected_not_hung() -> None:
         s.add(request("b", 10, 10))  # 20 tokens > 4 blocks of 4
 
 
+def test_the_longest_sequence_that_fits_counts_a_short_local_pool() -> None:
+    """A local pool smaller than one ring (window 16, blocks of 4: 4 per ring) limits too."""
+    kv = KVCacheManager(10, 3, 4, 16, has_global=True, has_local=True)
+    assert kv.max_tokens_that_fit() == 12
+    assert kv.can_ever_fit(12) and not kv.can_ever_fit(13)
+    whole_ring = KVCacheManager(10, 4, 4, 16, has_global=True, has_local=True)
+    assert whole_ring.max_tokens_that_fit() == 40 and whole_ring.can_ever_fit(40)
+
+
 def test_abort_anywhere_frees_everything() -> None:
     s = make_scheduler()
     s.add(request("a", 9, 20))

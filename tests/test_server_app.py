@@ -84,6 +84,11 @@ def test_chat_stream_equals_non_stream(
     assert full.usage.completion_tokens == len(expected.encode()) + 1
     params = served[1].submitted[f"{full.id}-0"][1]
     assert params.stop_token_ids == frozenset({EOS, END_TURN}) and params.max_tokens == 100
+    ignoring = client.chat.completions.create(
+        model="fake-gemma", messages=messages, max_tokens=5, extra_body={"ignore_eos": True}
+    )
+    params = served[1].submitted[f"{ignoring.id}-0"][1]  # <end_of_turn> is ignored like EOS
+    assert params.ignore_eos and params.stop_token_ids == frozenset()
 
     stream = client.chat.completions.create(
         model="fake-gemma",

@@ -33,7 +33,10 @@ class CacheLayout:
         block_size: int,
         max_num_seqs: int,
         dtype: torch.dtype,
+        max_model_len: int,
     ) -> CacheLayout:
+        """Split the budget: the local pool gets at most what max_num_seqs sequences can fill
+        (a ring each, or less when no sequence reaches the window), the global pool the rest."""
         per_layer_block = 2 * block_size * cfg.num_key_value_heads * cfg.head_dim
         per_layer_block *= torch.finfo(dtype).bits // 8
         n_full, n_local = len(cfg.full_layers), len(cfg.sliding_layers)
@@ -41,7 +44,8 @@ class CacheLayout:
         local_bytes = 0
         if n_local:
             share = budget_bytes * n_local // (n_local + n_full)
-            local_bytes = min(max_num_seqs * ring * n_local * per_layer_block, share)
+            per_seq = min(ring, cdiv(max_model_len, block_size))
+            local_bytes = min(max_num_seqs * per_seq * n_local * per_layer_block, share)
         global_bytes = budget_bytes - local_bytes
         n_global = global_bytes // (n_full * per_layer_block) if n_full else 0
         n_loc = local_bytes // (n_local * per_layer_block) if n_local else 0

@@ -89,8 +89,12 @@ class KVCacheManager:
         return all(t.blocks_for(num_tokens) <= t.pool.num_blocks for t in self._pools())
 
     def max_tokens_that_fit(self) -> int:
-        """The longest sequence the empty cache can hold (rings never limit it once full)."""
+        """The longest sequence the empty cache can hold: the global pool's tokens, and the local
+        pool's only when it cannot hold one whole ring (a full ring never limits it)."""
         limits = [self.global_tables.pool.num_blocks * self.block_size] if self.has_global else []
+        local = self.local_tables.pool.num_blocks
+        if self.has_local and local < self.local_tables.ring_blocks:  # not even one whole ring
+            limits.append(local * self.block_size)
         return min(limits) if limits else 1 << 62
 
     def try_grow(self, request_id: str, num_tokens: int) -> bool:

@@ -65,7 +65,7 @@ class LLMEngine:
         )
         budget = config.kv_cache_memory or self._default_budget(loaded)
         self.layout = CacheLayout.from_budget(
-            mcfg, budget, config.block_size, config.max_num_seqs, loaded.dtype
+            mcfg, budget, config.block_size, config.max_num_seqs, loaded.dtype, self.max_model_len
         )
         self.kv = KVCacheManager(
             self.layout.num_global_blocks,
@@ -76,6 +76,13 @@ class LLMEngine:
             has_local=bool(mcfg.sliding_layers),
         )
         self.max_model_len = self._fit_max_model_len(config.max_model_len is not None)
+        if config.max_num_batched_tokens < config.max_num_seqs:
+            log.warning(
+                "--max-num-batched-tokens %d < --max-num-seqs %d: decodes take the whole step "
+                "budget, so waiting requests can wait until running ones finish",
+                config.max_num_batched_tokens,
+                config.max_num_seqs,
+            )
         cache = KVCache(mcfg, self.layout, loaded.dtype, loaded.device)
         self.scheduler = Scheduler(
             self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len
@@ -141,6 +148,12 @@ class LLMEngine:
         A model's own limit larger than the cache is lowered (so a request without max_tokens
         is sized to what can run); a --max-model-len the cache cannot hold is an error.
         """
+        if not self.kv.can_ever_fit(1):
+            raise ValueError(
+                "the KV cache budget holds no block for one sequence (global blocks "
+                f"{self.layout.num_global_blocks}, local blocks {self.layout.num_local_blocks}): "
+                "give it more memory (--kv-cache-memory, --gpu-memory-utilization)"
+            )
         fit = self.kv.max_tokens_that_fit()
         if self.max_model_len <= fit:
             return self.max_model_len
@@ -178,6 +191,8 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams):
         """Queue a request; raises RequestTooLongError / ValueError for one it cannot serve."""
         self.check_request(prompt_ids, params)
+        if self.scheduler.get(request_id) is not None:
+            raise ValueError(f"request id {request_id!r} is already in flight")
         req = Request(request_id, list(prompt_ids), params, eos_token_ids=self.eos_token_ids)
         self.scheduler.add(req)
         self.outputs.add(req)

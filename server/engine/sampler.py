@@ -35,9 +35,31 @@ class Sampler:
         """Forget a finished request's generator."""
         self._request_generators.pop(request_id, None)
 
-    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, requests: tuple[Request, ...]) -> SamplerOutput:
-        """Tokens for each row of logits [N, vocab]; logits are left as they came."""
+        """Tokens for each row of logits [N, vocab]; logits are left as they came.
+
+        A call that raises leaves every seeded request's generator as it found it, so a retry
+        (the engine samples each request alone after a failed batch) draws the same noise.
+        """
+        saved = {
+            r.request_id: (
+                g.get_state() if (g := self._request_generators.get(r.request_id)) else None
+            )
+            for r in requests
+            if r.params.seed is not None and not r.params.greedy
+        }
+        try:
+            return self._call(logits, requests)
+        except BaseException:
+            for rid, state in saved.items():
+                if state is None:
+                    self._request_generators.pop(rid, None)
+                else:
+                    self._request_generators[rid].set_state(state)
+            raise
+
+    @torch.inference_mode()
+    def _call(self, logits: torch.Tensor, requests: tuple[Request, ...]) -> SamplerOutput:
         want_logprobs = [r.params.logprobs is not None for r in requests]
         logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
         # Bias, min_tokens and penalties touch few entries: edit the rows in place and put the
@@ -73,13 +95,22 @@ class Sampler:
         )
         scaled = _filter(logits / temps[:, None], requests)
         probs = torch.softmax(scaled, dim=-1)
+        noise = self._noise(probs, requests, greedy)
+        # A draw of exactly 0 would make a filtered token's 0 / 0 a NaN, which argmax picks.
+        noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+        tokens = (probs / noise).argmax(dim=-1)
+        greedy_mask = torch.tensor(greedy, device=logits.device)
+        return torch.where(greedy_mask, logits.argmax(dim=-1), tokens)
+
+    def _noise(
+        self, probs: torch.Tensor, requests: tuple[Request, ...], greedy: list[bool]
+    ) -> torch.Tensor:
+        """Exp(1) noise shaped like probs; seeded rows from their request's own generator."""
         noise = torch.empty_like(probs).exponential_(generator=self._generator)
         for i, r in enumerate(requests):
             if r.params.seed is not None and not greedy[i]:
                 noise[i].exponential_(generator=self._request_generator(r))
-        tokens = (probs / noise).argmax(dim=-1)
-        greedy_mask = torch.tensor(greedy, device=logits.device)
-        return torch.where(greedy_mask, logits.argmax(dim=-1), tokens)
+        return noise
 
     def _request_generator(self, r: Request) -> torch.Generator:
         gen = self._request_generators.get(r.request_id)

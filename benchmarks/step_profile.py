@@ -57,7 +57,7 @@ def main() -> None:
         sched = engine.scheduler.schedule()
         batch = engine.runner.build(sched)
         t1 = time.perf_counter()
-        logits = engine.runner.forward(batch)
+        logits = engine.runner.forward(batch).logits
         t2 = time.perf_counter()
         reqs, sampled, _ = engine._sample(logits, batch.sampling_requests)
         t3 = time.perf_counter()

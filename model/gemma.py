@@ -199,6 +199,16 @@ class GemmaForCausalLM(nn.Module):
 
         N = len(logits_indices) (the rows that sample), or T when None.
         """
+        return self.compute_logits(self.hidden_states(input_ids, positions, attn, logits_indices))
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionBackend,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The final-normed hidden states [N, hidden] at `rows` (all T when None)."""
         m, cfg = self.model, self.config
         x = m.embed_tokens(input_ids)
         # The normalizer is cast to the model dtype first, as in the reference.
@@ -207,9 +217,13 @@ class GemmaForCausalLM(nn.Module):
         rope_l = m.rope_local.cos_sin(positions, x.dtype)
         for i, layer in enumerate(m.layers):
             x = layer(x, rope_l if cfg.is_sliding(i) else rope_g, attn)
-        if logits_indices is not None:
-            x = x[logits_indices]
-        x = m.norm(x)
+        if rows is not None:
+            x = x[rows]
+        return m.norm(x)
+
+    def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 soft-capped logits [N, vocab] of final hidden states [N, hidden]."""
+        m, cfg = self.model, self.config
         if self.lm_head is not None:
             logits = self.lm_head(x).float()
         else:

@@ -1,4 +1,9 @@
-"""POST /v1/completions: prompts (text or token ids, batched), n choices, echo, logprobs."""
+"""POST /v1/completions: prompts (text or token ids, batched), n choices, echo, logprobs.
+
+echo with logprobs scores the prompt too (each prompt token's logprob given what precedes it,
+the first token's null), which is how lm-evaluation-harness computes loglikelihoods; with
+max_tokens 0 nothing is generated (the engine samples one token, which is dropped).
+"""
 
 from __future__ import annotations
 
@@ -53,12 +58,14 @@ async def create_completion(request: Request) -> Response:
     request_id = f"cmpl-{uuid.uuid4().hex}"
     subs: list[SubRequest] = []
     echo: dict[int, str] = {}
+    prompt_ids: dict[int, list[int]] = {}
     prompts = req.prompts()
     check_choices(len(prompts), n)
+    score_prompt = bool(req.echo) and req.logprobs is not None
     for p, prompt in enumerate(prompts):
         ids = encode_prompt(tok, prompt)
         max_tokens = resolve_max_tokens(
-            req.max_tokens,
+            1 if req.max_tokens == 0 else req.max_tokens,
             len(ids),
             engine.max_model_len,
             default=COMPLETION_DEFAULT_MAX_TOKENS,
@@ -70,6 +77,7 @@ async def create_completion(request: Request) -> Response:
                 req,
                 max_tokens=max_tokens,
                 logprobs=req.logprobs,
+                prompt_logprobs=req.logprobs if score_prompt else None,
                 stop_token_ids=frozenset(),
                 seed=child_seed(req.seed, i),
                 vocab_size=tok.vocab_size,
@@ -77,8 +85,9 @@ async def create_completion(request: Request) -> Response:
             subs.append(SubRequest(index, f"{request_id}-{index}", ids, params, i == 0))
             if req.echo:
                 echo[index] = prompt if isinstance(prompt, str) else tok.decode(ids)
+                prompt_ids[index] = ids
     group = GenerationGroup(engine, state.metrics, subs)
-    view = _CompletionView(request_id, engine.model_name, tok, echo, req)
+    view = _CompletionView(request_id, engine.model_name, tok, echo, prompt_ids, req)
     return await respond(
         request,
         group,
@@ -89,7 +98,7 @@ async def create_completion(request: Request) -> Response:
             chunk=view.chunk,
             usage_chunk=view.usage_chunk if req.include_usage else None,
         ),
-        build=lambda results: view.response(results, group.usage()),
+        build=lambda results: view.response(results, view.usage(group.usage())),
     )
 
 
@@ -99,12 +108,6 @@ def _reject_unsupported(req: CompletionRequest) -> None:
         raise bad_request("suffix is not supported", param="suffix")
     if req.best_of is not None and req.best_of != (req.n or 1):
         raise bad_request("best_of must equal n: best-of sampling is not supported", "best_of")
-    if req.echo and req.logprobs is not None:
-        # Only sampled tokens get logprobs; returning nulls for the prompt would mislead scorers.
-        raise bad_request(
-            "echo together with logprobs is not supported: prompt logprobs are not computed",
-            param="echo",
-        )
 
 
 class _CompletionView:
@@ -116,6 +119,7 @@ class _CompletionView:
         model: str,
         tokenizer: TokenizerLike,
         echo: dict[int, str],
+        prompt_ids: dict[int, list[int]],
         req: CompletionRequest,
     ) -> None:
         self.request_id = request_id
@@ -124,7 +128,11 @@ class _CompletionView:
         self._tok = tokenizer
         self._echo = echo
         self._include_usage = req.include_usage
+        self._prompt_ids = prompt_ids
         self._want_logprobs = req.logprobs is not None
+        # echo + logprobs: the echo goes out with the prompt's logprobs, once they are computed
+        self._score_prompt = bool(echo) and self._want_logprobs
+        self._generate = req.max_tokens != 0  # max_tokens 0: the sampled token is dropped
         self._offsets = {i: len(text) for i, text in echo.items()}  # text_offset, per choice
 
     def _wrap(
@@ -139,40 +147,73 @@ class _CompletionView:
 
     def prelude(self) -> list[str]:
         """The echoed prompt of each choice, first, as OpenAI streams it."""
+        if self._score_prompt:
+            return []
         return [
             event(self._dump(self._wrap([CompletionChoice(index=i, text=text)])))
             for i, text in sorted(self._echo.items())
         ]
 
     def chunk(self, sub: SubRequest, out: RequestOutput) -> str:
+        i = sub.index
+        text, generated = (out.new_text, out.new_logprobs or ()) if self._generate else ("", ())
+        prompt = out.prompt_logprobs if self._score_prompt else None
         logprobs = None
         if self._want_logprobs:
-            logprobs = self._logprobs(sub.index, out.new_logprobs or ())
+            logprobs = self._logprobs(i, generated, prompt)
         choice = CompletionChoice(
-            index=sub.index,
-            text=out.new_text,
+            index=i,
+            text=(self._echo[i] + text) if prompt is not None else text,
             logprobs=logprobs,
-            finish_reason=out.finish_reason if out.finished else None,
+            finish_reason=self._finish_reason(out.finish_reason) if out.finished else None,
         )
         return self._dump(self._wrap([choice]))
 
     def usage_chunk(self, usage: Usage) -> str:
-        return self._wrap([], usage).model_dump_json()
+        return self._wrap([], self.usage(usage)).model_dump_json()
+
+    def usage(self, usage: Usage) -> Usage:
+        """The group's usage; with max_tokens 0, the dropped tokens are not counted."""
+        if self._generate:
+            return usage
+        return Usage(
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=0,
+            total_tokens=usage.prompt_tokens,
+        )
+
+    def _finish_reason(self, reason: str | None) -> str | None:
+        return reason if self._generate or reason not in ("stop", "length") else "length"
 
     def response(self, results: dict[int, ChoiceResult], usage: Usage) -> CompletionResponse:
         choices = [
             CompletionChoice(
                 index=i,
-                text=self._echo.get(i, "") + "".join(r.text),
-                logprobs=self._logprobs(i, r.logprobs) if self._want_logprobs else None,
-                finish_reason=r.finish_reason,
+                text=self._echo.get(i, "") + ("".join(r.text) if self._generate else ""),
+                logprobs=(
+                    self._logprobs(
+                        i,
+                        r.logprobs if self._generate else (),
+                        r.prompt_logprobs if self._score_prompt else None,
+                    )
+                    if self._want_logprobs
+                    else None
+                ),
+                finish_reason=self._finish_reason(r.finish_reason),
             )
             for i, r in sorted(results.items())
         ]
         return self._wrap(choices, usage)
 
-    def _logprobs(self, index: int, logprobs: Sequence[TokenLogprob]) -> CompletionLogprobs:
+    def _logprobs(
+        self,
+        index: int,
+        logprobs: Sequence[TokenLogprob],
+        prompt: Sequence[TokenLogprob | None] | None = None,
+    ) -> CompletionLogprobs:
         out = CompletionLogprobs()
+        if prompt is not None:
+            self._add_prompt(out, self._prompt_ids[index], prompt)
         offset = self._offsets.get(index, 0)
         for lp in logprobs:
             text = self._tok.token_text(lp.token_id)
@@ -185,3 +226,23 @@ class _CompletionView:
             offset += len(text)
         self._offsets[index] = offset
         return out
+
+    def _add_prompt(
+        self, out: CompletionLogprobs, ids: list[int], scored: Sequence[TokenLogprob | None]
+    ) -> None:
+        """The prompt's tokens: the first with null logprobs, as OpenAI returns them. BOS is
+        listed but takes no room in the echoed text."""
+        offset = 0
+        for token, lp in zip(ids, scored):
+            text = self._tok.token_text(token)
+            out.tokens.append(text)
+            out.text_offset.append(offset)
+            offset += 0 if token == self._tok.bos_id else len(text)
+            if lp is None:
+                out.token_logprobs.append(None)
+                out.top_logprobs.append(None)
+                continue
+            top = {self._tok.token_text(t): v for t, v in lp.top}
+            top.setdefault(text, lp.logprob)
+            out.token_logprobs.append(lp.logprob)
+            out.top_logprobs.append(top)

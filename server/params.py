@@ -93,6 +93,7 @@ def sampling_params(
     stop_token_ids: frozenset[int],
     seed: int | None,
     vocab_size: int,
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     """The engine's SamplingParams for one choice; unset fields take OpenAI's defaults."""
     bias = req.logit_bias or {}
@@ -119,6 +120,7 @@ def sampling_params(
             ignore_eos=bool(req.ignore_eos),
             min_tokens=int(given(req.min_tokens, 0)),
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             logit_bias=tuple(sorted(bias.items())),
         )
     except ValueError as exc:

@@ -62,6 +62,7 @@ class CompletionRequest(SamplingRequest):
     """POST /v1/completions."""
 
     prompt: Prompt
+    max_tokens: int | None = Field(None, ge=0)  # 0: nothing generated (echo to score a prompt)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool | None = None
     suffix: str | None = None

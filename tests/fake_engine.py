@@ -174,6 +174,7 @@ class _Run:
         seeded = params.seed is not None and params.temperature > 0
         self.start = params.seed % len(self.source) if seeded else 0
         self.num_prompt = len(prompt)
+        self.prompt = list(prompt)
         self.out_ids: list[int] = []
         self.sent = ""  # text already handed out
         self.arrival = time.monotonic()
@@ -233,7 +234,14 @@ class _Run:
             finished=reason is not None,
             finish_reason=reason,
             times=times,
+            prompt_logprobs=self._prompt_logprobs() if self.num_out == 1 and ids else None,
         )
+
+    def _prompt_logprobs(self) -> tuple[TokenLogprob | None, ...] | None:
+        """Once, with the first token: each prompt token at TOKEN_LOGPROB, no alternatives."""
+        if self.params.prompt_logprobs is None:
+            return None
+        return (None, *(TokenLogprob(t, TOKEN_LOGPROB, ()) for t in self.prompt[1:]))
 
 
 def _hold_back(text: str, stops: Sequence[str]) -> str:

@@ -77,6 +77,43 @@ def test_preemption_keeps_outputs_exact(checkpoint, prompts, expected) -> None:
     assert engine.kv.usage().global_ratio == 0.0 and engine.kv.usage().local_ratio == 0.0
 
 
+def test_prompt_logprobs_equal_transformers_in_chunks_and_preemptions(checkpoint, prompts):
+    """Each prompt token's logprob (and top 3) given what precedes it: transformers' values,
+    the same whether prefilled at once or in chunks, and computed once across preemptions."""
+    ref = hf_model(checkpoint)
+    params = replace(GREEDY, max_tokens=4, prompt_logprobs=3)
+    chosen = prompts[-6:]  # 50-100 tokens: several chunks each
+
+    def scored(engine: LLMEngine) -> list[tuple]:
+        for i, p in enumerate(chosen):
+            engine.add_request(f"r{i}", p, params)
+        got = {}
+        while engine.has_work:
+            for out in engine.step():
+                if out.prompt_logprobs is not None:
+                    assert out.request_id not in got  # sent once
+                    got[out.request_id] = out.prompt_logprobs
+        return [got[f"r{i}"] for i in range(len(chosen))]
+
+    crowd = tiny_engine(checkpoint, kv_cache_memory=160 << 10, max_num_batched_tokens=24)
+    in_crowd = scored(crowd)
+    assert crowd.scheduler.num_preemptions > 0
+    for p, lps in zip(chosen, in_crowd):
+        assert len(lps) == len(p) and lps[0] is None
+        with torch.no_grad():
+            want = torch.log_softmax(ref(torch.tensor([p])).logits[0].float(), dim=-1)
+        for t in range(1, len(p)):
+            assert lps[t].token_id == p[t]
+            assert lps[t].logprob == pytest.approx(want[t - 1, p[t]].item(), abs=1e-4)
+            top = want[t - 1].topk(3)
+            assert [i for i, _ in lps[t].top] == top.indices.tolist()
+            assert [v for _, v in lps[t].top] == pytest.approx(top.values.tolist(), abs=1e-4)
+    unchunked = scored(tiny_engine(checkpoint, max_num_batched_tokens=256))  # one step each
+    for a, b in zip(unchunked, in_crowd):
+        assert [lp.token_id for lp in a[1:]] == [lp.token_id for lp in b[1:]]
+        assert [lp.logprob for lp in a[1:]] == pytest.approx([lp.logprob for lp in b[1:]], abs=1e-5)
+
+
 def test_decode_far_past_the_window_keeps_local_kv_bounded(checkpoint) -> None:
     engine = tiny_engine(checkpoint)
     ref = hf_model(checkpoint)

@@ -73,6 +73,52 @@ def test_greedy_http_equals_transformers(server, checkpoint: Path) -> None:
         assert res.usage.prompt_tokens == len(ids) and res.usage.completion_tokens == 12
 
 
+def test_echo_logprobs_score_the_prompt_like_transformers(server, checkpoint: Path) -> None:
+    """lm-evaluation-harness's loglikelihood request (token-id prompts, echo, logprobs,
+    max_tokens 1 or 0): every prompt token's logprob is transformers' log_softmax at the
+    position before it; the first is null; with max_tokens 0 nothing is generated."""
+    import torch
+
+    url, engine = server
+    ref, tok, c = hf_model(checkpoint), engine.tokenizer, client(url)
+    prompts = [tok.encode(p) for p in PROMPTS[:3]] + [tok.encode(PROMPTS[3] * 12)]  # > a chunk
+    for max_tokens in (1, 0):
+        res = c.completions.create(
+            model=engine.model_name,
+            prompt=prompts,
+            max_tokens=max_tokens,
+            temperature=0,
+            logprobs=2,
+            echo=True,
+        )
+        for ids, choice in zip(prompts, res.choices):
+            with torch.no_grad():
+                lp = torch.log_softmax(ref(torch.tensor([ids])).logits[0].float(), dim=-1)
+            got = choice.logprobs
+            assert got.tokens[: len(ids)] == [tok.token_text(t) for t in ids]
+            assert got.token_logprobs[0] is None and got.top_logprobs[0] is None
+            want = [lp[t - 1, ids[t]].item() for t in range(1, len(ids))]
+            assert got.token_logprobs[1 : len(ids)] == pytest.approx(want, abs=1e-4)
+            for t in range(1, len(ids)):  # the top 2 alternatives, plus the prompt token itself
+                best = lp[t - 1].topk(2)
+                top = {tok.token_text(i): v for i, v in zip(best.indices.tolist(), best.values)}
+                assert set(got.top_logprobs[t]) == set(top) | {tok.token_text(ids[t])}
+            prompt_text = tok.decode(ids)
+            assert len(got.tokens) == len(ids) + max_tokens
+            assert choice.text.startswith(prompt_text) and choice.finish_reason == "length"
+            if max_tokens == 0:
+                assert choice.text == prompt_text
+        generated = res.usage.completion_tokens
+        assert generated == max_tokens * len(prompts)
+    greedy = dict(model=engine.model_name, prompt=prompts[0], max_tokens=3, temperature=0)
+    stream = c.completions.create(**greedy, logprobs=0, echo=True, stream=True)
+    chunks = list(stream)
+    streamed = [lp for ch in chunks for lp in ch.choices[0].logprobs.token_logprobs]
+    whole = c.completions.create(**greedy, logprobs=0, echo=True)
+    assert "".join(ch.choices[0].text for ch in chunks) == whole.choices[0].text
+    assert streamed[0] is None and streamed[1:] == whole.choices[0].logprobs.token_logprobs[1:]
+
+
 def test_streamed_text_equals_non_streamed(server) -> None:
     url, engine = server
     c = client(url)

@@ -62,7 +62,7 @@ def test_prompt_shapes(prompt: object, expected: list[object]) -> None:
     [
         ({"max_tokens": "5"}, "max_tokens"),  # strict: no string -> int coercion
         ({"max_tokens": 5.5}, "max_tokens"),
-        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -1}, "max_tokens"),  # 0 is allowed: echo scores a prompt
         ({"temperature": -0.5}, "temperature"),
         ({"temperature": 2.01}, "temperature"),
         ({"temperature": "hot"}, "temperature"),

@@ -25,6 +25,7 @@ from server.engine.outputs import (
     StepStats,
     TokenLogprob,
 )
+from server.engine.prompt_logprobs import record as record_prompt_logprobs
 from server.engine.request import Request
 from server.engine.runner import Runner
 from server.engine.sampler import Sampler, SamplerOutput
@@ -194,6 +195,8 @@ class LLMEngine:
         if self.scheduler.get(request_id) is not None:
             raise ValueError(f"request id {request_id!r} is already in flight")
         req = Request(request_id, list(prompt_ids), params, eos_token_ids=self.eos_token_ids)
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs.append(None)  # the first token has nothing before it
         self.scheduler.add(req)
         self.outputs.add(req)
 
@@ -229,12 +232,13 @@ class LLMEngine:
             return []
         try:
             batch = self.runner.build(sched)
-            logits = self.runner.forward(batch)
+            forward = self.runner.forward(batch)
         except Exception as e:  # a fault in the forward pass: isolate it, keep serving
             log.exception("engine step failed; its requests retry alone")
             culprits = self.scheduler.recover(sched)
             return self._fail(culprits, f"internal error in the engine step: {e}")
-        requests, sampled, failed = self._sample(logits, batch.sampling_requests)
+        record_prompt_logprobs(batch.scoring, forward.prompt_logprobs)
+        requests, sampled, failed = self._sample(forward.logits, batch.sampling_requests)
         errors = self._fail(failed, "internal error while sampling") if failed else []
         self.scheduler.update(sched, {r.request_id: t for r, t in zip(requests, sampled.token_ids)})
         return errors + [

@@ -28,6 +28,7 @@ class TextState:
         self.holdback = max((len(s) for s in self.stops), default=1) - 1
         self.stopped = False  # by a stop string: the text is final, nothing more to flush
         self.searched = 0  # a stop string ending within text[:searched] no longer counts
+        self.prompt_logprobs_sent = False
 
     def add_tokens(self, token_ids: list[int]) -> bool:
         """Detokenize new tokens; True if a stop string now appears (text is cut there)."""
@@ -83,6 +84,10 @@ class OutputProcessor:
         st = self._states[request.request_id]
         final = request.finished
         text = st.take(final)
+        prompt_lps = None
+        scored = request.prompt_logprobs
+        if scored and not st.prompt_logprobs_sent and len(scored) == request.num_prompt_tokens:
+            prompt_lps, st.prompt_logprobs_sent = tuple(scored), True
         if final:
             del self._states[request.request_id]
         return RequestOutput(
@@ -96,6 +101,7 @@ class OutputProcessor:
             finish_reason=request.finish_reason if final else None,
             error=request.error,
             times=_times(request) if final else None,
+            prompt_logprobs=prompt_lps,
         )
 
     def discard(self, request_id: str) -> None:

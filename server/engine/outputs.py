@@ -47,6 +47,8 @@ class RequestOutput:
     finish_reason: str | None = None  # stop | length | abort | error
     error: str | None = None
     times: RequestTimes | None = None  # set on the final output
+    # With prompt_logprobs: once, on the first output; entry 0 (the first token) is None.
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
     @classmethod
     def ended(

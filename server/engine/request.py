@@ -6,6 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from server.engine.outputs import TokenLogprob
 from server.engine.sampling_params import SamplingParams
 
 
@@ -31,6 +32,9 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    # With params.prompt_logprobs: entry t scores prompt token t (entry 0, the first, is None);
+    # filled chunk by chunk as the prompt is prefilled, and kept across preemptions.
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
     num_preemptions: int = 0
@@ -65,3 +69,11 @@ class Request:
         if start >= n:
             return self.output_ids[start - n : end - n]
         return self.prompt_ids[start:] + self.output_ids[: end - n]
+
+    def prompt_logprob_positions(self, start: int, end: int) -> range:
+        """Positions in start..end-1 whose logits score a prompt token not scored yet (position
+        p scores token p + 1); empty unless the request asks for prompt logprobs."""
+        if self.params.prompt_logprobs is None:
+            return range(0)
+        first = max(start, len(self.prompt_logprobs) - 1, 0)
+        return range(first, max(first, min(end, self.num_prompt_tokens - 1)))

@@ -11,6 +11,8 @@ from model.gemma import GemmaForCausalLM
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.kv_cache import AttentionBatch, CacheAttention, KVCache, PoolBatch
 from server.engine.kv_manager import BlockTables, KVCacheManager
+from server.engine.outputs import TokenLogprob
+from server.engine.prompt_logprobs import PromptScoring, score
 from server.engine.request import Request
 from server.engine.scheduler import ScheduledChunk, SchedulerOutput
 
@@ -24,6 +26,15 @@ class ModelBatch:
     attention: AttentionBatch
     logits_indices: torch.Tensor  # rows of T whose logits are sampled
     sampling_requests: tuple[Request, ...]  # in the order of logits_indices
+    scoring: PromptScoring = PromptScoring.empty()  # rows that score prompt tokens
+
+
+@dataclass(frozen=True)
+class ForwardOutput:
+    """The logits of the sampling rows, and the prompt tokens this step scored."""
+
+    logits: torch.Tensor  # fp32 [len(sampling_requests), vocab]
+    prompt_logprobs: list[TokenLogprob]  # one per batch.scoring row
 
 
 class Runner:
@@ -44,7 +55,9 @@ class Runner:
         positions: list[int] = []
         logits_rows: list[int] = []
         sampling: list[Request] = []
+        scoring = _ScoringBuilder()
         for c in chunks:
+            scoring.add(c.request, c.start, c.start + c.num_tokens, len(ids))
             ids.extend(c.request.tokens(c.start, c.start + c.num_tokens))
             positions.extend(range(c.start, c.start + c.num_tokens))
             if c.samples:
@@ -70,6 +83,7 @@ class Runner:
             attention=attention,
             logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=dev),
             sampling_requests=tuple(sampling),
+            scoring=scoring.build(),
         )
 
     def _pool(self, chunks: tuple[ScheduledChunk, ...], tables: BlockTables) -> PoolBatch:
@@ -102,16 +116,52 @@ class Runner:
         )
 
     @torch.inference_mode()
-    def forward(self, batch: ModelBatch) -> torch.Tensor:
-        """fp32 soft-capped logits [len(sampling_requests), vocab]."""
-        if self.graphs is not None:
+    def forward(self, batch: ModelBatch) -> ForwardOutput:
+        """fp32 soft-capped logits of the sampling rows, and the scored prompt tokens."""
+        scoring = batch.scoring
+        if self.graphs is not None and not scoring.rows:
             logits = self.graphs.run(
                 batch.input_ids, batch.positions, batch.attention, batch.logits_indices
             )
             if logits is not None:
-                return logits
+                return ForwardOutput(logits, [])
         attn = CacheAttention(self.model.config, self.cache, batch.attention, self.ops)
-        return self.model(batch.input_ids, batch.positions, attn, batch.logits_indices)
+        if not scoring.rows:
+            return ForwardOutput(
+                self.model(batch.input_ids, batch.positions, attn, batch.logits_indices), []
+            )
+        n = len(batch.sampling_requests)
+        extra = torch.tensor(scoring.rows, dtype=torch.long, device=self.device)
+        rows = torch.cat([batch.logits_indices, extra])
+        hidden = self.model.hidden_states(batch.input_ids, batch.positions, attn, rows)
+        logits = self.model.compute_logits(hidden[:n])
+        return ForwardOutput(logits, score(self.model.compute_logits, hidden[n:], scoring))
+
+
+class _ScoringBuilder:
+    """Collects a step's prompt-scoring rows, chunk by chunk."""
+
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+        self.targets: list[int] = []
+        self.tops: list[int] = []
+        self.owners: list[tuple[Request, int]] = []
+
+    def add(self, req: Request, start: int, end: int, first_row: int) -> None:
+        positions = req.prompt_logprob_positions(start, end)
+        if not positions:
+            return
+        self.rows += [first_row + p - start for p in positions]
+        self.targets += req.prompt_ids[positions.start + 1 : positions.stop + 1]
+        self.tops += [req.params.prompt_logprobs or 0] * len(positions)
+        self.owners.append((req, len(positions)))
+
+    def build(self) -> PromptScoring:
+        if not self.rows:
+            return PromptScoring.empty()
+        return PromptScoring(
+            tuple(self.rows), tuple(self.targets), tuple(self.tops), tuple(self.owners)
+        )
 
 
 def _i32(values: list[int], device: torch.device) -> torch.Tensor:

@@ -82,7 +82,7 @@ class Sampler:
         if logprobs is not None:
             rows = [i for i, want in enumerate(want_logprobs) if want]
             tops = [requests[i].params.logprobs or 0 for i in rows]
-            for i, lp in zip(rows, _token_logprobs(logprobs, tokens, rows, tops)):
+            for i, lp in zip(rows, token_logprobs(logprobs, tokens, rows, tops)):
                 lp_out[i] = lp
         return SamplerOutput(token_list, lp_out)
 
@@ -181,7 +181,7 @@ def _filter(logits: torch.Tensor, requests: tuple[Request, ...]) -> torch.Tensor
     return logits
 
 
-def _token_logprobs(
+def token_logprobs(
     logprobs: torch.Tensor, tokens: torch.Tensor, rows: list[int], tops: list[int]
 ) -> list[TokenLogprob]:
     """The sampled token's logprob and the top-n alternatives of each of `rows`, read back from

@@ -30,6 +30,7 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None  # None: none; k: the sampled token plus the top-k alternatives
+    prompt_logprobs: int | None = None  # the same for each prompt token (after the first)
     logit_bias: tuple[tuple[int, float], ...] = ()
     include_stop_str_in_output: bool = False
 
@@ -51,6 +52,11 @@ class SamplingParams:
             (
                 "logprobs",
                 self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+                f"must be in [0, {MAX_LOGPROBS}]",
+            ),
+            (
+                "prompt_logprobs",
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
                 f"must be in [0, {MAX_LOGPROBS}]",
             ),
             ("stop", all(self.stop), "stop strings must be non-empty"),

@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--load-format", choices=LOAD_FORMATS, help="dummy: random weights of a preset's shape")
     add("--force-reference-kernels", action="store_true", help="pure-torch kernels, no Triton")
     add("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    add(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        help="reuse the KV of prompt prefixes computed before (default: on)",
+    )
     add("--allowed-origins", nargs="+", default=[], help="CORS origins (off when not given)")
     add("--log-level", choices=LOG_LEVELS, default="info", help="(default: %(default)s)")
     return p
@@ -92,6 +97,7 @@ ENGINE_FLAGS = (
     "load_format",
     "force_reference_kernels",
     "enforce_eager",
+    "enable_prefix_caching",
 )
 
 

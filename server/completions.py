@@ -176,11 +176,8 @@ class _CompletionView:
         """The group's usage; with max_tokens 0, the dropped tokens are not counted."""
         if self._generate:
             return usage
-        return Usage(
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=0,
-            total_tokens=usage.prompt_tokens,
-        )
+        dropped = {"completion_tokens": 0, "total_tokens": usage.prompt_tokens}
+        return usage.model_copy(update=dropped)
 
     def _finish_reason(self, reason: str | None) -> str | None:
         return reason if self._generate or reason not in ("stop", "length") else "length"

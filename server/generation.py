@@ -28,7 +28,7 @@ from server.engine.sampling_params import SamplingParams
 from server.engine_client import EngineClient
 from server.errors import APIError, bad_request
 from server.metrics import Metrics
-from server.protocol import Usage
+from server.protocol import PromptTokensDetails, Usage
 from server.sse import SSEResponse
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ class SubRequest:
     failed: bool = False
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0
 
 
 @dataclass
@@ -130,9 +131,13 @@ class GenerationGroup:
     def usage(self) -> Usage:
         """Prompt tokens once per prompt, completion tokens of every choice (OpenAI's usage)."""
         prompt = sum(s.num_prompt_tokens for s in self.subs if s.counts_prompt)
+        cached = sum(s.num_cached_tokens for s in self.subs if s.counts_prompt)
         completion = sum(s.num_output_tokens for s in self.subs)
         return Usage(
-            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
         )
 
     def close(self) -> None:
@@ -179,6 +184,7 @@ class GenerationGroup:
 
     def _record(self, sub: SubRequest, out: RequestOutput) -> None:
         sub.num_prompt_tokens = out.num_prompt_tokens
+        sub.num_cached_tokens = out.num_cached_tokens
         sub.num_output_tokens = out.num_output_tokens
         self._metrics.on_output(out, count_prompt=sub.counts_prompt)
         if out.finished:

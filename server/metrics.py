@@ -65,6 +65,11 @@ class Metrics:
         self.generation_tokens = Counter(
             PREFIX + "generation_tokens", "Tokens generated and served.", registry=r
         )
+        self.prefix_cache_hit_tokens = Counter(
+            PREFIX + "prefix_cache_hit_tokens",
+            "Prompt tokens taken from the prefix cache instead of computed.",
+            registry=r,
+        )
         self.preemptions = Counter(
             PREFIX + "preemptions", "Requests preempted (to be recomputed).", registry=r
         )
@@ -100,6 +105,8 @@ class Metrics:
         self.kv_cache_usage.labels(pool="local").set(stats.kv_usage_local)
         if stats.num_preemptions:
             self.preemptions.inc(stats.num_preemptions)
+        if stats.num_cached_tokens:
+            self.prefix_cache_hit_tokens.inc(stats.num_cached_tokens)
         if stats.num_batched_tokens:
             self.batch_tokens.observe(stats.num_batched_tokens)
 

@@ -114,6 +114,50 @@ def test_prompt_logprobs_equal_transformers_in_chunks_and_preemptions(checkpoint
         assert [lp.logprob for lp in a[1:]] == pytest.approx([lp.logprob for lp in b[1:]], abs=1e-5)
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"max_num_batched_tokens": 13, "block_size": 2},  # chunks longer than the ring
+        {"max_num_batched_tokens": 5},  # chunks shorter than the window
+        {"kv_cache_memory": 96 << 10},  # preemptions, and cached blocks evicted
+    ],
+    ids=["budget64", "chunk13-block2", "chunk5", "preempting"],
+)
+def test_prefix_cache_hits_keep_outputs_exact(checkpoint, overrides) -> None:
+    """Prompts that share a 41-token prefix (5 windows): later ones start from its cached
+    blocks (global ones, and the ring's last blocks). Tokens and logprobs equal those of each
+    request served alone with caching off, whether served one after another, in a crowd, or
+    again with everything cached."""
+    vocab = tiny_engine(checkpoint).loaded.config.vocab_size
+    g = torch.Generator().manual_seed(5)
+    shared = [2] + torch.randint(4, vocab, (40,), generator=g).tolist()
+    tails = [torch.randint(4, vocab, (k,), generator=g).tolist() for k in (1, 3, 7, 12, 20)]
+    family = [shared + t for t in tails] + [shared[:30], shared, shared + tails[2]]
+    params = replace(GREEDY, logprobs=2)
+    off = tiny_engine(checkpoint, enable_prefix_caching=False, **overrides)
+    want = [off.generate([p], params)[0] for p in family]
+    assert off.kv.num_cached_tokens == 0
+
+    def check(results) -> None:
+        for r, w in zip(results, want, strict=True):
+            assert r.token_ids == w.token_ids
+            assert [lp.logprob for lp in r.logprobs] == pytest.approx(
+                [lp.logprob for lp in w.logprobs], abs=1e-5
+            )
+
+    on = tiny_engine(checkpoint, **overrides)
+    check([on.generate([p], params)[0] for p in family])  # one after another
+    after_sequential = on.kv.num_cached_tokens
+    assert after_sequential > 0
+    crowd = tiny_engine(checkpoint, **overrides)
+    check(crowd.generate(family, params))
+    check(crowd.generate(family, params))  # everything cached by now
+    assert crowd.kv.num_cached_tokens > 0
+    for engine in (on, crowd):
+        assert engine.kv.usage().global_ratio == 0.0 and engine.kv.usage().local_ratio == 0.0
+
+
 def test_decode_far_past_the_window_keeps_local_kv_bounded(checkpoint) -> None:
     engine = tiny_engine(checkpoint)
     ref = hf_model(checkpoint)
@@ -129,7 +173,7 @@ def test_decode_far_past_the_window_keeps_local_kv_bounded(checkpoint) -> None:
             ring_sizes.add(len(engine.kv.ring_table("long")))
             global_sizes.append(len(engine.kv.block_table("long")))
     assert tokens == hf_greedy(ref, prompt, 60)
-    assert max(ring_sizes) == engine.kv.ring_blocks == 2  # window 8 / block 4
+    assert max(ring_sizes) == engine.kv.ring_blocks == 3  # ceil((window 8 - 1) / block 4) + 1
     assert global_sizes[-1] == -(-(len(prompt) + 59) // 4)
 
 

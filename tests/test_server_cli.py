@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GEMMA_SERVE_API_KEY", raising=False)
     config, options = parse_args([])
-    assert config == EngineConfig()
+    assert config == EngineConfig() and config.enable_prefix_caching
     assert (options.host, options.port, options.log_level) == ("127.0.0.1", 8000, "info")
     assert options.settings == Settings()
 
@@ -36,7 +36,8 @@ def test_every_flag(monkeypatch: pytest.MonkeyPatch) -> None:
         "--dtype bfloat16 --max-model-len 4096 --max-num-seqs 8 --max-num-batched-tokens 512 "
         "--block-size 32 --kv-cache-memory 2GiB --gpu-memory-utilization 0.5 "
         "--max-queued-requests 10 --api-key k --seed 7 --load-format dummy "
-        "--force-reference-kernels --enforce-eager --allowed-origins http://a,http://b http://c "
+        "--force-reference-kernels --enforce-eager --no-enable-prefix-caching "
+        "--allowed-origins http://a,http://b http://c "
         "--log-level debug"
     )
     config, options = parse_args(flags.split())
@@ -56,6 +57,7 @@ def test_every_flag(monkeypatch: pytest.MonkeyPatch) -> None:
         load_format="dummy",
         force_reference_kernels=True,
         enforce_eager=True,
+        enable_prefix_caching=False,
     )
     assert (options.host, options.port, options.log_level) == ("0.0.0.0", 9000, "debug")
     assert options.settings.api_key == "k"

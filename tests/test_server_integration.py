@@ -119,6 +119,33 @@ def test_echo_logprobs_score_the_prompt_like_transformers(server, checkpoint: Pa
     assert streamed[0] is None and streamed[1:] == whole.choices[0].logprobs.token_logprobs[1:]
 
 
+def test_a_repeated_prefix_is_served_from_the_cache(server) -> None:
+    """A long system prompt, asked twice and then a different question: later requests reuse
+    the cached blocks of the prompt they share (usage.prompt_tokens_details.cached_tokens, the
+    metric) and the repeated answer is unchanged."""
+    url, engine = server
+    c = client(url)
+    block = engine.engine.config.block_size
+    system = {"role": "system", "content": " ".join(PROMPTS) * 2}
+    conversations = [[system, {"role": "user", "content": q}] for q in ("Why?", "Why?", "How?")]
+    ids = [
+        httpx.post(f"{url}/tokenize", json={"messages": m}).json()["tokens"] for m in conversations
+    ]
+    shared = next(i for i, (a, b) in enumerate(zip(ids[1], ids[2])) if a != b)
+    before = metrics(url)["gemma_serve_prefix_cache_hit_tokens_total"]
+    answers = [
+        c.chat.completions.create(model=engine.model_name, messages=m, max_tokens=6, temperature=0)
+        for m in conversations
+    ]
+    cached = [a.usage.prompt_tokens_details.cached_tokens for a in answers]
+    assert answers[1].choices[0].message.content == answers[0].choices[0].message.content
+    assert cached[0] <= block  # at most the chat template's first block, from earlier tests
+    assert cached[1] == (len(ids[1]) - 1) // block * block  # all but the last token's block
+    assert cached[2] == shared // block * block
+    gained = metrics(url)["gemma_serve_prefix_cache_hit_tokens_total"] - before
+    assert gained == sum(cached)
+
+
 def test_streamed_text_equals_non_streamed(server) -> None:
     url, engine = server
     c = client(url)

@@ -1,23 +1,51 @@
-"""A pool of fixed-size KV blocks with reference counts (torch-free)."""
+"""A pool of fixed-size KV blocks with reference counts and a prefix cache (torch-free).
+
+A block whose refcount drops to 0 is free, but if it holds a registered prefix block its
+contents stay findable (`lookup`) until it is handed out again: free blocks are reused least
+recently freed first, so the cached prefixes that were used last survive longest. A block is
+registered under a `BlockKey` (the hash of its tokens and of every block before it, the tokens,
+and the parent's hash); `lookup` compares all three, so a hash collision is a miss, never a
+wrong hit.
+"""
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class BlockKey:
+    """Identity of a full block of prompt tokens at a given place in a prefix chain."""
+
+    hash: int
+    parent: int | None  # the previous block's hash; None for a prompt's first block
+    tokens: tuple[int, ...]
+
+    @classmethod
+    def chain(cls, tokens: list[int], block_size: int, num_blocks: int) -> list[BlockKey]:
+        """Keys of the first num_blocks full blocks of `tokens`."""
+        keys: list[BlockKey] = []
+        parent = None
+        for i in range(num_blocks):
+            block = tuple(tokens[i * block_size : (i + 1) * block_size])
+            key = cls(hash((parent, block)), parent, block)
+            keys.append(key)
+            parent = key.hash
+        return keys
 
 
 class BlockPool:
-    """Hands out block ids 0..num_blocks-1; a block is free when its refcount drops to 0.
-
-    Refcounts let several requests share a block later (prefix sharing); today each block has
-    one owner. Freed blocks go to the back of the queue so recently used ones are reused last.
-    """
+    """Hands out block ids 0..num_blocks-1; a block is free when its refcount drops to 0."""
 
     def __init__(self, num_blocks: int) -> None:
         if num_blocks < 0:
             raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
         self.num_blocks = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._refcount = [0] * num_blocks
+        self._cached: dict[int, int] = {}  # key hash -> block
+        self._key_of: dict[int, BlockKey] = {}  # block -> its key, while registered
 
     @property
     def num_free(self) -> int:
@@ -28,21 +56,32 @@ class BlockPool:
         return self.num_blocks - len(self._free)
 
     @property
+    def num_cached(self) -> int:
+        return len(self._cached)
+
+    @property
     def usage(self) -> float:
         return self.num_used / self.num_blocks if self.num_blocks else 0.0
 
     def allocate(self, n: int) -> list[int]:
-        """n fresh blocks with refcount 1; raises MemoryError when fewer are free."""
+        """n blocks with refcount 1, the least recently freed first (their cached prefix, if
+        any, is forgotten); raises MemoryError when fewer are free."""
         if n > len(self._free):
             raise MemoryError(f"{n} blocks requested, {len(self._free)} free")
-        blocks = [self._free.popleft() for _ in range(n)]
-        for b in blocks:
+        blocks = []
+        for _ in range(n):
+            b, _ = self._free.popitem(last=False)
+            self._forget(b)
             self._refcount[b] = 1
+            blocks.append(b)
         return blocks
 
     def share(self, block: int) -> None:
-        if self._refcount[block] <= 0:
-            raise ValueError(f"block {block} is free and cannot be shared")
+        """One more holder of `block`; a free block (a cached prefix) is taken back."""
+        if self._refcount[block] == 0:
+            if block not in self._key_of:
+                raise ValueError(f"block {block} is free and holds no cached prefix")
+            del self._free[block]
         self._refcount[block] += 1
 
     def free(self, blocks: list[int]) -> None:
@@ -51,7 +90,26 @@ class BlockPool:
                 raise ValueError(f"block {b} freed twice")
             self._refcount[b] -= 1
             if self._refcount[b] == 0:
-                self._free.append(b)
+                self._free[b] = None
 
     def refcount(self, block: int) -> int:
         return self._refcount[block]
+
+    def register(self, block: int, key: BlockKey) -> None:
+        """Make a held block's contents findable under `key` (first registration wins)."""
+        if self._refcount[block] <= 0:
+            raise ValueError(f"block {block} is free and cannot be registered")
+        if key.hash in self._cached or block in self._key_of:
+            return
+        self._cached[key.hash] = block
+        self._key_of[block] = key
+
+    def lookup(self, key: BlockKey) -> int | None:
+        """The block registered under exactly `key`, held or free, or None."""
+        block = self._cached.get(key.hash)
+        return block if block is not None and self._key_of[block] == key else None
+
+    def _forget(self, block: int) -> None:
+        key = self._key_of.pop(block, None)
+        if key is not None:
+            del self._cached[key.hash]

@@ -29,6 +29,7 @@ class EngineConfig:
     force_reference_kernels: bool = False
     pack_cpu_weights: bool = True  # fp32 on CPU: oneDNN GEMMs on packed weights (cpu_gemm.py)
     enforce_eager: bool = False  # on CUDA: no CUDA graphs for decode steps (cuda_graphs.py)
+    enable_prefix_caching: bool = True  # share cached prompt-prefix blocks (kv_manager.py)
 
     def __post_init__(self) -> None:
         checks = [

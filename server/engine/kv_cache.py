@@ -8,7 +8,7 @@ import torch
 
 from kernels.dispatch import AttentionOps
 from model.config import ModelConfig
-from server.engine.kv_manager import cdiv
+from server.engine.kv_manager import cdiv, ring_size
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class CacheLayout:
         per_layer_block = 2 * block_size * cfg.num_key_value_heads * cfg.head_dim
         per_layer_block *= torch.finfo(dtype).bits // 8
         n_full, n_local = len(cfg.full_layers), len(cfg.sliding_layers)
-        ring = cdiv(cfg.sliding_window, block_size)
+        ring = ring_size(cfg.sliding_window, block_size)
         local_bytes = 0
         if n_local:
             share = budget_bytes * n_local // (n_local + n_full)

@@ -45,6 +45,7 @@ class GenerationResult:
     token_ids: list[int]
     text: str
     finish_reason: str | None
+    logprobs: list[TokenLogprob]  # one per token when params.logprobs is set, else empty
 
 
 class LLMEngine:
@@ -75,6 +76,7 @@ class LLMEngine:
             mcfg.sliding_window,
             has_global=bool(mcfg.full_layers),
             has_local=bool(mcfg.sliding_layers),
+            prefix_caching=config.enable_prefix_caching,
         )
         self.max_model_len = self._fit_max_model_len(config.max_model_len is not None)
         if config.max_num_batched_tokens < config.max_num_seqs:
@@ -96,6 +98,8 @@ class LLMEngine:
         self.eos_token_ids = frozenset(mcfg.eos_token_ids) | {self.tokenizer.eos_id}
         self._last_preemptions = 0
         self._last_batch_tokens = 0
+        self._last_cached_tokens = 0
+        self._cached_tokens_seen = 0  # kv.num_cached_tokens at the previous step
         log.info(
             "engine: %s, kernels %s, max_model_len %d, KV blocks global %d / local %d "
             "(block %d, ring %d blocks), max_num_seqs %d, max_num_batched_tokens %d",
@@ -220,6 +224,7 @@ class LLMEngine:
             kv_usage_local=usage.local_ratio,
             num_batched_tokens=self._last_batch_tokens,
             num_preemptions=self._last_preemptions,
+            num_cached_tokens=self._last_cached_tokens,
         )
 
     # -- the step -------------------------------------------------------------------------
@@ -228,6 +233,8 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         self._last_preemptions = len(sched.preempted)
         self._last_batch_tokens = sched.num_batched_tokens
+        total = self.kv.num_cached_tokens  # prompt tokens taken from the prefix cache, ever
+        self._last_cached_tokens, self._cached_tokens_seen = total - self._cached_tokens_seen, total
         if sched.empty:
             return []
         try:
@@ -320,14 +327,16 @@ class LLMEngine:
             self.add_request(rid, p, params)
         tokens: dict[str, list[int]] = {rid: [] for rid in ids}
         texts: dict[str, list[str]] = {rid: [] for rid in ids}
+        logprobs: dict[str, list[TokenLogprob]] = {rid: [] for rid in ids}
         reasons: dict[str, str | None] = {}
         while self.has_work:
             for out in self.step():
                 tokens[out.request_id].extend(out.new_token_ids)
                 texts[out.request_id].append(out.new_text)
+                logprobs[out.request_id].extend(out.new_logprobs or ())
                 if out.finished:
                     reasons[out.request_id] = out.finish_reason
         return [
-            GenerationResult(p, tokens[rid], "".join(texts[rid]), reasons.get(rid))
+            GenerationResult(p, tokens[rid], "".join(texts[rid]), reasons.get(rid), logprobs[rid])
             for rid, p in zip(ids, prompt_ids)
         ]

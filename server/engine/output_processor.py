@@ -102,6 +102,7 @@ class OutputProcessor:
             error=request.error,
             times=_times(request) if final else None,
             prompt_logprobs=prompt_lps,
+            num_cached_tokens=request.num_cached_tokens,
         )
 
     def discard(self, request_id: str) -> None:

@@ -49,6 +49,7 @@ class RequestOutput:
     times: RequestTimes | None = None  # set on the final output
     # With prompt_logprobs: once, on the first output; entry 0 (the first token) is None.
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache
 
     @classmethod
     def ended(
@@ -83,3 +84,4 @@ class StepStats:
     kv_usage_local: float
     num_batched_tokens: int
     num_preemptions: int  # preemptions that happened during this step
+    num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache this step

@@ -32,6 +32,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when first admitted
     # With params.prompt_logprobs: entry t scores prompt token t (entry 0, the first, is None);
     # filled chunk by chunk as the prompt is prefilled, and kept across preemptions.
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)

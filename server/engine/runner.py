@@ -91,19 +91,10 @@ class Runner:
         slots: list[int] = []
         rows: list[list[int]] = []
         for c in chunks:
-            table = tables.table(c.request.request_id)
-            rows.append(table)
-            if not tables.pool.num_blocks:  # the model has no layers of this kind
-                slots.extend([-1] * c.num_tokens)
-                continue
-            end = c.start + c.num_tokens
-            # A ring keeps only its last ring * b positions: skip the earlier ones of a long
-            # chunk (writing them would race with the later positions in the same slots).
-            first_kept = max(c.start, end - ring * b) if ring else c.start
-            slots.extend([-1] * (first_kept - c.start))
-            for p in range(first_kept, end):
-                blk = (p // b) % ring if ring else p // b
-                slots.append(table[blk] * b + p % b)
+            rid = c.request.request_id
+            # A prefill reads its context through the table from before this step's growth.
+            rows.append(tables.table(rid) if c.num_tokens == 1 else tables.context_table(rid))
+            slots.extend(tables.slots(rid, c.start, c.start + c.num_tokens))
         width = max((len(r) for r in rows), default=0) or 1
         padded = [r + [0] * (width - len(r)) for r in rows]
         return PoolBatch(

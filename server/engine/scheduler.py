@@ -140,15 +140,22 @@ class Scheduler:
             if len(self.running) >= self.max_num_seqs:
                 break
             req = self.waiting[0]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self.kv.try_grow(req.request_id, n):
+            # Prompt logprobs need every prompt position computed: no cached prefix for them.
+            reuse = req.params.prompt_logprobs is None
+            admitted = self.kv.try_admit(
+                req.request_id, req.prompt_ids, req.num_tokens, budget, reuse
+            )
+            if admitted is None:
                 break
+            start, n = admitted
             self.waiting.popleft()
+            req.num_computed_tokens = start
             req.status = RequestStatus.RUNNING
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = time.monotonic()
+                req.num_cached_tokens = start
             self.running.append(req)
-            chunk = ScheduledChunk(req, 0, n)
+            chunk = ScheduledChunk(req, start, n)
             (decodes if n == 1 else prefills).append(chunk)
             budget -= n
         return SchedulerOutput(tuple(decodes), tuple(prefills), tuple(preempted))
@@ -193,7 +200,8 @@ class Scheduler:
 
         Returns False if req itself had to be preempted.
         """
-        while not self.kv.try_grow(req.request_id, num_tokens):
+        keep_context = num_tokens - req.num_computed_tokens > 1  # a prefill chunk
+        while not self.kv.try_grow(req.request_id, num_tokens, keep_context):
             victim = self.running[-1]
             self._preempt(victim)
             preempted.append(victim.request_id)
@@ -223,6 +231,8 @@ class Scheduler:
             if req.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
             req.num_computed_tokens = chunk.start + chunk.num_tokens
+            self.kv.computed(req.request_id, req.num_computed_tokens, req.num_prompt_tokens)
+            self.kv.commit(req.request_id)
             if req.num_computed_tokens >= req.retry_until:
                 req.retry_until = 0  # past the point that failed: batched again
             token = sampled.get(req.request_id)

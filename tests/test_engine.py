@@ -158,6 +158,30 @@ def test_prefix_cache_hits_keep_outputs_exact(checkpoint, overrides) -> None:
         assert engine.kv.usage().global_ratio == 0.0 and engine.kv.usage().local_ratio == 0.0
 
 
+@pytest.mark.parametrize("caching", [True, False], ids=["caching", "no-caching"])
+@pytest.mark.parametrize("budget", [16, 5])
+def test_a_local_pool_of_one_ring_serves_long_chunked_prompts(checkpoint, budget, caching):
+    """max_num_seqs 1 leaves the local pool exactly one ring: chunks that wrap it overwrite
+    blocks in place when no room is left to copy them (a livelock before), the same prompt
+    served again still fits, and nothing is preempted."""
+    ref = hf_model(checkpoint)
+    engine = tiny_engine(
+        checkpoint, max_num_seqs=1, max_num_batched_tokens=budget, enable_prefix_caching=caching
+    )
+    assert engine.layout.num_local_blocks == engine.kv.ring_blocks
+    prompt = [2] + list(range(10, 49))  # 40 tokens: five windows
+    want = hf_greedy(ref, prompt, 4)
+    for attempt in range(2):
+        engine.add_request(f"r{attempt}", prompt, replace(GREEDY, max_tokens=4))
+        tokens = []
+        for _ in range(100):  # a bounded loop: a livelock fails instead of hanging
+            tokens += [t for out in engine.step() for t in out.new_token_ids]
+            if not engine.has_work:
+                break
+        assert tokens == want
+    assert engine.scheduler.num_preemptions == 0
+
+
 def test_decode_far_past_the_window_keeps_local_kv_bounded(checkpoint) -> None:
     engine = tiny_engine(checkpoint)
     ref = hf_model(checkpoint)

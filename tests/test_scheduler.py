@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.engine.block_pool import BlockPool
+from server.engine.block_pool import BlockKey, BlockPool
 from server.engine.errors import RequestTooLongError
 from server.engine.kv_manager import KVCacheManager
 from server.engine.outputs import FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH
@@ -219,6 +219,31 @@ def test_block_pool_refcounts() -> None:
         pool.free([a[0]])
     with pytest.raises(MemoryError):
         pool.allocate(4)
+
+
+def test_prefix_cache_keys_lookup_and_eviction_order() -> None:
+    pool = BlockPool(4)
+    keys = BlockKey.chain([2, 5, 6, 7, 8, 9, 10, 11], 4, 2)
+    assert keys[1].parent == keys[0].hash and keys[1].tokens == (8, 9, 10, 11)
+    other = BlockKey.chain([2, 5, 6, 1, 8, 9, 10, 11], 4, 2)  # same 2nd block, other 1st
+    assert other[1].tokens == keys[1].tokens and other[1] != keys[1]
+    a, b = pool.allocate(2)
+    pool.register(a, keys[0])
+    pool.register(b, keys[1])
+    assert pool.lookup(keys[1]) == b and pool.lookup(other[1]) is None
+    pool.free([b, a])  # the tail first, as BlockTables.free does
+    assert pool.num_free == 4 and pool.lookup(keys[0]) == a  # free, still findable
+    pool.share(a)  # taken back from the cache
+    assert pool.refcount(a) == 1 and pool.num_free == 3
+    pool.allocate(2)  # the never-used blocks go first, then the least recently freed: b
+    assert pool.lookup(keys[1]) == b
+    pool.allocate(1)
+    assert pool.lookup(keys[1]) is None and pool.lookup(keys[0]) == a
+    pool.forget(a)
+    assert pool.lookup(keys[0]) is None
+    with pytest.raises(ValueError, match="holds no cached prefix"):
+        pool.free([a])
+        pool.share(a)
 
 
 ops = st.lists(

@@ -3,13 +3,15 @@
 A block whose refcount drops to 0 is free, but if it holds a registered prefix block its
 contents stay findable (`lookup`) until it is handed out again: free blocks are reused least
 recently freed first, so the cached prefixes that were used last survive longest. A block is
-registered under a `BlockKey` (the hash of its tokens and of every block before it, the tokens,
-and the parent's hash); `lookup` compares all three, so a hash collision is a miss, never a
-wrong hit.
+registered under a `BlockKey`: a SHA-256 digest of its tokens and of every block before it,
+with the tokens and the parent's digest, all compared by `lookup` (a wrong hit would need a
+SHA-256 collision).
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -18,8 +20,8 @@ from dataclasses import dataclass
 class BlockKey:
     """Identity of a full block of prompt tokens at a given place in a prefix chain."""
 
-    hash: int
-    parent: int | None  # the previous block's hash; None for a prompt's first block
+    hash: bytes  # SHA-256 of the parent's digest and this block's tokens
+    parent: bytes | None  # the previous block's digest; None for a prompt's first block
     tokens: tuple[int, ...]
 
     @classmethod
@@ -29,9 +31,9 @@ class BlockKey:
         parent = None
         for i in range(num_blocks):
             block = tuple(tokens[i * block_size : (i + 1) * block_size])
-            key = cls(hash((parent, block)), parent, block)
-            keys.append(key)
-            parent = key.hash
+            digest = hashlib.sha256((parent or b"") + array("q", block).tobytes()).digest()
+            keys.append(cls(digest, parent, block))
+            parent = digest
         return keys
 
 
@@ -44,7 +46,7 @@ class BlockPool:
         self.num_blocks = num_blocks
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._refcount = [0] * num_blocks
-        self._cached: dict[int, int] = {}  # key hash -> block
+        self._cached: dict[bytes, int] = {}  # key digest -> block
         self._key_of: dict[int, BlockKey] = {}  # block -> its key, while registered
 
     @property
@@ -103,6 +105,13 @@ class BlockPool:
             return
         self._cached[key.hash] = block
         self._key_of[block] = key
+
+    def is_registered(self, block: int) -> bool:
+        return block in self._key_of
+
+    def forget(self, block: int) -> None:
+        """Unregister a block whose contents are about to be overwritten."""
+        self._forget(block)
 
     def lookup(self, key: BlockKey) -> int | None:
         """The block registered under exactly `key`, held or free, or None."""

@@ -3,13 +3,16 @@
 Global (full-attention) layers use a paged table that grows with the sequence. Sliding-window
 layers use a ring of at most R blocks per request: position p lives in block ring[(p // B) % R],
 so a request never holds more than R blocks there however long it runs. Rings grow lazily (a
-short request holds only the blocks it fills); once full, the block of each new block index
-replaces the oldest one, which is released whole (never overwritten: it may be a cached prefix
-that other requests share). So that a decode never needs the block it releases, R =
-ceil((window - 1) / B) + 1. A prefill chunk does read the blocks its growth replaces (its first
-queries see up to a window before the chunk): those are kept, with the table as it was before
-the growth (`context_table`), until the step is done (`commit`). Each type has its own
-BlockPool; a request's allocation succeeds in both pools or in neither.
+short request holds only the blocks it fills); once full, each new block index takes over the
+slot of the oldest one. That block is overwritten in place when it is this request's alone and
+holds no cached prefix (or the pool has no room to spare); otherwise (shared with another
+request, or a cached prefix worth keeping) the slot gets a fresh block and the old one is
+released whole. So that a decode never needs the block it releases, R = ceil((window - 1) / B)
++ 1. A prefill chunk does read the blocks its growth replaces (its first queries see up to a
+window before the chunk): those are kept, with the table as it was before the growth
+(`context_table`), until the step is done (`commit`). Blocks overwritten in place are read
+before the chunk stores into them (attention runs before the store in a prefill). Each type
+has its own BlockPool; a request's allocation succeeds in both pools or in neither.
 
 A prefill chunk longer than the ring cannot keep its early positions in the ring; their
 local-layer K/V are written only if there is room for transient blocks (prompt blocks, so that
@@ -59,54 +62,87 @@ class BlockTables:
         n = cdiv(num_tokens, self.block_size)
         return min(n, self.ring_blocks) if self.ring_blocks else n
 
-    def _plan(self, request_id: str, num_tokens: int) -> tuple[range, list[int]]:
-        """(new block indices, the slots whose blocks they replace) to cover num_tokens."""
+    def _plan(self, request_id: str, num_tokens: int) -> range:
+        """The new block indices that cover num_tokens (a ring: at most its last R)."""
         n, extent = cdiv(num_tokens, self.block_size), self._extent.get(request_id, 0)
         if n <= extent:
-            return range(0), []
-        if not self.ring_blocks:
-            return range(extent, n), []
-        r, held = self.ring_blocks, len(self._tables.get(request_id, ()))
-        new = range(max(extent, n - r), n)
-        return new, [i % r for i in new if i % r < held]
+            return range(0)
+        return range(max(extent, n - self.ring_blocks) if self.ring_blocks else extent, n)
 
-    def missing(self, request_id: str, num_tokens: int, keep_context: bool = False) -> int:
-        """Free blocks needed to cover num_tokens (replaced blocks that free up count, unless
-        they are kept for the step)."""
-        new, replaced = self._plan(request_id, num_tokens)
-        if keep_context:
-            return len(new)
-        table = self._tables.get(request_id, [])
-        return len(new) - sum(self.pool.refcount(table[j]) == 1 for j in replaced)
+    def _replacements(
+        self, request_id: str, new: range, context_from: int | None, minimal: bool
+    ) -> list[tuple[int, int, str]]:
+        """(slot, old block, fate) for each ring slot a new index takes over. The fate of the
+        old block: "inplace" (overwritten: it is this request's alone; minimal, or not a
+        cached prefix), else it is copied on write and "keep" (read as context this step) or
+        "free" (released now)."""
+        if not self.ring_blocks:
+            return []
+        table, r, b = self._tables.get(request_id, []), self.ring_blocks, self.block_size
+        first_context = None if context_from is None else context_from // b - r + 1
+        out = []
+        for i in new:
+            j = i % r
+            if j >= len(table):
+                continue
+            old = table[j]
+            shared = self.pool.refcount(old) > 1
+            if not shared and (minimal or not self.pool.is_registered(old)):
+                out.append((j, old, "inplace"))
+            elif first_context is not None and i - r >= first_context:
+                out.append((j, old, "keep"))
+            else:
+                out.append((j, old, "free"))
+        return out
+
+    def missing(
+        self,
+        request_id: str,
+        num_tokens: int,
+        context_from: int | None = None,
+        minimal: bool = False,
+    ) -> int:
+        """Free blocks needed to cover num_tokens. context_from: the first position of the
+        prefill chunk that runs (None for a decode); minimal: overwrite every block that is
+        this request's alone instead of keeping cached prefixes (needs the fewest blocks)."""
+        new = self._plan(request_id, num_tokens)
+        fates = self._replacements(request_id, new, context_from, minimal)
+        inplace = sum(f == "inplace" for _, _, f in fates)
+        freed = sum(f == "free" and self.pool.refcount(old) == 1 for _, old, f in fates)
+        return len(new) - inplace - freed
 
     def grow(
         self,
         request_id: str,
         num_tokens: int,
-        keep_context: bool = False,
+        context_from: int | None = None,
+        minimal: bool = False,
         transient_below: int = 0,
     ) -> None:
-        """Cover num_tokens; with keep_context the replaced blocks stay held until `commit`.
-
-        Block indices below transient_below that a ring skips get transient blocks for the
-        step, as long as the pool keeps room for another ring besides.
-        """
+        """Cover num_tokens (see `missing` for the arguments). Blocks kept as context stay
+        held until `commit`. Block indices below transient_below that a ring skips get
+        transient blocks for the step, as long as the pool keeps room for another ring."""
         self.commit(request_id)
-        new, replaced = self._plan(request_id, num_tokens)
+        new = self._plan(request_id, num_tokens)
         if not new:
             return
         skipped = range(self._extent.get(request_id, 0), min(new.start, transient_below))
+        fates = self._replacements(request_id, new, context_from, minimal)
         table = self._tables.setdefault(request_id, [])
-        old = [table[j] for j in replaced]
-        if keep_context and old:
-            self._pending[request_id] = (list(table), old)
-        else:
-            self.pool.free(old)
-        blocks = self.pool.allocate(len(new))
-        size = min(len(table) + len(new), self.ring_blocks) if self.ring_blocks else new.stop
-        table.extend([-1] * (size - len(table)))
-        for i, b in zip(new, blocks):
-            table[i % self.ring_blocks if self.ring_blocks else i] = b
+        kept = [old for _, old, f in fates if f == "keep"]
+        if kept:
+            self._pending[request_id] = (list(table), kept)
+        self.pool.free([old for _, old, f in fates if f == "free"])
+        for _, old, f in fates:
+            if f == "inplace":
+                self.pool.forget(old)  # its contents are about to change
+        inplace = {j for j, _, f in fates if f == "inplace"}
+        fresh = iter(self.pool.allocate(len(new) - len(inplace)))
+        table.extend([-1] * (len(new) - len(fates)))  # the slots no block held yet
+        for i in new:
+            j = i % self.ring_blocks if self.ring_blocks else i
+            if j not in inplace:
+                table[j] = next(fresh)
         self._extent[request_id] = new.stop
         if skipped and self.pool.num_free >= len(skipped) + self.ring_blocks:
             self._transient[request_id] = dict(zip(skipped, self.pool.allocate(len(skipped))))
@@ -159,9 +195,13 @@ class BlockTables:
         self.pool.free(list(self._transient.pop(request_id, {}).values()))
 
     def free(self, request_id: str) -> None:
+        """Release the request's blocks, its last block index first: freed blocks are reused
+        least recently freed first, so a cached prefix loses its tail before its head."""
         self.commit(request_id)
-        self.pool.free(self._tables.pop(request_id, []))
-        self._extent.pop(request_id, None)
+        table, extent = self._tables.pop(request_id, []), self._extent.pop(request_id, 0)
+        r = self.ring_blocks
+        by_index = sorted(range(len(table)), key=lambda j: (j - extent) % r if r else j)
+        self.pool.free([table[j] for j in reversed(by_index)])
 
     def table(self, request_id: str) -> list[int]:
         return self._tables.get(request_id, [])
@@ -252,19 +292,25 @@ class KVCacheManager:
             limits.append(local * self.block_size)
         return min(limits) if limits else 1 << 62
 
-    def try_grow(self, request_id: str, num_tokens: int, keep_context: bool = False) -> bool:
+    def try_grow(self, request_id: str, num_tokens: int, context_from: int | None = None) -> bool:
         """Make room for the request's first num_tokens tokens in both pools, or change nothing.
 
-        keep_context: a prefill chunk runs; the ring blocks it replaces stay until `commit`.
+        context_from: the first position of a prefill chunk (None for a decode). Ring blocks
+        that are cached prefixes are replaced by fresh ones when the pool has room, else
+        overwritten in place (only blocks shared with another request must be replaced).
         """
         pools = self._pools()
-        if any(t.missing(request_id, num_tokens, keep_context) > t.pool.num_free for t in pools):
-            return False
-        state = self._prefix.get(request_id)
-        cacheable = len(state.keys) if state is not None else 0  # full prompt blocks
-        for t in pools:
-            t.grow(request_id, num_tokens, keep_context, cacheable)
-        return True
+        for minimal in (False, True):
+            if all(
+                t.missing(request_id, num_tokens, context_from, minimal) <= t.pool.num_free
+                for t in pools
+            ):
+                state = self._prefix.get(request_id)
+                cacheable = len(state.keys) if state is not None else 0  # full prompt blocks
+                for t in pools:
+                    t.grow(request_id, num_tokens, context_from, minimal, cacheable)
+                return True
+        return False
 
     def commit(self, request_id: str) -> None:
         """The request's step is done: release what its prefill kept for reading."""
@@ -291,7 +337,7 @@ class KVCacheManager:
             self.global_tables.adopt(request_id, hit.global_blocks)
             if self.has_local:
                 self.local_tables.adopt(request_id, hit.local_blocks)
-        if not self.try_grow(request_id, start + n, keep_context=n > 1):
+        if not self.try_grow(request_id, start + n, start if n > 1 else None):
             self.free(request_id)  # the shared blocks go back to the cache
             return None
         if hit.num_tokens:

@@ -200,8 +200,9 @@ class Scheduler:
 
         Returns False if req itself had to be preempted.
         """
-        keep_context = num_tokens - req.num_computed_tokens > 1  # a prefill chunk
-        while not self.kv.try_grow(req.request_id, num_tokens, keep_context):
+        start = req.num_computed_tokens
+        context_from = start if num_tokens - start > 1 else None  # a prefill chunk
+        while not self.kv.try_grow(req.request_id, num_tokens, context_from):
             victim = self.running[-1]
             self._preempt(victim)
             preempted.append(victim.request_id)

@@ -45,7 +45,9 @@ def test_engine_logits_and_tokens_match_the_reference_path(checkpoint: Path) -> 
     got = tri.generate(prompts, params)
     for w, g in zip(want, got):
         assert g.token_ids == w.token_ids
-    # Logprobs of the same tokens agree to fp32 accuracy.
+    # Logprobs of the same tokens agree to fp32 accuracy. The prompt was served above, so its
+    # prefill now starts from cached blocks: the kernels read that context through the ring.
+    cached_before = tri.kv.num_cached_tokens
     for rid, p in (("a", prompts[2]),):
         for engine in (ref, tri):
             engine.add_request(rid, p, params)
@@ -57,3 +59,4 @@ def test_engine_logits_and_tokens_match_the_reference_path(checkpoint: Path) -> 
                     lps += [lp.logprob for lp in o.new_logprobs or ()]
             outs[name] = torch.tensor(lps)
         assert torch.allclose(outs["ref"], outs["tri"], atol=1e-4)
+    assert tri.kv.num_cached_tokens - cached_before == 20  # its 5 full blocks; 1 token to compute

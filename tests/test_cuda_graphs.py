@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from server.engine.block_tables import cdiv
 from server.engine.cuda_graphs import DecodeGraphs, buckets_for
-from server.engine.kv_manager import cdiv
 from server.engine.llm_engine import LLMEngine
 from server.engine.sampling_params import SamplingParams
 from tests.engine_helpers import tiny_checkpoint, tiny_engine

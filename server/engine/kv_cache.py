@@ -8,7 +8,7 @@ import torch
 
 from kernels.dispatch import AttentionOps
 from model.config import ModelConfig
-from server.engine.kv_manager import cdiv, ring_size
+from server.engine.block_tables import cdiv, ring_size
 
 
 @dataclass(frozen=True)

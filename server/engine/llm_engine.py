@@ -13,10 +13,11 @@ import torch
 
 from kernels.dispatch import select_ops
 from server.engine import model_source
+from server.engine.block_tables import cdiv
 from server.engine.config import EngineConfig
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.kv_cache import CacheLayout, KVCache
-from server.engine.kv_manager import KVCacheManager, cdiv
+from server.engine.kv_manager import KVCacheManager
 from server.engine.output_processor import OutputProcessor
 from server.engine.outputs import (
     FINISH_ERROR,

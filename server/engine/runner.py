@@ -8,9 +8,10 @@ import torch
 
 from kernels.dispatch import AttentionOps
 from model.gemma import GemmaForCausalLM
+from server.engine.block_tables import BlockTables
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.kv_cache import AttentionBatch, CacheAttention, KVCache, PoolBatch
-from server.engine.kv_manager import BlockTables, KVCacheManager
+from server.engine.kv_manager import KVCacheManager
 from server.engine.outputs import TokenLogprob
 from server.engine.prompt_logprobs import PromptScoring, score
 from server.engine.request import Request

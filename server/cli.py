@@ -2,12 +2,14 @@
 
 The port opens at once; the engine loads on a background thread while /health answers 503.
 SIGTERM (or Ctrl+C) stops accepting requests, lets in-flight ones finish for a grace period,
-aborts the rest, stops the engine and exits 0.
+aborts the rest (their streams still end with a last chunk and [DONE]), stops the engine and
+exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import re
@@ -21,10 +23,11 @@ import uvicorn
 from server.app import Settings, create_app
 from server.engine.config import DEVICES, DTYPES, LOAD_FORMATS, EngineConfig
 from server.engine_client import EngineClient, EngineProvider
-from server.state import API_KEY_ENV
+from server.state import API_KEY_ENV, ServerState
 
 logger = logging.getLogger("server.cli")
 GRACE_S = 30  # seconds in-flight requests get to finish on shutdown before they are aborted
+ABORT_LEAD_S = 3.0  # abort that long before the grace ends, so that streams can still close
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)", re.IGNORECASE)
 
@@ -37,6 +40,7 @@ class ServeOptions:
     port: int
     log_level: str
     settings: Settings
+    grace_s: float = GRACE_S
 
 
 def byte_size(text: str) -> int:
@@ -135,9 +139,9 @@ def serve(provider: EngineProvider, options: ServeOptions) -> int:
         host=options.host,
         port=options.port,
         log_level=options.log_level,
-        timeout_graceful_shutdown=GRACE_S,
+        timeout_graceful_shutdown=round(options.grace_s),
     )
-    server = uvicorn.Server(config)
+    server = _Server(config, app.state.server, options.grace_s)
     # uvicorn re-raises the signal it caught once it has shut down, which with the default
     # handlers would end the process with 143 instead of the clean exit 0 the contract wants.
     previous = {sig: signal.signal(sig, _ignore) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -147,6 +151,34 @@ def serve(provider: EngineProvider, options: ServeOptions) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return exit_code
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, but the requests still running when the shutdown grace runs out end cleanly.
+
+    At the end of the grace uvicorn cancels the open connections, cutting streams mid-chunk; so
+    shortly before, the engine is stopped, which aborts every request in flight: each stream
+    then sends its last chunk and [DONE] while its connection is still open.
+    """
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, grace_s: float) -> None:
+        super().__init__(config)
+        self._state, self._grace_s = state, grace_s
+
+    async def shutdown(self, sockets: list | None = None) -> None:
+        lead = min(ABORT_LEAD_S, self._grace_s / 2)
+        ender = asyncio.create_task(self._abort_in_flight(self._grace_s - lead))
+        try:
+            await super().shutdown(sockets=sockets)
+        finally:
+            ender.cancel()
+
+    async def _abort_in_flight(self, after_s: float) -> None:
+        await asyncio.sleep(after_s)
+        engine = self._state.engine
+        if engine is not None:
+            logger.warning("shutdown grace ending: aborting the requests still in flight")
+            await engine.shutdown()  # the app's shutdown calls it again: a no-op by then
 
 
 def _ignore(signum: int, frame: object) -> None:

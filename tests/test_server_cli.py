@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import httpx
@@ -139,6 +141,48 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0() -> None:
             proc.send_signal(signal.SIGTERM)
             rest = list(payloads)
         assert rest[-1] == "[DONE]" and len(rest) == 40  # 39 more outputs, then [DONE]
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_streams_still_running_when_the_grace_ends_close_cleanly() -> None:
+    """A stream that would outlast the shutdown grace (2 s here) is aborted just before it
+    ends: it gets its last chunk and [DONE] instead of a connection cut mid-chunk."""
+    port = free_port()
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from server.app import Settings
+        from server.cli import ServeOptions, serve
+        from tests.fake_engine import FakeEngine
+        options = ServeOptions("127.0.0.1", {port}, "warning", Settings(), grace_s=2.0)
+        sys.exit(serve(lambda: FakeEngine(step_s=0.05), options))
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        while True:
+            try:
+                wait_until_ready(url, timeout_s=60.0)
+                break
+            except httpx.ConnectError:
+                assert proc.poll() is None
+        body = {"prompt": "abc", "max_tokens": 250, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
+            payloads = sse_payloads(r.iter_lines())
+            next(payloads)
+            signalled = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            rest = list(payloads)
+        assert time.monotonic() - signalled < 10  # not the 12 s the stream would take
+        assert rest[-1] == "[DONE]" and 1 < len(rest) < 250
+        last = json.loads(rest[-2])["choices"][0]
+        assert last["finish_reason"] is not None
         assert proc.wait(timeout=30) == 0
     finally:
         if proc.poll() is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -111,7 +113,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_sigterm_finishes_in_flight_requests_and_exits_0() -> None:
+@contextlib.contextmanager
+def fake_server_process(step_s: float, options: str = "") -> Iterator[tuple[str, subprocess.Popen]]:
+    """`serve` over the fake engine in a subprocess (so SIGTERM is real); yields (url, proc)."""
     port = free_port()
     script = textwrap.dedent(
         f"""
@@ -119,72 +123,51 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0() -> None:
         from server.app import Settings
         from server.cli import ServeOptions, serve
         from tests.fake_engine import FakeEngine
-        options = ServeOptions("127.0.0.1", {port}, "warning", Settings())
-        sys.exit(serve(lambda: FakeEngine(step_s=0.01), options))
+        options = ServeOptions("127.0.0.1", {port}, "warning", Settings(){options})
+        sys.exit(serve(lambda: FakeEngine(step_s={step_s}), options))
         """
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline_s = 60.0
         while True:  # the port opens only once the interpreter has started
-            try:
-                wait_until_ready(url, timeout_s=deadline_s)
-                break
-            except httpx.ConnectError:
-                assert proc.poll() is None
-        body = {"prompt": "abc", "max_tokens": 40, "ignore_eos": True, "stream": True}
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
-            payloads = sse_payloads(r.iter_lines())
-            next(payloads)
-            proc.send_signal(signal.SIGTERM)
-            rest = list(payloads)
-        assert rest[-1] == "[DONE]" and len(rest) == 40  # 39 more outputs, then [DONE]
-        assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-def test_streams_still_running_when_the_grace_ends_close_cleanly() -> None:
-    """A stream that would outlast the shutdown grace (2 s here) is aborted just before it
-    ends: it gets its last chunk and [DONE] instead of a connection cut mid-chunk."""
-    port = free_port()
-    script = textwrap.dedent(
-        f"""
-        import sys
-        from server.app import Settings
-        from server.cli import ServeOptions, serve
-        from tests.fake_engine import FakeEngine
-        options = ServeOptions("127.0.0.1", {port}, "warning", Settings(), grace_s=2.0)
-        sys.exit(serve(lambda: FakeEngine(step_s=0.05), options))
-        """
-    )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        while True:
             try:
                 wait_until_ready(url, timeout_s=60.0)
                 break
             except httpx.ConnectError:
                 assert proc.poll() is None
-        body = {"prompt": "abc", "max_tokens": 250, "ignore_eos": True, "stream": True}
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
-            payloads = sse_payloads(r.iter_lines())
-            next(payloads)
-            signalled = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
-            rest = list(payloads)
-        assert time.monotonic() - signalled < 10  # not the 12 s the stream would take
-        assert rest[-1] == "[DONE]" and 1 < len(rest) < 250
-        last = json.loads(rest[-2])["choices"][0]
-        assert last["finish_reason"] is not None
-        assert proc.wait(timeout=30) == 0
+        yield url, proc
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def stream_through_sigterm(url: str, proc: subprocess.Popen, max_tokens: int) -> list[str]:
+    """SSE payloads of a completion stream that gets SIGTERM after its first event."""
+    body = {"prompt": "abc", "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
+        payloads = sse_payloads(r.iter_lines())
+        next(payloads)
+        proc.send_signal(signal.SIGTERM)
+        return list(payloads)
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_0() -> None:
+    with fake_server_process(step_s=0.01) as (url, proc):
+        rest = stream_through_sigterm(url, proc, 40)
+        assert rest[-1] == "[DONE]" and len(rest) == 40  # 39 more outputs, then [DONE]
+        assert proc.wait(timeout=30) == 0
+
+
+def test_streams_still_running_when_the_grace_ends_close_cleanly() -> None:
+    """A stream that would outlast the shutdown grace (2 s here) is aborted just before it
+    ends: it gets its last chunk and [DONE] instead of a connection cut mid-chunk."""
+    with fake_server_process(step_s=0.05, options=", grace_s=2.0") as (url, proc):
+        signalled = time.monotonic()
+        rest = stream_through_sigterm(url, proc, 250)
+        assert time.monotonic() - signalled < 10  # not the 12 s the stream would take
+        assert rest[-1] == "[DONE]" and 1 < len(rest) < 250
+        assert json.loads(rest[-2])["choices"][0]["finish_reason"] is not None
+        assert proc.wait(timeout=30) == 0

@@ -156,15 +156,12 @@ class _CompletionView:
 
     def chunk(self, sub: SubRequest, out: RequestOutput) -> str:
         i = sub.index
-        text, generated = (out.new_text, out.new_logprobs or ()) if self._generate else ("", ())
-        prompt = out.prompt_logprobs if self._score_prompt else None
-        logprobs = None
-        if self._want_logprobs:
-            logprobs = self._logprobs(i, generated, prompt)
+        text = out.new_text if self._generate else ""
+        echoed = self._score_prompt and out.prompt_logprobs is not None
         choice = CompletionChoice(
             index=i,
-            text=(self._echo[i] + text) if prompt is not None else text,
-            logprobs=logprobs,
+            text=self._echo[i] + text if echoed else text,
+            logprobs=self._choice_logprobs(i, out.new_logprobs or (), out.prompt_logprobs),
             finish_reason=self._finish_reason(out.finish_reason) if out.finished else None,
         )
         return self._dump(self._wrap([choice]))
@@ -187,42 +184,42 @@ class _CompletionView:
             CompletionChoice(
                 index=i,
                 text=self._echo.get(i, "") + ("".join(r.text) if self._generate else ""),
-                logprobs=(
-                    self._logprobs(
-                        i,
-                        r.logprobs if self._generate else (),
-                        r.prompt_logprobs if self._score_prompt else None,
-                    )
-                    if self._want_logprobs
-                    else None
-                ),
+                logprobs=self._choice_logprobs(i, r.logprobs, r.prompt_logprobs),
                 finish_reason=self._finish_reason(r.finish_reason),
             )
             for i, r in sorted(results.items())
         ]
         return self._wrap(choices, usage)
 
-    def _logprobs(
+    def _choice_logprobs(
         self,
         index: int,
-        logprobs: Sequence[TokenLogprob],
-        prompt: Sequence[TokenLogprob | None] | None = None,
-    ) -> CompletionLogprobs:
+        generated: Sequence[TokenLogprob],
+        prompt: Sequence[TokenLogprob | None] | None,
+    ) -> CompletionLogprobs | None:
+        """Choice `index`'s logprobs field: None unless asked for; the prompt's tokens first
+        when they are echoed and scored; the generated ones unless max_tokens is 0."""
+        if not self._want_logprobs:
+            return None
         out = CompletionLogprobs()
-        if prompt is not None:
+        if prompt is not None and self._score_prompt:
             self._add_prompt(out, self._prompt_ids[index], prompt)
         offset = self._offsets.get(index, 0)
-        for lp in logprobs:
+        for lp in generated if self._generate else ():
             text = self._tok.token_text(lp.token_id)
-            top = {self._tok.token_text(t): v for t, v in lp.top}
-            top.setdefault(text, lp.logprob)  # OpenAI's dict holds the sampled token too
             out.tokens.append(text)
             out.token_logprobs.append(lp.logprob)
-            out.top_logprobs.append(top)
+            out.top_logprobs.append(self._top(lp, text))
             out.text_offset.append(offset)
             offset += len(text)
         self._offsets[index] = offset
         return out
+
+    def _top(self, lp: TokenLogprob, text: str) -> dict[str, float]:
+        """The alternatives by token text; OpenAI's dict holds the chosen token too."""
+        top = {self._tok.token_text(t): v for t, v in lp.top}
+        top.setdefault(text, lp.logprob)
+        return top
 
     def _add_prompt(
         self, out: CompletionLogprobs, ids: list[int], scored: Sequence[TokenLogprob | None]
@@ -235,11 +232,5 @@ class _CompletionView:
             out.tokens.append(text)
             out.text_offset.append(offset)
             offset += 0 if token == self._tok.bos_id else len(text)
-            if lp is None:
-                out.token_logprobs.append(None)
-                out.top_logprobs.append(None)
-                continue
-            top = {self._tok.token_text(t): v for t, v in lp.top}
-            top.setdefault(text, lp.logprob)
-            out.token_logprobs.append(lp.logprob)
-            out.top_logprobs.append(top)
+            out.token_logprobs.append(None if lp is None else lp.logprob)
+            out.top_logprobs.append(None if lp is None else self._top(lp, text))

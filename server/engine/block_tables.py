@@ -49,6 +49,10 @@ class BlockTables:
         # request -> {block index: block} written this step but outside the ring
         self._transient: dict[str, dict[int, int]] = {}
 
+    def _slot(self, index: int) -> int:
+        """Where block index `index` sits in a table."""
+        return index % self.ring_blocks if self.ring_blocks else index
+
     def blocks_for(self, num_tokens: int) -> int:
         """Blocks a sequence of num_tokens tokens holds in this pool."""
         n = cdiv(num_tokens, self.block_size)
@@ -132,9 +136,8 @@ class BlockTables:
         fresh = iter(self.pool.allocate(len(new) - len(inplace)))
         table.extend([-1] * (len(new) - len(fates)))  # the slots no block held yet
         for i in new:
-            j = i % self.ring_blocks if self.ring_blocks else i
-            if j not in inplace:
-                table[j] = next(fresh)
+            if self._slot(i) not in inplace:
+                table[self._slot(i)] = next(fresh)
         self._extent[request_id] = new.stop
         if skipped and self.pool.num_free >= len(skipped) + self.ring_blocks:
             self._transient[request_id] = dict(zip(skipped, self.pool.allocate(len(skipped))))
@@ -164,7 +167,7 @@ class BlockTables:
         table = [-1] * (min(k, self.ring_blocks) if self.ring_blocks else k)
         for i, b in blocks.items():
             self.pool.share(b)
-            table[i % self.ring_blocks if self.ring_blocks else i] = b
+            table[self._slot(i)] = b
         self._tables[request_id] = table
         self._extent[request_id] = k
 
@@ -184,7 +187,9 @@ class BlockTables:
         pending = self._pending.pop(request_id, None)
         if pending is not None:
             self.pool.free(pending[1])
-        self.pool.free(list(self._transient.pop(request_id, {}).values()))
+        transient = self._transient.pop(request_id, None)
+        if transient:
+            self.pool.free(list(transient.values()))
 
     def free(self, request_id: str) -> None:
         """Release the request's blocks, its last block index first: freed blocks are reused

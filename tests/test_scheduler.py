@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from server.engine.block_pool import BlockKey, BlockPool
 from server.engine.errors import RequestTooLongError
-from server.engine.kv_manager import KVCacheManager
+from server.engine.kv_manager import KVCacheManager, KVUsage
 from server.engine.outputs import FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH
 from server.engine.request import Request
 from server.engine.sampling_params import SamplingParams
@@ -244,6 +244,22 @@ def test_prefix_cache_keys_lookup_and_eviction_order() -> None:
     with pytest.raises(ValueError, match="holds no cached prefix"):
         pool.free([a])
         pool.share(a)
+
+
+@pytest.mark.parametrize("kind", ["global", "local"])
+def test_prefix_hits_in_a_model_with_one_kind_of_layer(kind: str) -> None:
+    """All-global or all-local models share cached blocks from the one pool they have."""
+    kv = KVCacheManager(
+        20, 20, 4, 8, has_global=kind == "global", has_local=kind == "local", prefix_caching=True
+    )
+    prompt = list(range(3, 23))  # 20 tokens: 5 full blocks, 4 reusable
+    assert kv.try_admit("a", prompt, 20, 64, True) == (0, 20)
+    kv.computed("a", 20, 20)
+    kv.free("a")
+    assert kv.try_admit("b", prompt, 20, 64, True) == (16, 4)
+    assert kv.num_cached_tokens == 16
+    kv.free("b")
+    assert kv.usage() == KVUsage(0.0, 0.0)
 
 
 ops = st.lists(

@@ -132,10 +132,12 @@ class KVCacheManager:
         hit = self._lookup(request_id) if self.prefix_caching and reuse else PrefixHit.none()
         start = hit.num_tokens
         n = min(num_tokens - start, budget)
-        if hit.num_tokens:
-            self.global_tables.adopt(request_id, hit.global_blocks)
-            if self.has_local:
-                self.local_tables.adopt(request_id, hit.local_blocks)
+        for tables, blocks in (
+            (self.global_tables, hit.global_blocks),
+            (self.local_tables, hit.local_blocks),
+        ):
+            if blocks:  # empty for a miss, and for a kind of layer the model lacks
+                tables.adopt(request_id, blocks)
         if not self.try_grow(request_id, start + n, start if n > 1 else None):
             self.free(request_id)  # the shared blocks go back to the cache
             return None

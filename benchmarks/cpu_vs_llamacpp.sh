@@ -21,12 +21,12 @@ PY=.venv/bin/python
 LLAMA_PY=${LLAMA_PY:-/tmp/llama-venv/bin/python}
 mkdir -p "$OUT"
 
-GGUF=$("$PY" -c 'from model.default_model import default_model_dir as d; d()
-from model.gguf_convert import cache_root; print(next((cache_root() / "gguf").glob("*.gguf")))')
+GGUF=$("$PY" -c 'from gemma_serve.model.default_model import default_model_dir as d; d()
+from gemma_serve.model.gguf_convert import cache_root; print(next((cache_root() / "gguf").glob("*.gguf")))')
 "$PY" - "$OUT/prompts.jsonl" <<'EOF'
 import json, random, sys
-from model.default_model import default_model_dir
-from model.tokenizer import Tokenizer
+from gemma_serve.model.default_model import default_model_dir
+from gemma_serve.model.tokenizer import Tokenizer
 tok = Tokenizer.from_file(default_model_dir() / "tokenizer.model")
 words = ("the of and to in is was for on that with as by at from his her their this which river "
          "mountain city history music science language market winter summer garden engine village "

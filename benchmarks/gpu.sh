@@ -51,7 +51,7 @@ elif [[ -x .venv/bin/gemma-serve ]]; then
 elif command -v gemma-serve >/dev/null; then
     SERVE=(gemma-serve)
 else
-    SERVE=("$PY" -m server.cli)
+    SERVE=("$PY" -m gemma_serve.server.cli)
 fi
 SERVER_PID=""
 printf 'phase\tstatus\tseconds\n' >"$OUT/phases.tsv"

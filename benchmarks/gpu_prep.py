@@ -56,7 +56,7 @@ def download_wheels(dest: Path, python_version: str) -> list[Path]:
 
 def write_presets(dest: Path, tokenizer: Path) -> list[Path]:
     """One Hugging Face directory (config.json + tokenizer.model) per preset."""
-    from model.config import PRESETS
+    from gemma_serve.model.config import PRESETS
 
     dirs = []
     for name, cfg in PRESETS.items():
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, default=Path(".gpu"))
     parser.add_argument("--python-version", default="3.12", help="the GPU image's CPython")
     args = parser.parse_args(argv)
-    from model.default_model import default_model_dir
+    from gemma_serve.model.default_model import default_model_dir
 
     wheels = download_wheels(args.dir / "whl", args.python_version)
     dirs = write_presets(args.dir / "models", default_model_dir() / "tokenizer.model")

@@ -31,7 +31,7 @@ COPY_BYTES = 2 << 30  # 2 GiB: far beyond any cache
 
 def preset_params(name: str) -> int:
     """Parameters of a Gemma 2 preset (tied embedding counted once), from model/config.py."""
-    from model.config import preset
+    from gemma_serve.model.config import preset
 
     c = preset(name)
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim

@@ -77,8 +77,8 @@ def copy_bandwidth(rep_ms: int, device: str) -> float:
 
 
 def _prefill_rows(name: str, window: int | None, args: argparse.Namespace) -> list[dict]:
-    from kernels import reference, triton_ops
-    from kernels.prefill_attention import launch_prefill, prefill_flops
+    from gemma_serve.kernels import reference, triton_ops
+    from gemma_serve.kernels.prefill_attention import launch_prefill, prefill_flops
 
     dev, (hq, hkv, d) = args.device, SHAPES[name]
     lens = [args.prefill_len] * args.prefill_seqs
@@ -163,8 +163,8 @@ def _flex_row(
 
 
 def _decode_rows(name: str, bandwidth: float, args: argparse.Namespace) -> list[dict]:
-    from kernels import reference, triton_ops
-    from kernels.decode_attention import launch_decode
+    from gemma_serve.kernels import reference, triton_ops
+    from gemma_serve.kernels.decode_attention import launch_decode
 
     dev, (hq, hkv, d) = args.device, SHAPES[name]
     s, ctx, bs = args.decode_batch, args.decode_ctx, 16
@@ -206,7 +206,7 @@ def _decode_rows(name: str, bandwidth: float, args: argparse.Namespace) -> list[
 
 
 def _store_rows(name: str, bandwidth: float, args: argparse.Namespace) -> list[dict]:
-    from kernels import triton_ops
+    from gemma_serve.kernels import triton_ops
 
     dev, (_, hkv, d) = args.device, SHAPES[name]
     t = args.prefill_len * args.prefill_seqs

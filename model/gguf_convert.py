@@ -16,11 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from gguf.constants import GGMLQuantizationType
-from gguf.quants import quantize
-from tqdm import tqdm
-
-from model.gguf import (
+from gemma_serve.model.gguf import (
     GGUFFile,
     hf_config,
     hf_tensor_name,
@@ -29,6 +25,9 @@ from model.gguf import (
     read_gguf,
     sentencepiece_model,
 )
+from gguf.constants import GGMLQuantizationType
+from gguf.quants import quantize
+from tqdm import tqdm
 
 CACHE_ENV = "GEMMA_SERVE_CACHE"
 # Part of every cache key: bump it when the conversion's output changes, so that stale

@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from gemma_serve.model.config import ModelConfig
+from gemma_serve.model.gemma import GemmaForCausalLM
+from gemma_serve.model.safetensors_stream import iter_entries, read_into
 from tqdm import tqdm
-
-from model.config import ModelConfig
-from model.gemma import GemmaForCausalLM
-from model.safetensors_stream import iter_entries, read_into
 
 PROGRESS_MIN_BYTES = 1 << 30  # show a progress bar for checkpoints over 1 GiB
 # Prefixes of the text model's tensors in multimodal Gemma 3 checkpoints (transformers 4.x and

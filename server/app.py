@@ -17,19 +17,18 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from gemma_serve.server.chat import create_chat_completion
+from gemma_serve.server.completions import create_completion
+from gemma_serve.server.engine_client import EngineClient, EngineProvider
+from gemma_serve.server.errors import APIError, install_error_handlers
+from gemma_serve.server.metrics import CONTENT_TYPE, Metrics
+from gemma_serve.server.middleware import ApiKeyMiddleware, BodyLimitMiddleware
+from gemma_serve.server.openapi import install_openapi
+from gemma_serve.server.params import chat_prompt, check_model, check_token_ids
+from gemma_serve.server.protocol import DetokenizeRequest, TokenizeRequest, parse_request
+from gemma_serve.server.state import ServerState, Settings, server_state
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-
-from server.chat import create_chat_completion
-from server.completions import create_completion
-from server.engine_client import EngineClient, EngineProvider
-from server.errors import APIError, install_error_handlers
-from server.metrics import CONTENT_TYPE, Metrics
-from server.middleware import ApiKeyMiddleware, BodyLimitMiddleware
-from server.openapi import install_openapi
-from server.params import chat_prompt, check_model, check_token_ids
-from server.protocol import DetokenizeRequest, TokenizeRequest, parse_request
-from server.state import ServerState, Settings, server_state
 
 __all__ = ["Settings", "create_app"]
 

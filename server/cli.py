@@ -19,13 +19,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import uvicorn
+from gemma_serve.server.app import Settings, create_app
+from gemma_serve.server.engine.config import DEVICES, DTYPES, LOAD_FORMATS, EngineConfig
+from gemma_serve.server.engine_client import EngineClient, EngineProvider
+from gemma_serve.server.state import API_KEY_ENV, ServerState
 
-from server.app import Settings, create_app
-from server.engine.config import DEVICES, DTYPES, LOAD_FORMATS, EngineConfig
-from server.engine_client import EngineClient, EngineProvider
-from server.state import API_KEY_ENV, ServerState
-
-logger = logging.getLogger("server.cli")
+logger = logging.getLogger("gemma_serve.server.cli")
 GRACE_S = 30  # seconds in-flight requests get to finish on shutdown before they are aborted
 ABORT_LEAD_S = 3.0  # abort that long before the grace ends, so that streams can still close
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -203,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def provider() -> EngineClient:
         # Imported here: the engine pulls in torch, which `--help` should not wait for.
-        from server.engine.async_engine import AsyncEngine
+        from gemma_serve.server.engine.async_engine import AsyncEngine
 
         return AsyncEngine.from_config(config)
 

@@ -11,20 +11,17 @@ import time
 import uuid
 from collections.abc import Sequence
 
-from starlette.requests import Request
-from starlette.responses import Response
-
-from server.engine.outputs import RequestOutput, TokenLogprob
-from server.engine_client import TokenizerLike
-from server.errors import bad_request
-from server.generation import (
+from gemma_serve.server.engine.outputs import RequestOutput, TokenLogprob
+from gemma_serve.server.engine_client import TokenizerLike
+from gemma_serve.server.errors import bad_request
+from gemma_serve.server.generation import (
     ChoiceResult,
     GenerationGroup,
     SubRequest,
     respond,
     stream_events,
 )
-from server.params import (
+from gemma_serve.server.params import (
     COMPLETION_DEFAULT_MAX_TOKENS,
     check_choices,
     check_model,
@@ -34,7 +31,7 @@ from server.params import (
     resolve_max_tokens,
     sampling_params,
 )
-from server.protocol import (
+from gemma_serve.server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
@@ -42,8 +39,10 @@ from server.protocol import (
     Usage,
     parse_request,
 )
-from server.sse import event
-from server.state import server_state
+from gemma_serve.server.sse import event
+from gemma_serve.server.state import server_state
+from starlette.requests import Request
+from starlette.responses import Response
 
 
 async def create_completion(request: Request) -> Response:

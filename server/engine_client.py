@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Protocol
 
-from server.engine.outputs import RequestOutput, StepStats
-from server.engine.sampling_params import SamplingParams
+from gemma_serve.server.engine.outputs import RequestOutput, StepStats
+from gemma_serve.server.engine.sampling_params import SamplingParams
 
 
 class TokenizerLike(Protocol):

@@ -15,11 +15,10 @@ import pydantic
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from gemma_serve.server.engine.errors import EngineDeadError, QueueFullError, RequestTooLongError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
-
-from server.engine.errors import EngineDeadError, QueueFullError, RequestTooLongError
 
 logger = logging.getLogger(__name__)
 VALIDATION_ERRORS = (pydantic.ValidationError, RequestValidationError)

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+from gemma_serve.server.limits import MAX_LOGIT_BIAS, MAX_PROMPTS, MAX_STOP, MAX_STOP_LEN
 from pydantic import PlainValidator, WithJsonSchema
 from pydantic_core import PydanticCustomError
-
-from server.limits import MAX_LOGIT_BIAS, MAX_PROMPTS, MAX_STOP, MAX_STOP_LEN
 
 
 def _invalid(message: str) -> PydanticCustomError:

@@ -17,19 +17,23 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from gemma_serve.server import sse
+from gemma_serve.server.engine.errors import RequestTooLongError
+from gemma_serve.server.engine.outputs import (
+    FINISH_ABORT,
+    FINISH_ERROR,
+    RequestOutput,
+    TokenLogprob,
+)
+from gemma_serve.server.engine.sampling_params import SamplingParams
+from gemma_serve.server.engine_client import EngineClient
+from gemma_serve.server.errors import APIError, bad_request
+from gemma_serve.server.metrics import Metrics
+from gemma_serve.server.protocol import PromptTokensDetails, Usage
+from gemma_serve.server.sse import SSEResponse
 from pydantic import BaseModel
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-
-from server import sse
-from server.engine.errors import RequestTooLongError
-from server.engine.outputs import FINISH_ABORT, FINISH_ERROR, RequestOutput, TokenLogprob
-from server.engine.sampling_params import SamplingParams
-from server.engine_client import EngineClient
-from server.errors import APIError, bad_request
-from server.metrics import Metrics
-from server.protocol import PromptTokensDetails, Usage
-from server.sse import SSEResponse
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -8,7 +8,7 @@ waiting-queue length (--max-queued-requests, 429, the engine).
 
 from __future__ import annotations
 
-from server.engine.sampling_params import MAX_LOGPROBS
+from gemma_serve.server.engine.sampling_params import MAX_LOGPROBS
 
 MAX_BODY_BYTES = 1 << 20  # request body; Settings.max_body_bytes (413)
 MAX_N = 16  # choices per prompt (n, best_of)

@@ -11,6 +11,14 @@ from __future__ import annotations
 import threading
 import time
 
+from gemma_serve.server.engine.outputs import (
+    FINISH_ABORT,
+    FINISH_ERROR,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    RequestOutput,
+    StepStats,
+)
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -18,15 +26,6 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
-)
-
-from server.engine.outputs import (
-    FINISH_ABORT,
-    FINISH_ERROR,
-    FINISH_LENGTH,
-    FINISH_STOP,
-    RequestOutput,
-    StepStats,
 )
 
 PREFIX = "gemma_serve_"

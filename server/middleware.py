@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import hmac
 
+from gemma_serve.server.errors import APIError, BodyTooLargeError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from server.errors import APIError, BodyTooLargeError
 
 # Everything else needs the key (when one is set): deny by default, so a new route, a trailing
 # slash or /openapi.json cannot slip past it. Probes and scrapers carry no key.

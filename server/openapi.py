@@ -11,9 +11,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel
-
-from server.protocol import (
+from gemma_serve.server.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -22,6 +20,7 @@ from server.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
+from pydantic import BaseModel
 
 REF = "#/components/schemas/{model}"
 # Statuses a route answers with besides 200 (server/errors.py), all with the error body.

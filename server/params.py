@@ -6,11 +6,11 @@ naming its parameter.
 
 from __future__ import annotations
 
-from server.engine.sampling_params import SamplingParams
-from server.engine_client import TokenizerLike
-from server.errors import APIError, bad_request
-from server.limits import MAX_CHOICES, MIN_TEMPERATURE
-from server.protocol import INT64_MIN, ChatMessage, SamplingRequest
+from gemma_serve.server.engine.sampling_params import SamplingParams
+from gemma_serve.server.engine_client import TokenizerLike
+from gemma_serve.server.errors import APIError, bad_request
+from gemma_serve.server.limits import MAX_CHOICES, MIN_TEMPERATURE
+from gemma_serve.server.protocol import INT64_MIN, ChatMessage, SamplingRequest
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, TypeVar
 
+from gemma_serve.server.fields import Content, LogitBias, Prompt, Stop, is_int
+from gemma_serve.server.limits import MAX_LOGPROBS, MAX_N, MIN_REPETITION_PENALTY
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
 from pydantic_core import PydanticCustomError
-
-from server.fields import Content, LogitBias, Prompt, Stop, is_int
-from server.limits import MAX_LOGPROBS, MAX_N, MIN_REPETITION_PENALTY
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from gemma_serve.server.engine_client import EngineClient
+from gemma_serve.server.errors import APIError
+from gemma_serve.server.metrics import Metrics
 from starlette.requests import Request
-
-from server.engine_client import EngineClient
-from server.errors import APIError
-from server.metrics import Metrics
 
 API_KEY_ENV = "GEMMA_SERVE_API_KEY"
 

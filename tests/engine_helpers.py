@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from gemma_serve.server.engine.config import EngineConfig
+from gemma_serve.server.engine.llm_engine import LLMEngine
 
-from server.engine.config import EngineConfig
-from server.engine.llm_engine import LLMEngine
 from tests.model_helpers import make_gemma2
 from tests.tokenizer_helpers import train_tiny_tokenizer
 

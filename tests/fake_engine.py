@@ -14,8 +14,8 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
-from server.engine.errors import EngineDeadError, QueueFullError, RequestTooLongError
-from server.engine.outputs import (
+from gemma_serve.server.engine.errors import EngineDeadError, QueueFullError, RequestTooLongError
+from gemma_serve.server.engine.outputs import (
     FINISH_ABORT,
     FINISH_ERROR,
     FINISH_LENGTH,
@@ -25,7 +25,7 @@ from server.engine.outputs import (
     StepStats,
     TokenLogprob,
 )
-from server.engine.sampling_params import SamplingParams
+from gemma_serve.server.engine.sampling_params import SamplingParams
 
 PAD, EOS, BOS, START_TURN, END_TURN = range(5)
 OFFSET = 5

@@ -6,10 +6,10 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from gemma_serve.server.engine.async_engine import AsyncEngine
+from gemma_serve.server.engine.errors import QueueFullError, RequestTooLongError
+from gemma_serve.server.engine.sampling_params import SamplingParams
 
-from server.engine.async_engine import AsyncEngine
-from server.engine.errors import QueueFullError, RequestTooLongError
-from server.engine.sampling_params import SamplingParams
 from tests.engine_helpers import tiny_checkpoint, tiny_engine
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
@@ -70,6 +70,15 @@ def test_closing_the_stream_aborts_and_frees_kv(checkpoint: Path) -> None:
     assert usage.global_ratio == 0.0 and usage.local_ratio == 0.0
 
 
+async def _until(cond, timeout: float = 10.0) -> None:
+    """Poll the engine's state (it runs on its own thread) until cond() holds."""
+    for _ in range(int(timeout / 0.002)):
+        if cond():
+            return
+        await asyncio.sleep(0.002)
+    raise AssertionError("condition not reached")
+
+
 def test_limits_raise_before_the_first_output(checkpoint: Path) -> None:
     async def main():
         engine = AsyncEngine(tiny_engine(checkpoint, max_queued_requests=1, max_model_len=64))
@@ -80,12 +89,13 @@ def test_limits_raise_before_the_first_output(checkpoint: Path) -> None:
             with pytest.raises(ValueError, match="empty"):
                 await collect(engine, "empty", [], GREEDY)
             # Fill the queue faster than the engine can admit: the second add must be refused.
-            slow = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
+            slow = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
             engine.engine.scheduler.max_num_seqs = 1
+            sched = engine.engine.scheduler
             first = asyncio.create_task(collect(engine, "a", [2, 3], slow))
-            await asyncio.sleep(0.05)
+            await _until(lambda: len(sched.running) == 1)
             second = asyncio.create_task(collect(engine, "b", [2, 3], slow))
-            await asyncio.sleep(0.05)
+            await _until(lambda: len(sched.waiting) == 1)
             with pytest.raises(QueueFullError, match="max-queued-requests"):
                 await collect(engine, "c", [2, 3], slow)
             await asyncio.gather(first, second)

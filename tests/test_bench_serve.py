@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from gemma_serve.server.app import Settings, create_app
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.serve import BenchConfig, RequestResult, main, run_benchmark, summarize
@@ -26,7 +27,6 @@ from benchmarks.serve_workload import (
     sample_lengths,
     synthetic_prompts,
 )
-from server.app import Settings, create_app
 from tests.fake_engine import FakeEngine
 from tests.server_helpers import run_server
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 import torch
+from gemma_serve.model.config import ConfigError, ModelConfig
+from gemma_serve.model.loader import load_safetensors
 
-from model.config import ConfigError, ModelConfig
-from model.loader import load_safetensors
 from tests.model_helpers import TINY, hf_model, make_gemma2, make_gemma3
 from tests.test_model import forward_flat, hf_logits, random_seqs
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from gemma_serve.server.engine.block_tables import cdiv
+from gemma_serve.server.engine.cuda_graphs import DecodeGraphs, buckets_for
+from gemma_serve.server.engine.llm_engine import LLMEngine
+from gemma_serve.server.engine.sampling_params import SamplingParams
 
-from server.engine.block_tables import cdiv
-from server.engine.cuda_graphs import DecodeGraphs, buckets_for
-from server.engine.llm_engine import LLMEngine
-from server.engine.sampling_params import SamplingParams
 from tests.engine_helpers import tiny_checkpoint, tiny_engine
 
 GPU = bool(os.environ.get("GEMMA_SERVE_TEST_GPU"))

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-
-from model.default_model import DEFAULT_MODEL_NAME
-from server.engine.config import EngineConfig
-from server.engine.llm_engine import LLMEngine
-from server.engine.sampling_params import SamplingParams
+from gemma_serve.model.default_model import DEFAULT_MODEL_NAME
+from gemma_serve.server.engine.config import EngineConfig
+from gemma_serve.server.engine.llm_engine import LLMEngine
+from gemma_serve.server.engine.sampling_params import SamplingParams
 
 
 @pytest.mark.slow

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from gemma_serve.server.metrics import Metrics
 from prometheus_client.parser import text_string_to_metric_families
-
-from server.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from gemma_serve.model.attention import VarlenAttention
+from gemma_serve.server.engine.llm_engine import LLMEngine
+from gemma_serve.server.engine.outputs import FINISH_LENGTH, FINISH_STOP
+from gemma_serve.server.engine.sampling_params import SamplingParams
 
-from model.attention import VarlenAttention
-from server.engine.llm_engine import LLMEngine
-from server.engine.outputs import FINISH_LENGTH, FINISH_STOP
-from server.engine.sampling_params import SamplingParams
 from tests.engine_helpers import hf_greedy, tiny_checkpoint, tiny_engine
 from tests.model_helpers import hf_model
 

@@ -17,12 +17,8 @@ import gguf
 import numpy as np
 import pytest
 import sentencepiece as spm
-from gguf import GGMLQuantizationType as Q
-from gguf import TokenType
-from safetensors.numpy import load_file
-
-from model import default_model, gguf_convert
-from model.gguf import (
+from gemma_serve.model import default_model, gguf_convert
+from gemma_serve.model.gguf import (
     GGUFError,
     GGUFFile,
     dequantize,
@@ -30,7 +26,10 @@ from model.gguf import (
     hf_tensor_name,
     read_gguf,
 )
-from model.gguf_convert import cache_root, cached_conversion, convert_gguf
+from gemma_serve.model.gguf_convert import cache_root, cached_conversion, convert_gguf
+from gguf import GGMLQuantizationType as Q
+from gguf import TokenType
+from safetensors.numpy import load_file
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN, LAYERS = 256, 2, 1, 32, 512, 2
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
@@ -321,9 +320,9 @@ def test_untied_output_weight_is_the_lm_head(tmp_path: Path) -> None:
     that head: logits equal transformers' on the converted directory."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from model.attention import VarlenAttention
-    from model.config import ModelConfig
-    from model.loader import load_safetensors
+    from gemma_serve.model.attention import VarlenAttention
+    from gemma_serve.model.config import ModelConfig
+    from gemma_serve.model.loader import load_safetensors
 
     out = convert_gguf(write_tiny_gguf(tmp_path / "u.gguf", untied=True), tmp_path / "hf", False)
     cfg = ModelConfig.from_file(out)

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from kernels import reference, triton_ops
-from kernels.decode_attention import launch_decode
-from kernels.prefill_attention import launch_prefill
+from gemma_serve.kernels import reference, triton_ops
+from gemma_serve.kernels.decode_attention import launch_decode
+from gemma_serve.kernels.prefill_attention import launch_prefill
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if os.environ.get("GEMMA_SERVE_TEST_GPU") else "cpu"
@@ -234,10 +233,10 @@ AOT_SCRIPT = r"""
 import json, os, re, subprocess, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
-from kernels.decode_attention import decode_kernel, decode_reduce_kernel
-from kernels.prefill_attention import prefill_kernel
-from kernels.store_kv import store_kv_kernel
-from kernels.triton_ops import decode_block_n, prefill_config
+from gemma_serve.kernels.decode_attention import decode_kernel, decode_reduce_kernel
+from gemma_serve.kernels.prefill_attention import prefill_kernel
+from gemma_serve.kernels.store_kv import store_kv_kernel
+from gemma_serve.kernels.triton_ops import decode_block_n, prefill_config
 
 FLOATS = {"qk_scale", "softcap_scale", "cap_log2e"}
 INT_PTRS = {"CuSeqlens", "CtxLens", "BlockTables", "SeqLens", "SlotMapping"}

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from gemma_serve.kernels import triton_ops
+from gemma_serve.kernels.dispatch import AttentionOps
+from gemma_serve.server.engine.sampling_params import SamplingParams
 
-from kernels import triton_ops
-from kernels.dispatch import AttentionOps
-from server.engine.sampling_params import SamplingParams
 from tests.engine_helpers import tiny_checkpoint, tiny_engine
 
 DEVICE = "cuda" if os.environ.get("GEMMA_SERVE_TEST_GPU") else "cpu"

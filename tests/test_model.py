@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from gemma_serve.model import cpu_gemm
+from gemma_serve.model.attention import VarlenAttention
+from gemma_serve.model.config import ConfigError, ModelConfig, preset
+from gemma_serve.model.gemma import GemmaForCausalLM
+from gemma_serve.model.loader import CheckpointError, load_safetensors
 from safetensors.torch import load_file, save_file
 
-from model import cpu_gemm
-from model.attention import VarlenAttention
-from model.config import ConfigError, ModelConfig, preset
-from model.gemma import GemmaForCausalLM
-from model.loader import CheckpointError, load_safetensors
 from tests.model_helpers import hf_model, make_gemma2, make_gemma3
 
 TOL = 1e-4
@@ -216,7 +216,7 @@ def test_hf_dict_round_trips(tmp_path: Path) -> None:
 
 
 def test_streamed_loading_converts_dtypes_in_small_chunks(tmp_path: Path, monkeypatch) -> None:
-    import model.safetensors_stream as stream
+    import gemma_serve.model.safetensors_stream as stream
 
     path = make_gemma2(tmp_path)
     cfg = ModelConfig.from_file(path)

@@ -6,10 +6,9 @@ import math
 
 import pytest
 import torch
-
-from server.engine.request import Request
-from server.engine.sampler import Sampler, _row_edit
-from server.engine.sampling_params import SamplingParams
+from gemma_serve.server.engine.request import Request
+from gemma_serve.server.engine.sampler import Sampler, _row_edit
+from gemma_serve.server.engine.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")
 

@@ -6,16 +6,15 @@ import contextlib
 from collections import Counter
 
 import pytest
+from gemma_serve.server.engine.block_pool import BlockKey, BlockPool
+from gemma_serve.server.engine.errors import RequestTooLongError
+from gemma_serve.server.engine.kv_manager import KVCacheManager, KVUsage
+from gemma_serve.server.engine.outputs import FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH
+from gemma_serve.server.engine.request import Request
+from gemma_serve.server.engine.sampling_params import SamplingParams
+from gemma_serve.server.engine.scheduler import MAX_FAULTS, Scheduler, SchedulerOutput
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from server.engine.block_pool import BlockKey, BlockPool
-from server.engine.errors import RequestTooLongError
-from server.engine.kv_manager import KVCacheManager, KVUsage
-from server.engine.outputs import FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH
-from server.engine.request import Request
-from server.engine.sampling_params import SamplingParams
-from server.engine.scheduler import MAX_FAULTS, Scheduler, SchedulerOutput
 
 EOS = 1
 

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
+from gemma_serve.server.app import Settings, create_app
 
-from server.app import Settings, create_app
 from tests.fake_engine import BOS, END_TURN, EOS, OFFSET, TOKEN_LOGPROB, FakeEngine
 from tests.server_helpers import run_server, sse_payloads
 

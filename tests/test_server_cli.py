@@ -16,10 +16,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from gemma_serve.server.app import Settings
+from gemma_serve.server.cli import ServeOptions, byte_size, parse_args, serve
+from gemma_serve.server.engine.config import EngineConfig
 
-from server.app import Settings
-from server.cli import ServeOptions, byte_size, parse_args, serve
-from server.engine.config import EngineConfig
 from tests.server_helpers import sse_payloads, wait_until_ready
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,8 +120,8 @@ def fake_server_process(step_s: float, options: str = "") -> Iterator[tuple[str,
     script = textwrap.dedent(
         f"""
         import sys
-        from server.app import Settings
-        from server.cli import ServeOptions, serve
+        from gemma_serve.server.app import Settings
+        from gemma_serve.server.cli import ServeOptions, serve
         from tests.fake_engine import FakeEngine
         options = ServeOptions("127.0.0.1", {port}, "warning", Settings(){options})
         sys.exit(serve(lambda: FakeEngine(step_s={step_s}), options))

@@ -12,10 +12,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from gemma_serve.server.app import Settings, create_app
+from gemma_serve.server.engine.errors import QueueFullError
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.app import Settings, create_app
-from server.engine.errors import QueueFullError
 from tests.fake_engine import FakeEngine
 from tests.server_helpers import run_server, sse_payloads
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from gemma_serve.server.app import create_app
+from gemma_serve.server.engine.async_engine import AsyncEngine
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.app import create_app
-from server.engine.async_engine import AsyncEngine
 from tests.engine_helpers import hf_greedy, tiny_checkpoint, tiny_engine
 from tests.model_helpers import hf_model
 from tests.server_helpers import run_server

@@ -10,9 +10,8 @@ from typing import Any
 import httpx
 import pydantic
 import pytest
-
-from server.app import Settings, create_app
-from server.limits import (
+from gemma_serve.server.app import Settings, create_app
+from gemma_serve.server.limits import (
     MAX_BODY_BYTES,
     MAX_CHOICES,
     MAX_LOGIT_BIAS,
@@ -24,7 +23,8 @@ from server.limits import (
     MIN_REPETITION_PENALTY,
     MIN_TEMPERATURE,
 )
-from server.protocol import CompletionRequest, parse_request
+from gemma_serve.server.protocol import CompletionRequest, parse_request
+
 from tests.fake_engine import FakeEngine
 from tests.server_helpers import run_server
 

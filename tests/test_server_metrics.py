@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from gemma_serve.server.engine.outputs import RequestOutput, RequestTimes, StepStats
+from gemma_serve.server.metrics import Metrics
 from prometheus_client.parser import text_string_to_metric_families
-
-from server.engine.outputs import RequestOutput, RequestTimes, StepStats
-from server.metrics import Metrics
 
 CONTRACT = {
     "gemma_serve_requests_running": "gauge",

@@ -6,9 +6,8 @@ import json
 
 import pydantic
 import pytest
-
-from server.errors import APIError, validation_error
-from server.params import (
+from gemma_serve.server.errors import APIError, validation_error
+from gemma_serve.server.params import (
     chat_prompt,
     check_model,
     child_seed,
@@ -16,7 +15,7 @@ from server.params import (
     resolve_max_tokens,
     sampling_params,
 )
-from server.protocol import (
+from gemma_serve.server.protocol import (
     MAX_N,
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -25,6 +24,7 @@ from server.protocol import (
     CompletionRequest,
     parse_request,
 )
+
 from tests.fake_engine import BOS, OFFSET, FakeTokenizer
 
 

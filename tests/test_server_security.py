@@ -10,10 +10,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from gemma_serve.server import middleware
+from gemma_serve.server.app import Settings, create_app
+from gemma_serve.server.cli import parse_args
 
-from server import middleware
-from server.app import Settings, create_app
-from server.cli import parse_args
 from tests.fake_engine import FakeEngine
 from tests.server_helpers import run_server
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import sentencepiece as spm
+from gemma_serve.model.detokenizer import IncrementalDetokenizer
+from gemma_serve.model.tokenizer import Tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-from model.detokenizer import IncrementalDetokenizer
-from model.tokenizer import Tokenizer
 from tests.tokenizer_helpers import train_tiny_tokenizer
 
 MARKERS = ("<start_of_turn>", "<end_of_turn>", "<eos>", "<bos>", "<pad>", "<mask>", "<unused0>")

@@ -15,11 +15,11 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
-from server.engine.config import EngineConfig
-from server.engine.errors import EngineDeadError, QueueFullError
-from server.engine.llm_engine import LLMEngine
-from server.engine.outputs import FINISH_ERROR, RequestOutput, StepStats
-from server.engine.sampling_params import SamplingParams
+from gemma_serve.server.engine.config import EngineConfig
+from gemma_serve.server.engine.errors import EngineDeadError, QueueFullError
+from gemma_serve.server.engine.llm_engine import LLMEngine
+from gemma_serve.server.engine.outputs import FINISH_ERROR, RequestOutput, StepStats
+from gemma_serve.server.engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ they can be cached for later requests), which go back to the pool when the step 
 
 from __future__ import annotations
 
-from server.engine.block_pool import BlockPool
+from gemma_serve.server.engine.block_pool import BlockPool
 
 
 def cdiv(a: int, b: int) -> int:

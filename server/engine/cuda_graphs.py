@@ -15,10 +15,9 @@ from __future__ import annotations
 import logging
 
 import torch
-
-from kernels.dispatch import AttentionOps
-from model.gemma import GemmaForCausalLM
-from server.engine.kv_cache import AttentionBatch, CacheAttention, KVCache, PoolBatch
+from gemma_serve.kernels.dispatch import AttentionOps
+from gemma_serve.model.gemma import GemmaForCausalLM
+from gemma_serve.server.engine.kv_cache import AttentionBatch, CacheAttention, KVCache, PoolBatch
 
 log = logging.getLogger(__name__)
 

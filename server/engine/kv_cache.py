@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from kernels.dispatch import AttentionOps
-from model.config import ModelConfig
-from server.engine.block_tables import cdiv, ring_size
+from gemma_serve.kernels.dispatch import AttentionOps
+from gemma_serve.model.config import ModelConfig
+from gemma_serve.server.engine.block_tables import cdiv, ring_size
 
 
 @dataclass(frozen=True)

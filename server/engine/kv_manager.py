@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.engine.block_pool import BlockKey
-from server.engine.block_tables import BlockTables, ring_size
+from gemma_serve.server.engine.block_pool import BlockKey
+from gemma_serve.server.engine.block_tables import BlockTables, ring_size
 
 
 @dataclass

@@ -10,28 +10,27 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-
-from kernels.dispatch import select_ops
-from server.engine import model_source
-from server.engine.block_tables import cdiv
-from server.engine.config import EngineConfig
-from server.engine.cuda_graphs import DecodeGraphs
-from server.engine.kv_cache import CacheLayout, KVCache
-from server.engine.kv_manager import KVCacheManager
-from server.engine.output_processor import OutputProcessor
-from server.engine.outputs import (
+from gemma_serve.kernels.dispatch import select_ops
+from gemma_serve.server.engine import model_source
+from gemma_serve.server.engine.block_tables import cdiv
+from gemma_serve.server.engine.config import EngineConfig
+from gemma_serve.server.engine.cuda_graphs import DecodeGraphs
+from gemma_serve.server.engine.kv_cache import CacheLayout, KVCache
+from gemma_serve.server.engine.kv_manager import KVCacheManager
+from gemma_serve.server.engine.output_processor import OutputProcessor
+from gemma_serve.server.engine.outputs import (
     FINISH_ERROR,
     FINISH_STOP,
     RequestOutput,
     StepStats,
     TokenLogprob,
 )
-from server.engine.prompt_logprobs import record as record_prompt_logprobs
-from server.engine.request import Request
-from server.engine.runner import Runner
-from server.engine.sampler import Sampler, SamplerOutput
-from server.engine.sampling_params import SamplingParams
-from server.engine.scheduler import ScheduledChunk, Scheduler
+from gemma_serve.server.engine.prompt_logprobs import record as record_prompt_logprobs
+from gemma_serve.server.engine.request import Request
+from gemma_serve.server.engine.runner import Runner
+from gemma_serve.server.engine.sampler import Sampler, SamplerOutput
+from gemma_serve.server.engine.sampling_params import SamplingParams
+from gemma_serve.server.engine.scheduler import ScheduledChunk, Scheduler
 
 log = logging.getLogger(__name__)
 

@@ -7,13 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from model import cpu_gemm
-from model.config import PRESETS, ModelConfig, preset
-from model.gemma import GemmaForCausalLM
-from model.loader import load_safetensors, random_model
-from model.tokenizer import Tokenizer
-from server.engine.config import EngineConfig
+from gemma_serve.model import cpu_gemm
+from gemma_serve.model.config import PRESETS, ModelConfig, preset
+from gemma_serve.model.gemma import GemmaForCausalLM
+from gemma_serve.model.loader import load_safetensors, random_model
+from gemma_serve.model.tokenizer import Tokenizer
+from gemma_serve.server.engine.config import EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +45,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def _model_dir(cfg: EngineConfig) -> tuple[Path, str]:
     """A HF-style directory to load, and the default served name."""
     if cfg.model is None:
-        from model.default_model import DEFAULT_MODEL_NAME, default_model_dir
+        from gemma_serve.model.default_model import DEFAULT_MODEL_NAME, default_model_dir
 
         return default_model_dir(), DEFAULT_MODEL_NAME
     path = Path(cfg.model)
     if path.suffix == ".gguf" or cfg.load_format == "gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {path} does not exist")
-        from model.gguf_convert import cached_conversion
+        from gemma_serve.model.gguf_convert import cached_conversion
 
         return cached_conversion(path), path.stem
     if not path.is_dir():
@@ -65,7 +64,7 @@ def _model_dir(cfg: EngineConfig) -> tuple[Path, str]:
 
 
 def _default_tokenizer() -> Tokenizer:
-    from model.default_model import default_model_dir
+    from gemma_serve.model.default_model import default_model_dir
 
     return Tokenizer.from_file(default_model_dir() / "tokenizer.model")
 

@@ -9,10 +9,10 @@ not searched again.
 
 from __future__ import annotations
 
-from model.detokenizer import IncrementalDetokenizer
-from model.tokenizer import Tokenizer
-from server.engine.outputs import RequestOutput, RequestTimes, TokenLogprob
-from server.engine.request import Request
+from gemma_serve.model.detokenizer import IncrementalDetokenizer
+from gemma_serve.model.tokenizer import Tokenizer
+from gemma_serve.server.engine.outputs import RequestOutput, RequestTimes, TokenLogprob
+from gemma_serve.server.engine.request import Request
 
 
 class TextState:

@@ -12,10 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-
-from server.engine.outputs import TokenLogprob
-from server.engine.request import Request
-from server.engine.sampler import token_logprobs
+from gemma_serve.server.engine.outputs import TokenLogprob
+from gemma_serve.server.engine.request import Request
+from gemma_serve.server.engine.sampler import token_logprobs
 
 SLICE_ROWS = 128
 

@@ -6,8 +6,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from server.engine.outputs import TokenLogprob
-from server.engine.sampling_params import SamplingParams
+from gemma_serve.server.engine.outputs import TokenLogprob
+from gemma_serve.server.engine.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):

@@ -5,17 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from kernels.dispatch import AttentionOps
-from model.gemma import GemmaForCausalLM
-from server.engine.block_tables import BlockTables
-from server.engine.cuda_graphs import DecodeGraphs
-from server.engine.kv_cache import AttentionBatch, CacheAttention, KVCache, PoolBatch
-from server.engine.kv_manager import KVCacheManager
-from server.engine.outputs import TokenLogprob
-from server.engine.prompt_logprobs import PromptScoring, score
-from server.engine.request import Request
-from server.engine.scheduler import ScheduledChunk, SchedulerOutput
+from gemma_serve.kernels.dispatch import AttentionOps
+from gemma_serve.model.gemma import GemmaForCausalLM
+from gemma_serve.server.engine.block_tables import BlockTables
+from gemma_serve.server.engine.cuda_graphs import DecodeGraphs
+from gemma_serve.server.engine.kv_cache import AttentionBatch, CacheAttention, KVCache, PoolBatch
+from gemma_serve.server.engine.kv_manager import KVCacheManager
+from gemma_serve.server.engine.outputs import TokenLogprob
+from gemma_serve.server.engine.prompt_logprobs import PromptScoring, score
+from gemma_serve.server.engine.request import Request
+from gemma_serve.server.engine.scheduler import ScheduledChunk, SchedulerOutput
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 import torch
-
-from server.engine.outputs import TokenLogprob
-from server.engine.request import Request
+from gemma_serve.server.engine.outputs import TokenLogprob
+from gemma_serve.server.engine.request import Request
 
 NEG_INF = float("-inf")
 

@@ -16,10 +16,10 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from server.engine.errors import RequestTooLongError
-from server.engine.kv_manager import KVCacheManager
-from server.engine.outputs import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP
-from server.engine.request import Request, RequestStatus
+from gemma_serve.server.engine.errors import RequestTooLongError
+from gemma_serve.server.engine.kv_manager import KVCacheManager
+from gemma_serve.server.engine.outputs import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP
+from gemma_serve.server.engine.request import Request, RequestStatus
 
 MAX_FAULTS = 3  # failed steps a request may be part of before it is failed itself
 

@@ -19,11 +19,11 @@ from typing import Any
 import httpx
 import pytest
 import torch
+from gemma_serve.server.app import create_app
+from gemma_serve.server.engine.async_engine import AsyncEngine
+from gemma_serve.server.engine.request import Request
+from gemma_serve.server.engine.sampler import Sampler, SamplerOutput
 
-from server.app import create_app
-from server.engine.async_engine import AsyncEngine
-from server.engine.request import Request
-from server.engine.sampler import Sampler, SamplerOutput
 from tests.engine_helpers import tiny_engine
 from tests.server_helpers import run_server
 from tests.stress.clients import Outcome, async_client, bounded, call, finished_requests, wait_idle

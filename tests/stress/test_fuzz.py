@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from gemma_serve.server.app import create_app
+from gemma_serve.server.engine.async_engine import AsyncEngine
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.app import create_app
-from server.engine.async_engine import AsyncEngine
 from tests.engine_helpers import tiny_engine
 from tests.server_helpers import run_server, sse_payloads
 from tests.stress.schema_fuzz import (

@@ -15,9 +15,10 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.app import create_app
-from server.engine.async_engine import AsyncEngine
-from server.engine.request import Request
+from gemma_serve.server.app import create_app
+from gemma_serve.server.engine.async_engine import AsyncEngine
+from gemma_serve.server.engine.request import Request
+
 from tests.engine_helpers import tiny_engine
 from tests.server_helpers import run_server
 from tests.stress.clients import (

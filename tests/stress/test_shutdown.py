@@ -1,6 +1,6 @@
 """SIGTERM while requests stream: the real CLI process drains them and exits 0, promptly.
 
-tests/test_server_cli.py checks one stream of the fake engine; here `python -m server.cli`
+tests/test_server_cli.py checks one stream of the fake engine; here the real CLI process
 serves the tiny checkpoint with the real engine, several streaming and non-streaming requests
 are in flight when SIGTERM arrives, and each must end cleanly (no client hangs) with its exact
 greedy text, the listener must close to new connections, and the process must exit 0 in time.
@@ -41,7 +41,15 @@ def free_port() -> int:
 
 
 def start_server(checkpoint: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "server.cli", "--model", str(checkpoint), "--device", "cpu"]
+    command = [
+        sys.executable,
+        "-m",
+        "gemma_serve.server.cli",
+        "--model",
+        str(checkpoint),
+        "--device",
+        "cpu",
+    ]
     command += ["--port", str(port), "--log-level", "warning"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     env.pop("GEMMA_SERVE_API_KEY", None)

@@ -13,9 +13,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from server.engine.llm_engine import LLMEngine
-from server.engine.sampling_params import SamplingParams
-from server.engine_client import TokenizerLike
+from gemma_serve.server.engine.llm_engine import LLMEngine
+from gemma_serve.server.engine.sampling_params import SamplingParams
+from gemma_serve.server.engine_client import TokenizerLike
 
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from gemma_serve.server.engine.block_tables import cdiv
+from gemma_serve.server.engine.block_table import cdiv
 from gemma_serve.server.engine.cuda_graphs import DecodeGraphs, buckets_for
 from gemma_serve.server.engine.llm_engine import LLMEngine
 from gemma_serve.server.engine.sampling_params import SamplingParams

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from gemma_serve.model.attention import VarlenAttention
+from gemma_serve.server.engine.block_table import PoolKind
 from gemma_serve.server.engine.llm_engine import LLMEngine
 from gemma_serve.server.engine.outputs import FINISH_LENGTH, FINISH_STOP
 from gemma_serve.server.engine.sampling_params import SamplingParams
@@ -168,7 +169,7 @@ def test_a_local_pool_of_one_ring_serves_long_chunked_prompts(checkpoint, budget
     engine = tiny_engine(
         checkpoint, max_num_seqs=1, max_num_batched_tokens=budget, enable_prefix_caching=caching
     )
-    assert engine.layout.num_local_blocks == engine.kv.ring_blocks
+    assert engine.layout.num_local_blocks == engine.kv.pools[PoolKind.LOCAL].ring_blocks
     prompt = [2] + list(range(10, 49))  # 40 tokens: five windows
     want = hf_greedy(ref, prompt, 4)
     for attempt in range(2):
@@ -194,10 +195,11 @@ def test_decode_far_past_the_window_keeps_local_kv_bounded(checkpoint) -> None:
         for out in engine.step():
             tokens.extend(out.new_token_ids)
         if engine.scheduler.running:
-            ring_sizes.add(len(engine.kv.ring_table("long")))
-            global_sizes.append(len(engine.kv.block_table("long")))
+            ring_sizes.add(len(engine.kv.pools[PoolKind.LOCAL].table("long")))
+            global_sizes.append(len(engine.kv.pools[PoolKind.GLOBAL].table("long")))
     assert tokens == hf_greedy(ref, prompt, 60)
-    assert max(ring_sizes) == engine.kv.ring_blocks == 3  # ceil((window 8 - 1) / block 4) + 1
+    ring = engine.kv.pools[PoolKind.LOCAL]
+    assert max(ring_sizes) == ring.ring_blocks == 3  # ceil((window 8 - 1) / block 4) + 1
     assert global_sizes[-1] == -(-(len(prompt) + 59) // 4)
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from gemma_serve.kernels.dispatch import select_ops
 from gemma_serve.server.engine import model_source
-from gemma_serve.server.engine.block_tables import cdiv
+from gemma_serve.server.engine.block_table import cdiv
 from gemma_serve.server.engine.config import EngineConfig
 from gemma_serve.server.engine.cuda_graphs import DecodeGraphs
 from gemma_serve.server.engine.kv_cache import CacheLayout, KVCache

@@ -43,6 +43,18 @@ class Growth(Enum):
     MINIMAL = "minimal"
 
 
+@dataclass(frozen=True)
+class Cover:
+    """What a step asks of a request's table: hold its first num_tokens tokens."""
+
+    num_tokens: int
+    context_from: int | None = None  # the first position of the prefill chunk (None: a decode)
+    growth: Growth = Growth.KEEP_CACHED
+    # Block indices below this that the table cannot hold may get transient blocks for the step
+    # (prompt blocks, so that they can be cached).
+    transient_below: int = 0
+
+
 @dataclass
 class Allocation:
     """A request's blocks in one pool."""
@@ -89,27 +101,12 @@ class BlockTable(ABC):
         """The longest sequence the empty pool can hold (UNBOUNDED: any)."""
 
     @abstractmethod
-    def missing(
-        self,
-        request_id: str,
-        num_tokens: int,
-        context_from: int | None = None,
-        growth: Growth = Growth.KEEP_CACHED,
-    ) -> int:
-        """Free blocks needed to cover num_tokens. context_from: the first position of the
-        prefill chunk that runs (None for a decode)."""
+    def missing(self, request_id: str, cover: Cover) -> int:
+        """Free blocks the pool needs to grow the request's table to `cover`."""
 
     @abstractmethod
-    def grow(
-        self,
-        request_id: str,
-        num_tokens: int,
-        context_from: int | None = None,
-        growth: Growth = Growth.KEEP_CACHED,
-        transient_below: int = 0,
-    ) -> None:
-        """Cover num_tokens (see `missing`); block indices below transient_below that the
-        table cannot hold may get transient blocks for the step."""
+    def grow(self, request_id: str, cover: Cover) -> None:
+        """Grow the request's table to `cover` (the caller checked `missing` first)."""
 
     @abstractmethod
     def slots(self, request_id: str, start: int, end: int) -> list[int]:

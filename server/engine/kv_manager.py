@@ -15,12 +15,13 @@ blocks instead of recomputing.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gemma_serve.server.engine.block_pool import BlockKey
 from gemma_serve.server.engine.block_table import (
     UNBOUNDED,
     BlockTable,
+    Cover,
     Growth,
     PoolInputs,
     PoolKind,
@@ -78,17 +79,13 @@ class KVCacheManager:
         limits it)."""
         return min((t.max_tokens() for t in self.pools.values()), default=UNBOUNDED)
 
-    def _growth_that_fits(
-        self, request_id: str, num_tokens: int, context_from: int | None
-    ) -> Growth | None:
-        """The first way of growing (see `Growth`: keeping cached prefixes, else minimal) for
-        which every pool has the free blocks; None when neither fits."""
+    def _cover_that_fits(self, request_id: str, cover: Cover) -> Cover | None:
+        """`cover` with the first way of growing (see `Growth`: keeping cached prefixes, else
+        minimal) for which every pool has the free blocks; None when neither fits."""
         for growth in Growth:
-            if all(
-                t.missing(request_id, num_tokens, context_from, growth) <= t.pool.num_free
-                for t in self.pools.values()
-            ):
-                return growth
+            attempt = replace(cover, growth=growth)
+            if all(t.missing(request_id, attempt) <= t.pool.num_free for t in self.pools.values()):
+                return attempt
         return None
 
     def try_grow(self, request_id: str, num_tokens: int, context_from: int | None = None) -> bool:
@@ -96,13 +93,14 @@ class KVCacheManager:
 
         context_from: the first position of a prefill chunk (None for a decode).
         """
-        growth = self._growth_that_fits(request_id, num_tokens, context_from)
-        if growth is None:
-            return False
         state = self._prefix.get(request_id)
         cacheable = len(state.keys) if state is not None else 0  # full prompt blocks
+        cover = Cover(num_tokens, context_from, transient_below=cacheable)
+        fitting = self._cover_that_fits(request_id, cover)
+        if fitting is None:
+            return False
         for t in self.pools.values():
-            t.grow(request_id, num_tokens, context_from, growth, cacheable)
+            t.grow(request_id, fitting)
         return True
 
     def commit(self, request_id: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from gemma_serve.server.engine.block_pool import BlockKey
-from gemma_serve.server.engine.block_table import Allocation, BlockTable, Growth, cdiv
+from gemma_serve.server.engine.block_table import Allocation, BlockTable, Cover, cdiv
 
 
 class PagedTable(BlockTable):
@@ -24,25 +24,12 @@ class PagedTable(BlockTable):
     def _new_indices(self, alloc: Allocation, num_tokens: int) -> range:
         return range(alloc.extent, cdiv(num_tokens, self.block_size))
 
-    def missing(
-        self,
-        request_id: str,
-        num_tokens: int,
-        context_from: int | None = None,
-        growth: Growth = Growth.KEEP_CACHED,
-    ) -> int:
-        return len(self._new_indices(self._alloc(request_id), num_tokens))
+    def missing(self, request_id: str, cover: Cover) -> int:
+        return len(self._new_indices(self._alloc(request_id), cover.num_tokens))
 
-    def grow(
-        self,
-        request_id: str,
-        num_tokens: int,
-        context_from: int | None = None,
-        growth: Growth = Growth.KEEP_CACHED,
-        transient_below: int = 0,
-    ) -> None:
+    def grow(self, request_id: str, cover: Cover) -> None:
         """Append fresh blocks (a paged table holds every index: nothing is transient)."""
-        new = self._new_indices(self._alloc(request_id), num_tokens)
+        new = self._new_indices(self._alloc(request_id), cover.num_tokens)
         if not new:
             return
         alloc = self._allocs.setdefault(request_id, Allocation())

@@ -27,6 +27,7 @@ from gemma_serve.server.engine.block_table import (
     UNBOUNDED,
     Allocation,
     BlockTable,
+    Cover,
     Growth,
     cdiv,
 )
@@ -66,11 +67,11 @@ class RingTable(BlockTable):
         return range(max(alloc.extent, n - self.ring_blocks), n)
 
     def _replacements(
-        self, alloc: Allocation, new: range, context_from: int | None, growth: Growth
+        self, alloc: Allocation, new: range, cover: Cover
     ) -> list[tuple[int, int, Replaced]]:
         """(slot, old block, its fate) for each ring slot a new index takes over."""
-        r, b = self.ring_blocks, self.block_size
-        first_context = None if context_from is None else context_from // b - r + 1
+        r, b, start = self.ring_blocks, self.block_size, cover.context_from
+        first_context = None if start is None else start // b - r + 1
         out = []
         for i in new:
             j = i % r
@@ -78,7 +79,7 @@ class RingTable(BlockTable):
                 continue
             old = alloc.table[j]
             shared = self.pool.refcount(old) > 1
-            if not shared and (growth is Growth.MINIMAL or not self.pool.is_registered(old)):
+            if not shared and (cover.growth is Growth.MINIMAL or not self.pool.is_registered(old)):
                 out.append((j, old, Replaced.IN_PLACE))
             elif first_context is not None and i - r >= first_context:
                 out.append((j, old, Replaced.KEPT))
@@ -86,39 +87,26 @@ class RingTable(BlockTable):
                 out.append((j, old, Replaced.FREED))
         return out
 
-    def missing(
-        self,
-        request_id: str,
-        num_tokens: int,
-        context_from: int | None = None,
-        growth: Growth = Growth.KEEP_CACHED,
-    ) -> int:
+    def missing(self, request_id: str, cover: Cover) -> int:
         alloc = self._alloc(request_id)
-        new = self._new_indices(alloc, num_tokens)
-        fates = self._replacements(alloc, new, context_from, growth)
+        new = self._new_indices(alloc, cover.num_tokens)
+        fates = self._replacements(alloc, new, cover)
         in_place = sum(f is Replaced.IN_PLACE for _, _, f in fates)
         freed = sum(f is Replaced.FREED and self.pool.refcount(old) == 1 for _, old, f in fates)
         return len(new) - in_place - freed
 
-    def grow(
-        self,
-        request_id: str,
-        num_tokens: int,
-        context_from: int | None = None,
-        growth: Growth = Growth.KEEP_CACHED,
-        transient_below: int = 0,
-    ) -> None:
+    def grow(self, request_id: str, cover: Cover) -> None:
         """Blocks kept as context stay held until `commit`. Block indices below
-        transient_below that the ring skips get transient blocks for the step, as long as the
-        pool keeps room for another ring."""
+        cover.transient_below that the ring skips get transient blocks for the step, as long
+        as the pool keeps room for another ring."""
         self.commit(request_id)
         alloc = self._alloc(request_id)
-        new = self._new_indices(alloc, num_tokens)
+        new = self._new_indices(alloc, cover.num_tokens)
         if not new:
             return
         self._allocs[request_id] = alloc
-        skipped = range(alloc.extent, min(new.start, transient_below))
-        fates = self._replacements(alloc, new, context_from, growth)
+        skipped = range(alloc.extent, min(new.start, cover.transient_below))
+        fates = self._replacements(alloc, new, cover)
         kept = [old for _, old, f in fates if f is Replaced.KEPT]
         if kept:
             alloc.kept, alloc.context = kept, list(alloc.table)

@@ -83,7 +83,7 @@ class KVCacheManager:
         """`cover` with the first way of growing (see `Growth`: keeping cached prefixes, else
         minimal) for which every pool has the free blocks; None when neither fits."""
         for growth in Growth:
-            attempt = replace(cover, growth=growth)
+            attempt = cover if growth is cover.growth else replace(cover, growth=growth)
             if all(t.missing(request_id, attempt) <= t.pool.num_free for t in self.pools.values()):
                 return attempt
         return None

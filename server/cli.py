@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import uvicorn
+from fastapi import FastAPI
 from gemma_serve.server.app import Settings, create_app
 from gemma_serve.server.connections import (
     DEFAULT_MAX_CONNECTIONS,
@@ -202,17 +203,7 @@ def serve(provider: EngineProvider, options: ServeOptions) -> int:
             server.should_exit = True
 
     app = create_app(provider, options.settings, on_load_error=on_load_error)
-    limits = _fit_descriptor_limit(options.connections)
-    config = uvicorn.Config(
-        app,
-        host=options.host,
-        port=options.port,
-        log_level=options.log_level,
-        timeout_graceful_shutdown=round(options.grace_s),
-        http=GuardedH11Protocol.factory(ConnectionGuard(limits)),
-        timeout_keep_alive=options.timeout_keep_alive,  # type: ignore[arg-type]
-        h11_max_incomplete_event_size=options.max_header_bytes,
-    )
+    config = uvicorn_config(app, options, _fit_descriptor_limit(options.connections))
     state: ServerState = app.state.server
     server = _Server(config, state, options.grace_s)
 
@@ -230,6 +221,24 @@ def serve(provider: EngineProvider, options: ServeOptions) -> int:
             signal.signal(sig, handler)
     _leave_loader_behind(state, exit_code)
     return exit_code
+
+
+def uvicorn_config(
+    app: FastAPI, options: ServeOptions, limits: ConnectionLimits | None = None
+) -> uvicorn.Config:
+    """uvicorn's configuration for `app`, its connections guarded by `limits` (default:
+    options.connections)."""
+    guard = ConnectionGuard(limits or options.connections)
+    return uvicorn.Config(
+        app,
+        host=options.host,
+        port=options.port,
+        log_level=options.log_level,
+        timeout_graceful_shutdown=round(options.grace_s),
+        http=GuardedH11Protocol.factory(guard),
+        timeout_keep_alive=options.timeout_keep_alive,  # type: ignore[arg-type]
+        h11_max_incomplete_event_size=options.max_header_bytes,
+    )
 
 
 def _fit_descriptor_limit(limits: ConnectionLimits) -> ConnectionLimits:

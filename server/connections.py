@@ -166,6 +166,29 @@ def probe_only(app: ASGIApp) -> ASGIApp:
     return probe_app
 
 
+def _head_too_large(max_bytes: int) -> APIError:
+    message = f"Request headers too large: the limit is {max_bytes} bytes"
+    return APIError(431, message, code=431)
+
+
+def head_limited(app: ASGIApp, max_bytes: int) -> ASGIApp:
+    """`app`, but a 431 for a request head over `max_bytes`. h11 refuses only heads that
+    arrive in pieces and outgrow its buffer; a whole head in one read passes it."""
+
+    async def limited_app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            size = len(scope["raw_path"]) + len(scope["query_string"])
+            size += sum(len(name) + len(value) + 4 for name, value in scope["headers"])
+            if size > max_bytes:
+                response = _head_too_large(max_bytes).response()
+                response.headers["connection"] = "close"
+                await response(scope, receive, send)
+                return
+        await app(scope, receive, send)
+
+    return limited_app
+
+
 class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with the connection limit, the read deadline and 431."""
 
@@ -181,6 +204,7 @@ class GuardedH11Protocol(H11Protocol):
         super().__init__(config, server_state, app_state, _loop)
         self.guard = guard
         self._max_event = config.h11_max_incomplete_event_size or DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
+        self.app = head_limited(self.app, self._max_event)
         self._deadline: asyncio.TimerHandle | None = None
         self._discarding = False  # after an error reply: read and drop until closed
 
@@ -275,8 +299,7 @@ class GuardedH11Protocol(H11Protocol):
     def send_400_response(self, msg: str) -> None:
         """uvicorn's reply to a malformed request: 431 when the headers outgrew the limit."""
         if len(self.conn.trailing_data[0]) > self._max_event:
-            message = f"Request headers too large: the limit is {self._max_event} bytes"
-            self.reply_and_close(APIError(431, message, code=431))
+            self.reply_and_close(_head_too_large(self._max_event))
         else:
             self.reply_and_close(APIError(400, f"Invalid HTTP request: {msg}", code=400))
 

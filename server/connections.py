@@ -5,11 +5,13 @@ every request, /health included, once reached) nor the time a client may take to
 `GuardedH11Protocol` is uvicorn's h11 protocol with:
 
 - a bound on open connections (`ConnectionLimits.max_connections`, --limit-concurrency). Only
-  connections that hold a request (headers received, response not finished) are kept at all
+  connections that hold a request (received whole, response not finished) are kept at all
   costs: when the limit is reached, the connection idle the longest (keep-alive, never sent a
-  byte, or half its headers) is closed to make room. If every connection holds a request, a new
-  one still gets in on a small reserve (`probe_reserve`) where /health and /metrics are answered
-  and any other path gets an OpenAI-shaped 503; beyond the reserve it is closed at once.
+  byte, or halfway through its head or body) is closed to make room. If every connection
+  holds a request, a new one still gets in on a small reserve (`probe_reserve`) where /health
+  and /metrics are answered and any other path gets an OpenAI-shaped 503; when the reserve is
+  full, its oldest connection not answering a probe makes room, and failing that the new one
+  gets a 503 and is closed.
 - a deadline for receiving a request's headers and body (`request_read_timeout_s`,
   --timeout-request-read), from the connection's start (first request) or the request's first
   byte (later ones): a connection that sends nothing is closed, one that sent part of a request
@@ -70,7 +72,7 @@ class ConnectionGuard:
         self.limits = limits
         self._idle: dict[GuardedH11Protocol, None] = {}  # insertion order = idle since
         self._busy: set[GuardedH11Protocol] = set()
-        self._probes: set[GuardedH11Protocol] = set()
+        self._probes: dict[GuardedH11Protocol, None] = {}  # the reserve, oldest first
         self.evicted = 0
         self.refused = 0
         self.timed_out = 0
@@ -91,8 +93,8 @@ class ConnectionGuard:
                 )
                 self.forget(victim)
                 victim.close_idle()
-            elif len(self._probes) < self.limits.probe_reserve:
-                self._probes.add(conn)
+            elif len(self._probes) < self.limits.probe_reserve or self._free_a_probe():
+                self._probes[conn] = None
                 return "probe"
             else:
                 self.refused += 1
@@ -104,6 +106,16 @@ class ConnectionGuard:
                 return "refuse"
         self._idle[conn] = None
         return "normal"
+
+    def _free_a_probe(self) -> bool:
+        """Closes the oldest reserve connection not answering a probe (one left open)."""
+        victim = next((c for c in self._probes if not c.serving), None)
+        if victim is None:
+            return False
+        self.evicted += 1
+        self.forget(victim)
+        victim.close_idle()
+        return True
 
     def mark_busy(self, conn: GuardedH11Protocol) -> None:
         if conn in self._idle:
@@ -122,7 +134,7 @@ class ConnectionGuard:
     def forget(self, conn: GuardedH11Protocol) -> None:
         self._idle.pop(conn, None)
         self._busy.discard(conn)
-        self._probes.discard(conn)
+        self._probes.pop(conn, None)
 
 
 def error_bytes(error: APIError, extra_headers: tuple[tuple[str, str], ...] = ()) -> bytes:
@@ -254,12 +266,18 @@ class GuardedH11Protocol(H11Protocol):
             self.guard.mark_idle(self)
         self._after_events()
 
+    @property
+    def serving(self) -> bool:
+        """A whole request is in and its response is not finished: the connection holds work
+        (one still sending its head or body can be closed to make room)."""
+        received = self.conn.their_state not in (h11.IDLE, h11.SEND_BODY)
+        return received and self.cycle is not None and not self.cycle.response_complete
+
     def _after_events(self) -> None:
-        """Deadline off once the request is fully in; busy while a request is being served."""
+        """Deadline off once the request is fully in; busy while it is being served."""
         if self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):
             self._cancel_deadline()
-        serving = self.cycle is not None and not self.cycle.response_complete
-        if serving and self.guard.is_idle(self):
+        if self.serving and self.guard.is_idle(self):
             self.guard.mark_busy(self)
 
     # -- deadline ---------------------------------------------------------------------------

@@ -17,14 +17,6 @@ from tests.server_helpers import run_server, sse_payloads
 PROMPT = "Hello, world!"  # the fake repeats it, then EOS: 13 tokens + EOS
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _no_api_key_from_the_environment() -> Iterator[None]:
-    # A developer's own GEMMA_SERVE_API_KEY would otherwise lock these servers.
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("GEMMA_SERVE_API_KEY", raising=False)
-        yield
-
-
 @pytest.fixture(scope="module")
 def served() -> Iterator[tuple[str, FakeEngine]]:
     engine = FakeEngine()

@@ -52,7 +52,6 @@ def start_server(checkpoint: Path, port: int, log: Path) -> subprocess.Popen[byt
     ]
     command += ["--port", str(port), "--log-level", "warning"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    env.pop("GEMMA_SERVE_API_KEY", None)
     with log.open("wb") as out:
         return subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
 

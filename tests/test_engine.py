@@ -17,6 +17,7 @@ from gemma_serve.server.engine.outputs import FINISH_LENGTH, FINISH_STOP
 from gemma_serve.server.engine.sampling_params import SamplingParams
 
 from tests.engine_helpers import hf_greedy, tiny_checkpoint, tiny_engine
+from tests.faults import fail_forward, fail_sampling
 from tests.model_helpers import hf_model
 
 N_NEW = 10
@@ -382,22 +383,13 @@ def test_abort_frees_blocks_mid_prefill_and_mid_decode(checkpoint, prompts) -> N
     assert engine.kv.usage().global_ratio == 0.0 and engine.kv.usage().local_ratio == 0.0
 
 
+def ids(requests) -> set[str]:
+    return {r.request_id for r in requests}
+
+
 def test_a_sampling_fault_ends_only_its_own_request(checkpoint, prompts, expected) -> None:
     engine = tiny_engine(checkpoint)
-    real = engine.sampler
-
-    class FaultySampler:
-        """Raises whenever the request 'offline-2' is in the batch."""
-
-        def __call__(self, logits, requests):
-            if any(r.request_id == "offline-2" for r in requests):
-                raise RuntimeError("injected fault")
-            return real(logits, requests)
-
-        def release(self, request_id: str) -> None:
-            real.release(request_id)
-
-    engine.sampler = FaultySampler()
+    fail_sampling(engine, lambda batch: "offline-2" in ids(batch))
     results = engine.generate(prompts[:5], GREEDY)
     assert results[2].finish_reason == "error" and results[2].token_ids == []
     for i in (0, 1, 3, 4):
@@ -405,31 +397,9 @@ def test_a_sampling_fault_ends_only_its_own_request(checkpoint, prompts, expecte
     assert engine.kv.usage().global_ratio == 0.0
 
 
-def _faulty_forward(engine: LLMEngine, fails) -> list[set[str]]:
-    """Make the engine's forward pass raise, after running (so K/V are half written), whenever
-    fails(request ids of the batch) says so. Returns the batches that raised."""
-    build, forward = engine.runner.build, engine.runner.forward
-    current: list[set[str]] = []
-    raised: list[set[str]] = []
-
-    def build_and_note(sched):
-        current[:] = [{c.request.request_id for c in sched.chunks}]
-        return build(sched)
-
-    def faulty(batch):
-        logits = forward(batch)
-        if fails(current[0]):
-            raised.append(current[0])
-            raise RuntimeError("injected forward fault")
-        return logits
-
-    engine.runner.build, engine.runner.forward = build_and_note, faulty
-    return raised
-
-
 def test_a_forward_fault_ends_only_its_own_request(checkpoint, prompts, expected) -> None:
     engine = tiny_engine(checkpoint, max_num_batched_tokens=24)  # chunked prefills too
-    raised = _faulty_forward(engine, lambda ids: "offline-2" in ids)
+    raised = fail_forward(engine, lambda batch: "offline-2" in ids(batch)).raised
     results = engine.generate(prompts[:6], GREEDY)
     assert results[2].finish_reason == "error" and results[2].token_ids == []
     for i in (0, 1, 3, 4, 5):
@@ -442,13 +412,13 @@ def test_a_transient_forward_fault_loses_nothing(checkpoint, prompts, expected) 
     engine = tiny_engine(checkpoint, max_num_batched_tokens=24)
     batches: list[set[str]] = []  # the batched (not retrying-alone) steps so far
 
-    def fails(ids: set[str]) -> bool:  # the 2nd and 4th batched steps fail, once each
-        if len(ids) > 1:
-            batches.append(ids)
+    def fails(batch) -> bool:  # the 2nd and 4th batched steps fail, once each
+        if len(batch) > 1:
+            batches.append(ids(batch))
             return len(batches) in (2, 4)
         return False
 
-    raised = _faulty_forward(engine, fails)
+    raised = fail_forward(engine, fails).raised
     results = engine.generate(prompts[:8], GREEDY)
     assert len(raised) == 2
     assert [r.token_ids for r in results] == expected[:8]

@@ -156,10 +156,14 @@ def test_stop_strings(client: openai.OpenAI) -> None:
         model="fake-gemma", prompt="one, two", max_tokens=20, stop=[", t"]
     )
     assert (full.choices[0].text, full.choices[0].finish_reason) == ("one", "stop")
-    chunks = client.completions.create(
-        model="fake-gemma", prompt="one, two", max_tokens=20, stop=", t", stream=True
+    chunks = list(
+        client.completions.create(
+            model="fake-gemma", prompt="one, two", max_tokens=20, stop=", t", stream=True
+        )
     )
-    assert "".join(c.choices[0].text for c in chunks) == "one"
+    # The stop string spans three tokens: its start (", ") is held back, never sent.
+    assert [c.choices[0].text for c in chunks if c.choices[0].text] == ["o", "n", "e"]
+    assert chunks[-1].choices[0].finish_reason == "stop"
 
 
 def test_completion_logprobs(client: openai.OpenAI) -> None:

@@ -49,7 +49,7 @@ def run(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams = GR
 
 def test_alone_equals_transformers(checkpoint, prompts, expected) -> None:
     engine = tiny_engine(checkpoint)
-    for p, e in zip(prompts, expected):
+    for p, e in zip(prompts, expected, strict=True):
         assert run(engine, [p]) == [e], f"prompt of {len(p)} tokens"
 
 
@@ -99,7 +99,7 @@ def test_prompt_logprobs_equal_transformers_in_chunks_and_preemptions(checkpoint
     crowd = tiny_engine(checkpoint, kv_cache_memory=160 << 10, max_num_batched_tokens=24)
     in_crowd = scored(crowd)
     assert crowd.scheduler.num_preemptions > 0
-    for p, lps in zip(chosen, in_crowd):
+    for p, lps in zip(chosen, in_crowd, strict=True):
         assert len(lps) == len(p) and lps[0] is None
         with torch.no_grad():
             want = torch.log_softmax(ref(torch.tensor([p])).logits[0].float(), dim=-1)
@@ -110,7 +110,7 @@ def test_prompt_logprobs_equal_transformers_in_chunks_and_preemptions(checkpoint
             assert [i for i, _ in lps[t].top] == top.indices.tolist()
             assert [v for _, v in lps[t].top] == pytest.approx(top.values.tolist(), abs=1e-4)
     unchunked = scored(tiny_engine(checkpoint, max_num_batched_tokens=256))  # one step each
-    for a, b in zip(unchunked, in_crowd):
+    for a, b in zip(unchunked, in_crowd, strict=True):
         assert [lp.token_id for lp in a[1:]] == [lp.token_id for lp in b[1:]]
         assert [lp.logprob for lp in a[1:]] == pytest.approx([lp.logprob for lp in b[1:]], abs=1e-5)
 

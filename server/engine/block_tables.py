@@ -140,7 +140,9 @@ class BlockTables:
                 table[self._slot(i)] = next(fresh)
         self._extent[request_id] = new.stop
         if skipped and self.pool.num_free >= len(skipped) + self.ring_blocks:
-            self._transient[request_id] = dict(zip(skipped, self.pool.allocate(len(skipped))))
+            self._transient[request_id] = dict(
+                zip(skipped, self.pool.allocate(len(skipped)), strict=True)
+            )
 
     def slots(self, request_id: str, start: int, end: int) -> list[int]:
         """Cache slots of positions start..end-1 (-1: not kept, e.g. early positions of a

@@ -85,7 +85,7 @@ class Sampler:
         if logprobs is not None:
             rows = [i for i, want in enumerate(want_logprobs) if want]
             tops = [requests[i].params.logprobs or 0 for i in rows]
-            for i, lp in zip(rows, token_logprobs(logprobs, tokens, rows, tops)):
+            for i, lp in zip(rows, token_logprobs(logprobs, tokens, rows, tops), strict=True):
                 lp_out[i] = lp
         return SamplerOutput(token_list, lp_out)
 
@@ -93,7 +93,7 @@ class Sampler:
         self, logits: torch.Tensor, requests: tuple[Request, ...], greedy: list[bool]
     ) -> torch.Tensor:
         temps = torch.tensor(
-            [r.params.temperature if not g else 1.0 for r, g in zip(requests, greedy)],
+            [r.params.temperature if not g else 1.0 for r, g in zip(requests, greedy, strict=True)],
             device=logits.device,
         )
         scaled = _filter(logits / temps[:, None], requests)
@@ -226,6 +226,6 @@ def token_logprobs(
     floats = torch.cat([lp.gather(1, tok[:, None]), vals], dim=1).tolist()
     longs = torch.cat([tok[:, None], ids], dim=1).tolist()
     return [
-        TokenLogprob(t[0], f[0], tuple(zip(t[1 : n + 1], f[1 : n + 1])))
-        for f, t, n in zip(floats, longs, tops)
+        TokenLogprob(t[0], f[0], tuple(zip(t[1 : n + 1], f[1 : n + 1], strict=True)))
+        for f, t, n in zip(floats, longs, tops, strict=True)
     ]

@@ -78,7 +78,7 @@ async def terminate_mid_stream(
     async with async_client(url, len(jobs)) as client:
         tasks = [
             asyncio.create_task(call(client, spec, stream=stream, started=event))
-            for (spec, stream), event in zip(jobs, started)
+            for (spec, stream), event in zip(jobs, started, strict=True)
         ]
         await bounded(asyncio.gather(*(e.wait() for e in started)), 60.0)
         await asyncio.sleep(0.05)  # the non-streaming ones reach the engine too

@@ -55,11 +55,6 @@ class Request:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
-    def max_total_tokens(self) -> int:
-        """The longest this sequence can get: prompt plus max_tokens."""
-        return len(self.prompt_ids) + self.params.max_tokens
-
-    @property
     def finished(self) -> bool:
         return self.status == RequestStatus.FINISHED
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 from gemma_serve.server.engine.errors import RequestTooLongError
 from gemma_serve.server.engine.kv_manager import KVCacheManager
-from gemma_serve.server.engine.outputs import FINISH_ABORT
 from gemma_serve.server.engine.request import Request, RequestStatus
 
 MAX_FAULTS = 3  # failed steps a request may be part of before it is failed itself
@@ -266,9 +265,3 @@ class Scheduler:
         req.finish_reason = reason
         req.error = error
         req.finished_time = time.monotonic()
-
-    def abort(self, request_id: str) -> Request | None:
-        req = self.get(request_id)
-        if req is not None:
-            self.finish(req, FINISH_ABORT)
-        return req

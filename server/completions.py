@@ -241,7 +241,7 @@ class _CompletionView:
         """The prompt's tokens: the first with null logprobs, as OpenAI returns them. BOS is
         listed but takes no room in the echoed text."""
         offset = 0
-        for token, lp in zip(ids, scored):
+        for token, lp in zip(ids, scored, strict=True):
             text = self._tok.token_text(token)
             out.tokens.append(text)
             out.text_offset.append(offset)

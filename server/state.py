@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from gemma_serve.server.engine_client import EngineClient
 from gemma_serve.server.errors import APIError
+from gemma_serve.server.limits import MAX_BODY_BYTES
 from gemma_serve.server.metrics import Metrics
 from starlette.requests import Request
 
@@ -28,7 +29,7 @@ class Settings:
     """HTTP-side settings (the engine's live in EngineConfig)."""
 
     api_key: str | None = None  # None: $GEMMA_SERVE_API_KEY; neither: no authentication
-    max_body_bytes: int = 1 << 20
+    max_body_bytes: int = MAX_BODY_BYTES
     allowed_origins: tuple[str, ...] = ()  # CORS is off unless origins are given
 
     def __post_init__(self) -> None:

@@ -10,6 +10,7 @@ from gemma_serve.server.engine.block_pool import BlockKey, BlockPool
 from gemma_serve.server.engine.block_table import PoolKind
 from gemma_serve.server.engine.errors import RequestTooLongError
 from gemma_serve.server.engine.kv_manager import KVCacheManager, KVUsage
+from gemma_serve.server.engine.output_processor import token_stop_reason
 from gemma_serve.server.engine.outputs import FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH
 from gemma_serve.server.engine.request import Request
 from gemma_serve.server.engine.sampling_params import SamplingParams
@@ -43,10 +44,37 @@ def request(rid: str, prompt_len: int, max_tokens: int) -> Request:
 
 
 def fake_step(s: Scheduler) -> tuple[SchedulerOutput, list[Request]]:
-    """One step with a 'model' that always samples token 7."""
+    """One step with a 'model' that always samples token 7; returns the requests it finished."""
     out = s.schedule()
+    return out, record(s, out)
+
+
+def record(s: Scheduler, out: SchedulerOutput) -> list[Request]:
+    """Token 7 for each sampling chunk; then, as the engine does, end those that stop."""
     sampled = {c.request.request_id: 7 for c in out.chunks if c.samples}
-    return out, s.update(out, sampled)
+    s.update(out, sampled)
+    finished = []
+    for c in out.chunks:
+        req = c.request
+        reason = token_stop_reason(req) if req.request_id in sampled else None
+        if reason is not None and not req.finished:
+            s.finish(req, reason)
+            finished.append(req)
+    return finished
+
+
+def add(s: Scheduler, req: Request) -> None:
+    """Check, then queue, as LLMEngine.add_request does."""
+    s.check(req.num_prompt_tokens, req.params.max_tokens)
+    s.add(req)
+
+
+def abort(s: Scheduler, request_id: str) -> Request | None:
+    """End a request in flight, as LLMEngine.abort does."""
+    req = s.get(request_id)
+    if req is not None:
+        s.finish(req, FINISH_ABORT)
+    return req
 
 
 def check_invariants(s: Scheduler) -> None:
@@ -121,9 +149,10 @@ def test_preemption_by_recompute_of_the_latest_request() -> None:
 def test_too_long_requests_are_rejected_not_hung() -> None:
     s = make_scheduler(global_blocks=4, max_len=64)
     with pytest.raises(RequestTooLongError, match="exceeds the maximum context length of 64"):
-        s.add(request("a", 60, 10))
+        add(s, request("a", 60, 10))
     with pytest.raises(RequestTooLongError, match="cannot fit in the KV cache"):
-        s.add(request("b", 10, 10))  # 20 tokens > 4 blocks of 4
+        add(s, request("b", 10, 10))  # 20 tokens > 4 blocks of 4
+    assert not s.has_work
 
 
 def test_the_longest_sequence_that_fits_counts_a_short_local_pool() -> None:
@@ -140,9 +169,9 @@ def test_abort_anywhere_frees_everything() -> None:
     s.add(request("a", 9, 20))
     s.add(request("b", 3, 20))
     fake_step(s)
-    assert s.abort("a").finish_reason == FINISH_ABORT
-    assert s.abort("zzz") is None
-    s.abort("b")
+    assert abort(s, "a").finish_reason == FINISH_ABORT
+    assert abort(s, "zzz") is None
+    abort(s, "b")
     assert not s.has_work
     assert s.kv.pools[GLOBAL].pool.num_used == 0 and s.kv.pools[LOCAL].pool.num_used == 0
 
@@ -186,7 +215,7 @@ def test_a_failed_step_retries_each_request_alone() -> None:
             for r in culprits:
                 s.finish(r, FINISH_ERROR, "injected")
         else:
-            s.update(out, {c.request.request_id: 7 for c in out.chunks if c.samples})
+            record(s, out)
         check_invariants(s)
     assert culprits == [reqs[1]] and reqs[1].faults == 3  # batched once more, then alone
     assert batches[0] == {"r0", "r1", "r2"} and batches.count({"r1"}) == 1  # blamed alone
@@ -297,7 +326,7 @@ def test_any_interleaving_keeps_blocks_consistent(
     for op, a, b in ops:
         if op == "add":
             with contextlib.suppress(RequestTooLongError):
-                s.add(request(f"r{added}", a, b))
+                add(s, request(f"r{added}", a, b))
             added += 1
         elif op == "step":
             for _ in range(a):
@@ -307,7 +336,7 @@ def test_any_interleaving_keeps_blocks_consistent(
             failed_step(s)
             check_invariants(s)
         else:
-            s.abort(f"r{a}")
+            abort(s, f"r{a}")
             check_invariants(s)
     steps = 0
     while s.has_work:  # everything left runs to completion: nothing is starved or stuck

@@ -40,7 +40,7 @@ def stream_gaps(url: str, max_tokens: int, during: threading.Event | None = None
             if during is not None and len(times) == 3:
                 during.set()
     assert payload == "[DONE]" and len(times) == max_tokens + 1
-    return [b - a for a, b in zip(times[1:-2], times[2:-1])]  # token to token
+    return [b - a for a, b in zip(times[1:-2], times[2:-1], strict=True)]  # token to token
 
 
 def tokenize_flood(url: str, started: threading.Event) -> list[int]:

@@ -123,7 +123,7 @@ class RingTable(BlockTable):
                 alloc.table[i % self.ring_blocks] = next(fresh)
         alloc.extent = new.stop
         if skipped and self.pool.num_free >= len(skipped) + self.ring_blocks:
-            alloc.transient = dict(zip(skipped, self.pool.allocate(len(skipped))))
+            alloc.transient = dict(zip(skipped, self.pool.allocate(len(skipped)), strict=True))
 
     def _held(self, alloc: Allocation, index: int) -> int | None:
         """The block of a covered block index: the ring's last R, else a transient one."""

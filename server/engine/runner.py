@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from gemma_serve.kernels.dispatch import AttentionOps
 from gemma_serve.model.gemma import GemmaForCausalLM
+from gemma_serve.server.engine import prompt_logprobs
 from gemma_serve.server.engine.attention_batch import AttentionBatch, PoolBatch
 from gemma_serve.server.engine.block_table import PoolKind
 from gemma_serve.server.engine.cache_attention import CacheAttention
@@ -57,9 +58,7 @@ class Runner:
         positions: list[int] = []
         logits_rows: list[int] = []
         sampling: list[Request] = []
-        scoring = _ScoringBuilder()
         for c in chunks:
-            scoring.add(c.request, c.start, c.start + c.num_tokens, len(ids))
             ids.extend(c.request.tokens(c.start, c.start + c.num_tokens))
             positions.extend(range(c.start, c.start + c.num_tokens))
             if c.samples:
@@ -84,7 +83,7 @@ class Runner:
             attention=attention,
             logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=dev),
             sampling_requests=tuple(sampling),
-            scoring=scoring.build(),
+            scoring=prompt_logprobs.select(chunks),
         )
 
     def _pools(self, chunks: tuple[ScheduledChunk, ...]) -> dict[PoolKind, PoolBatch]:
@@ -114,32 +113,6 @@ class Runner:
         hidden = self.model.hidden_states(batch.input_ids, batch.positions, attn, rows)
         logits = self.model.compute_logits(hidden[:n])
         return ForwardOutput(logits, score(self.model.compute_logits, hidden[n:], scoring))
-
-
-class _ScoringBuilder:
-    """Collects a step's prompt-scoring rows, chunk by chunk."""
-
-    def __init__(self) -> None:
-        self.rows: list[int] = []
-        self.targets: list[int] = []
-        self.tops: list[int] = []
-        self.owners: list[tuple[Request, int]] = []
-
-    def add(self, req: Request, start: int, end: int, first_row: int) -> None:
-        positions = req.prompt_logprob_positions(start, end)
-        if not positions:
-            return
-        self.rows += [first_row + p - start for p in positions]
-        self.targets += req.prompt_ids[positions.start + 1 : positions.stop + 1]
-        self.tops += [req.params.prompt_logprobs or 0] * len(positions)
-        self.owners.append((req, len(positions)))
-
-    def build(self) -> PromptScoring:
-        if not self.rows:
-            return PromptScoring.empty()
-        return PromptScoring(
-            tuple(self.rows), tuple(self.targets), tuple(self.tops), tuple(self.owners)
-        )
 
 
 def _i32(values: list[int], device: torch.device) -> torch.Tensor:

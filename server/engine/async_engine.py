@@ -93,7 +93,11 @@ class AsyncEngine:
         if request_id in self._queues:
             raise ValueError(f"duplicate request id {request_id!r}")
         self.engine.check_request(prompt_ids, params)  # read-only: safe off the engine thread
-        waiting = len(self.engine.scheduler.waiting) + self._commands.qsize()
+        # Waiting means queued behind others: requests that free sequence slots will take at
+        # once (in the scheduler's queue or still in the command queue) do not count.
+        scheduler = self.engine.scheduler
+        free_slots = max(0, scheduler.max_num_seqs - len(scheduler.running))
+        waiting = max(0, len(scheduler.waiting) + self._commands.qsize() - free_slots)
         if waiting >= self.max_queued_requests:
             raise QueueFullError(
                 f"{waiting} requests are waiting (--max-queued-requests {self.max_queued_requests})"

@@ -37,7 +37,11 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k: the sampled token plus the top-k alternatives
     prompt_logprobs: int | None = None  # the same for each prompt token (after the first)
     logit_bias: tuple[tuple[int, float], ...] = ()
-    include_stop_str_in_output: bool = False
+    include_stop_str_in_output: bool = False  # keep the stop string / stop token's text
+    skip_special_tokens: bool = True  # drop control tokens (<eos>, <end_of_turn>...) from text
+    # Lower is served first from the waiting queue, FCFS within a priority (vLLM's `priority`;
+    # kept here so that it travels with the request through every engine interface).
+    priority: int = 0
 
     def __post_init__(self) -> None:
         checks = [

@@ -1,7 +1,8 @@
 """Iteration-level scheduling: which requests run this step, and how many tokens each (torch-free).
 
 Each step: running decodes first, then running prefills (chunked to the token budget), then
-waiting requests in arrival order while both KV pools and max_num_seqs allow. When the cache
+waiting requests in queue order (priority, then arrival) while both KV pools and max_num_seqs
+allow. When the cache
 cannot grow a running request, the most recently admitted request is preempted by recompute:
 its blocks are freed and it re-enters the front of the waiting queue.
 
@@ -93,8 +94,14 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, request: Request) -> None:
-        """Queue a request that `check` accepted (the engine checks before it adds)."""
-        self.waiting.append(request)
+        """Queue a request that `check` accepted (the engine checks before it adds): behind
+        every waiting request of the same or a lower `priority` value (lower runs first, FCFS
+        within a priority)."""
+        priority = request.params.priority
+        index = len(self.waiting)
+        while index and self.waiting[index - 1].params.priority > priority:
+            index -= 1
+        self.waiting.insert(index, request)
 
     def check(self, num_prompt_tokens: int, max_tokens: int) -> None:
         """Raise RequestTooLongError if such a request could never be served. Reads only fixed
@@ -146,7 +153,7 @@ class Scheduler:
                 budget -= n
         if preempted:  # a victim may have been scheduled before the request that evicted it
             chunks = [c for c in chunks if c.request.status == RequestStatus.RUNNING]
-        # New requests only when nothing had to be preempted (no thrashing), in arrival order.
+        # New requests only when nothing had to be preempted (no thrashing), in queue order.
         while not preempted and self.waiting and budget > 0:
             if len(self.running) >= self.max_num_seqs:
                 break

@@ -1,13 +1,15 @@
 """OpenAI request and response schemas for /v1/completions and /v1/chat/completions.
 
 Requests are validated strictly from the raw JSON body (`parse_request`): a string where a number
-belongs is an error, as in OpenAI's API, rather than silently coerced. Unknown fields are
-ignored because OpenAI clients send extras. `None` means "use the default" for every optional
-field, since clients send explicit nulls. Responses mirror OpenAI's shapes field for field.
+belongs is an error, as in OpenAI's API, rather than silently coerced. Unknown top-level fields
+are ignored with a warning naming them, as vLLM does, because OpenAI clients send extras.
+`None` means "use the default" for every optional field, since clients send explicit nulls.
+Responses mirror OpenAI's shapes field for field.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any, Literal, TypeVar
 
 from gemma_serve.server.fields import Content, LogitBias, Prompt, Stop, is_int
@@ -21,6 +23,7 @@ from gemma_serve.server.limits import (
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
 from pydantic_core import PydanticCustomError
 
+logger = logging.getLogger(__name__)
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
@@ -89,6 +92,9 @@ class VllmTemplateExtras(_Strict):
 
 class SamplingRequest(VllmExtras):
     """Fields shared by both endpoints."""
+
+    # Unknown fields are kept aside (model_extra) so that parse_request can name them.
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
 
     model: str | None = None  # None: the served model (vLLM's leniency)
     max_tokens: int | None = Field(None, ge=1)
@@ -168,6 +174,8 @@ class TokenizeRequest(VllmTemplateExtras):
     add_special_tokens: bool | None = None
     return_token_strs: bool | None = None
 
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
+
 
 class DetokenizeRequest(_Strict):
     """POST /detokenize (vLLM's shape)."""
@@ -177,11 +185,21 @@ class DetokenizeRequest(_Strict):
 
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
+MAX_NAMED_EXTRAS = 10  # a body of a thousand made-up fields logs one short line
 
 
 def parse_request(model: type[RequestT], body: bytes) -> RequestT:
-    """Validates a raw JSON body; raises pydantic.ValidationError (mapped to HTTP 400)."""
-    return model.model_validate_json(body)
+    """Validates a raw JSON body; raises pydantic.ValidationError (mapped to HTTP 400). Fields
+    outside the API are ignored with a warning (vLLM's behaviour)."""
+    req = model.model_validate_json(body)
+    if req.model_extra:
+        names = sorted(req.model_extra)
+        shown = ", ".join(names[:MAX_NAMED_EXTRAS]) + (
+            ", ..." if len(names) > MAX_NAMED_EXTRAS else ""
+        )
+        logger.warning("%s: ignored fields not in the API: %s", model.__name__, shown)
+        req.model_extra.clear()
+    return req
 
 
 # ---- responses -------------------------------------------------------------------------------

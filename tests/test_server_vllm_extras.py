@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -341,3 +342,18 @@ def test_priority_reorders_a_full_queue_and_429_says_when_to_retry(one_seq) -> N
 
     assert asyncio.run(main()) == (200, 200, 200)
     assert done == ["a", "c", "b"]
+
+
+def test_fields_outside_the_api_are_ignored_with_a_warning(server, caplog) -> None:
+    url, _ = server
+    with caplog.at_level(logging.WARNING, logger="gemma_serve.server.protocol"):
+        complete(url, prompt=PROMPT, max_tokens=1, made_up_field=1)
+    assert any("made_up_field" in r.getMessage() for r in caplog.records)
+    bad = httpx.post(
+        f"{url}/v1/chat/completions",
+        json={
+            "messages": [{"role": "user", "content": "Hi"}],
+            "chat_template_kwargs": {"add_generation_prompt": "no"},
+        },
+    )
+    assert bad.status_code == 400 and "add_generation_prompt" in bad.json()["error"]["message"]

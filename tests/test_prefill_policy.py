@@ -1,11 +1,14 @@
 """Fair prefill in the scheduler, without a model (torch-free): a long prompt leaves room for
-the requests waiting beside it, the partial and long prefill limits hold, and nothing starves."""
+the requests waiting beside it, the partial and long prefill limits hold, nothing starves; and
+the flags that set the limits."""
 
 from __future__ import annotations
 
 import contextlib
 
 import pytest
+from gemma_serve.server.cli import parse_args
+from gemma_serve.server.engine.config import EngineConfig
 from gemma_serve.server.engine.errors import RequestTooLongError
 from gemma_serve.server.engine.kv_manager import KVCacheManager
 from gemma_serve.server.engine.prefill_policy import PrefillLimits
@@ -228,3 +231,33 @@ def test_a_held_back_long_prompt_is_not_overtaken_forever() -> None:
             break
     assert started is not None and started <= 12  # long1: 8 tokens a step beside the shorts
     assert s.get("long2") is None  # finished
+
+
+def test_the_flags_set_the_limits_and_the_defaults_are_fair() -> None:
+    config, _ = parse_args([])
+    assert config.prefill_limits() == PrefillLimits(1024 // 4, 2, 1)
+    assert parse_args(["--max-num-batched-tokens", "2"])[0].prefill_limits().long_threshold == 1
+    argv = "--long-prefill-token-threshold 0 --max-num-partial-prefills 4 "
+    config, _ = parse_args((argv + "--max-long-partial-prefills 2").split())
+    assert config.prefill_limits() == PrefillLimits(0, 4, 2)
+    assert config == EngineConfig(
+        long_prefill_token_threshold=0, max_num_partial_prefills=4, max_long_partial_prefills=2
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ("--long-prefill-token-threshold -1", "--long-prefill-token-threshold must be >= 0"),
+        ("--max-num-partial-prefills 0", "--max-num-partial-prefills must be >= 1"),
+        ("--max-long-partial-prefills 0", "--max-long-partial-prefills must be >= 1"),
+        ("--max-long-partial-prefills 3", "<= --max-num-partial-prefills, got 3"),
+    ],
+)
+def test_bad_limits_exit_with_usage_error(
+    argv: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        parse_args(argv.split())
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err

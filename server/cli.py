@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="a prompt with more than N tokens left to prefill is long: while other requests "
-        "wait it gets at most N tokens a step (default: max-num-batched-tokens / 4; 0: off)",
+        "wait it gets at most N tokens a step (default: max-num-batched-tokens / 2; 0: off)",
     )
     add(
         "--max-num-partial-prefills",

@@ -235,8 +235,8 @@ def test_a_held_back_long_prompt_is_not_overtaken_forever() -> None:
 
 def test_the_flags_set_the_limits_and_the_defaults_are_fair() -> None:
     config, _ = parse_args([])
-    assert config.prefill_limits() == PrefillLimits(1024 // 4, 2, 1)
-    assert parse_args(["--max-num-batched-tokens", "2"])[0].prefill_limits().long_threshold == 1
+    assert config.prefill_limits() == PrefillLimits(1024 // 2, 2, 1)
+    assert parse_args(["--max-num-batched-tokens", "1"])[0].prefill_limits().long_threshold == 1
     argv = "--long-prefill-token-threshold 0 --max-num-partial-prefills 4 "
     config, _ = parse_args((argv + "--max-long-partial-prefills 2").split())
     assert config.prefill_limits() == PrefillLimits(0, 4, 2)

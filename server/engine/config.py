@@ -9,7 +9,7 @@ from gemma_serve.server.engine.prefill_policy import PrefillLimits
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16")
-DEFAULT_LONG_PREFILL_SHARE = 4  # default long-prefill threshold: max_num_batched_tokens / this
+DEFAULT_LONG_PREFILL_SHARE = 2  # default long-prefill threshold: max_num_batched_tokens / this
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class EngineConfig:
     pack_cpu_weights: bool = True  # fp32 on CPU: oneDNN GEMMs on packed weights (cpu_gemm.py)
     enforce_eager: bool = False  # on CUDA: no CUDA graphs for decode steps (cuda_graphs.py)
     enable_prefix_caching: bool = True  # share cached prompt-prefix blocks (kv_manager.py)
-    # Fair prefill (prefill_policy.py). None: a quarter of max_num_batched_tokens; 0: off.
+    # Fair prefill (prefill_policy.py). None: half of max_num_batched_tokens; 0: off.
     long_prefill_token_threshold: int | None = None
     max_num_partial_prefills: int = 2
     max_long_partial_prefills: int = 1
@@ -79,7 +79,7 @@ class EngineConfig:
                 raise ValueError(f"--{name.replace('_', '-')} {why}, got {getattr(self, name)!r}")
 
     def prefill_limits(self) -> PrefillLimits:
-        """The fair-prefill limits; by default a long prompt takes at most a quarter of a
+        """The fair-prefill limits; by default a long prompt takes at most half of a
         contended step's budget, so the default server admits new requests beside it."""
         threshold = self.long_prefill_token_threshold
         if threshold is None:

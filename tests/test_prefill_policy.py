@@ -229,7 +229,8 @@ def test_a_held_back_long_prompt_is_not_overtaken_forever() -> None:
             started = n
         if not s.get("long1") and not s.get("long2"):
             break
-    assert started is not None and started <= 12  # long1: 8 tokens a step beside the shorts
+    # long1 gets 8 tokens a step beside the shorts: its last 8 in step 9, where long2 starts.
+    assert started == 9
     assert s.get("long2") is None  # finished
 
 

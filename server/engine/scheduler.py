@@ -163,8 +163,8 @@ class Scheduler:
 
     def _contended(self, running: list[Request]) -> bool:
         """Whether another prefill could run beside a long one this step (then a long prefill
-        is capped): two running prefills, or one and a waiting request with a seat free that
-        the long-prefill limit would not hold back."""
+        is capped): two or more prefills among the running ones and the waiting ones that a
+        free seat and the long-prefill limit would let start."""
         limits = self.prefill
         if not limits.long_threshold:
             return False

@@ -88,7 +88,11 @@ class LLMEngine:
             )
         cache = KVCache(mcfg, self.layout, loaded.dtype, loaded.device)
         self.scheduler = Scheduler(
-            self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len
+            self.kv,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            self.max_model_len,
+            config.prefill_limits(),
         )
         self.runner = Runner(loaded.model, cache, self.kv, self.ops, loaded.device)
         if self.use_graphs:
@@ -102,7 +106,8 @@ class LLMEngine:
         self._cached_tokens_seen = 0  # kv.num_cached_tokens at the previous step
         log.info(
             "engine: %s, kernels %s, max_model_len %d, KV blocks global %d / local %d "
-            "(block %d, ring %d blocks), max_num_seqs %d, max_num_batched_tokens %d",
+            "(block %d, ring %d blocks), max_num_seqs %d, max_num_batched_tokens %d, "
+            "long prefills above %d tokens (%d partial / %d long at once)",
             self.model_name,
             self.ops.name,
             self.max_model_len,
@@ -112,6 +117,9 @@ class LLMEngine:
             self.layout.ring_blocks,
             config.max_num_seqs,
             config.max_num_batched_tokens,
+            self.scheduler.prefill.long_threshold,
+            config.max_num_partial_prefills,
+            config.max_long_partial_prefills,
         )
 
     def _capture_graphs(self) -> DecodeGraphs | None:

@@ -17,6 +17,7 @@ from gemma_serve.server.limits import (
     MAX_REPETITION_PENALTY,
     MIN_REPETITION_PENALTY,
 )
+from gemma_serve.server.structured_request import StructuredOutputFields, ToolFields
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
 from pydantic_core import PydanticCustomError
 
@@ -35,7 +36,7 @@ class StreamOptions(_Strict):
     include_usage: bool | None = None
 
 
-class SamplingRequest(_Strict):
+class SamplingRequest(StructuredOutputFields, _Strict):
     """Fields shared by both endpoints."""
 
     model: str | None = None  # None: the served model (vLLM's leniency)
@@ -95,7 +96,7 @@ class ChatMessage(_Strict):
         return self
 
 
-class ChatCompletionRequest(SamplingRequest):
+class ChatCompletionRequest(ToolFields, SamplingRequest):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)

@@ -33,11 +33,30 @@ FORMATS = frozenset(
 TYPES = frozenset({"object", "array", "string", "number", "integer", "boolean", "null"})
 _SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
 _SUBSCHEMAS = ("additionalProperties", "items")
+_DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples"})
 
 
 def check_schema(schema: Any, param: str) -> None:
     """Raise StructuredOutputError (naming `param`) for a schema with a feature not enforced."""
     _check(schema, param, "#")
+
+
+def rewrite_string_lengths(schema: Any) -> Any:
+    """A copy of the schema with minLength/maxLength written as a pattern.
+
+    xgrammar 0.2.9 compiles a length-bounded string to characters [^"\\\r\n], so it admits
+    control characters JSON forbids (a random model writes "\x0b"); its patterns are matched as
+    JSON string content, which excludes them. The pattern admits no escapes: a subset.
+    """
+    if isinstance(schema, list):
+        return [rewrite_string_lengths(v) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: v if k in _DATA_KEYWORDS else rewrite_string_lengths(v) for k, v in schema.items()}
+    if "minLength" in out or "maxLength" in out:
+        low, high = out.pop("minLength", 0), out.pop("maxLength", "")
+        out["pattern"] = f'^[^"\\\\\\x00-\\x1f]{{{low},{high}}}$'
+    return out
 
 
 def _check(node: Any, param: str, where: str) -> None:

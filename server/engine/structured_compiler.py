@@ -20,7 +20,7 @@ from typing import Any
 
 import xgrammar as xgr
 from gemma_serve.model.tokenizer import Tokenizer
-from gemma_serve.server.engine.schema_support import check_schema
+from gemma_serve.server.engine.schema_support import check_schema, rewrite_string_lengths
 from gemma_serve.server.engine.structured_spec import (
     CompileResult,
     StructuredGrammar,
@@ -98,8 +98,10 @@ class StructuredCompiler:
 def _compile(compiler: xgr.GrammarCompiler, spec: StructuredSpec) -> xgr.CompiledGrammar:
     try:
         if spec.kind == "json":
-            check_schema(json.loads(spec.source), spec.param)
-            return compiler.compile_json_schema(spec.source, **_json_options(spec))
+            schema = json.loads(spec.source)
+            check_schema(schema, spec.param)
+            source = json.dumps(rewrite_string_lengths(schema), ensure_ascii=False)
+            return compiler.compile_json_schema(source, **_json_options(spec))
         if spec.kind == "json_object":
             return compiler.compile_json_schema(
                 '{"type": "object"}', **_json_options(spec), strict_mode=False

@@ -134,7 +134,7 @@ def served_alone(checkpoint: Path, short_requests) -> list[tuple]:
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"max_num_batched_tokens": 5}, {"kv_cache_memory": 160 << 10}],
+    [{"max_num_batched_tokens": 16}, {"kv_cache_memory": 160 << 10}],
     ids=["chunked-prefill", "preempting"],
 )
 def test_constrained_requests_under_chunking_and_preemption(
@@ -180,8 +180,9 @@ def test_logprobs_are_those_of_the_masked_distribution(engine, checkpoint: Path)
 
 def test_abort_and_finish_release_the_matcher(engine) -> None:
     g = compile_spec(engine, json_spec(SCHEMAS["flat_object"]))
-    engine.add_request("a", engine.tokenizer.encode("Hello"), greedy(g))
-    engine.add_request("b", engine.tokenizer.encode("Hello"), greedy(g))
+    params = replace(greedy(g), max_tokens=8)
+    engine.add_request("a", engine.tokenizer.encode("Hello"), params)
+    engine.add_request("b", engine.tokenizer.encode("Hello"), params)
     engine.step()
     assert "a" in engine.structured and "b" in engine.structured
     engine.abort("a")

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from gemma_serve.server.engine.outputs import FINISH_STOP
+from gemma_serve.server.engine.request import Request
 from gemma_serve.server.engine.sampling_params import SamplingParams
 from gemma_serve.server.engine.structured_spec import StructuredOutputError, StructuredSpec
 
@@ -208,3 +209,28 @@ def test_compile_cache_and_errors(engine) -> None:
         assert info.value.param == spec.param
     with pytest.raises(ValueError, match="min_tokens"):
         replace(greedy(first.grammar), min_tokens=1)
+
+
+def test_a_shortened_output_replays_the_matcher(engine) -> None:
+    """If a request's output ever gets shorter, its matcher is rebuilt over what remains: the
+    next mask equals that of a request whose output was that short all along."""
+    g = compile_spec(engine, json_spec(SCHEMAS["const"]))
+    prompt = engine.tokenizer.encode("Hello")
+    engine.add_request("long", prompt, greedy(g))
+    engine.add_request("short", prompt, greedy(g))
+    for _ in range(6):
+        engine.step()
+    long, short = engine.scheduler.get("long"), engine.scheduler.get("short")
+    assert long.output_ids == short.output_ids and len(long.output_ids) == 6
+    long.output_ids = long.output_ids[:2]
+    assert engine.structured.accept(long)
+    fresh = Request("fresh", prompt, greedy(g), eos_token_ids=engine.eos_token_ids)
+    fresh.output_ids = short.output_ids[:2]
+    engine.structured.add(fresh)
+    assert engine.structured.accept(fresh)
+    rows = torch.zeros(2, engine.loaded.config.vocab_size)
+    engine.structured.apply(rows, (long, fresh))
+    assert torch.equal(rows[0], rows[1]) and torch.isinf(rows[0]).any()
+    for rid in ("long", "short"):
+        engine.abort(rid)
+    engine.structured.release("fresh")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import xgrammar as xgr
 from gemma_serve.server.engine.request import Request
+from gemma_serve.server.engine.structured_spec import StructuredGrammar
 
 MAX_FILL_THREADS = 4
 
@@ -24,6 +25,7 @@ MAX_FILL_THREADS = 4
 @dataclass
 class _Tracked:
     matcher: xgr.GrammarMatcher
+    grammar: StructuredGrammar
     num_accepted: int = 0
 
 
@@ -41,7 +43,8 @@ class StructuredDecoding:
     def add(self, req: Request) -> None:
         """Start tracking a request whose params carry a compiled grammar."""
         if req.params.structured is not None:
-            self._tracked[req.request_id] = _Tracked(_matcher(req))
+            grammar = req.params.structured
+            self._tracked[req.request_id] = _Tracked(_matcher(req, grammar), grammar)
 
     def release(self, request_id: str) -> None:
         """Forget a finished (stopped, aborted, failed) request."""
@@ -69,7 +72,8 @@ class StructuredDecoding:
         if tracked is None:
             return True
         if len(req.output_ids) < tracked.num_accepted:  # output rolled back: replay it
-            tracked = self._tracked[req.request_id] = _Tracked(_matcher(req))
+            fresh = _matcher(req, tracked.grammar)
+            tracked = self._tracked[req.request_id] = _Tracked(fresh, tracked.grammar)
         for token in req.output_ids[tracked.num_accepted :]:
             if not tracked.matcher.accept_token(token):
                 return False
@@ -82,8 +86,7 @@ class StructuredDecoding:
         return tracked is not None and tracked.matcher.is_terminated()
 
 
-def _matcher(req: Request) -> xgr.GrammarMatcher:
+def _matcher(req: Request, grammar: StructuredGrammar) -> xgr.GrammarMatcher:
     """A fresh matcher: the request's EOS and stop tokens end the constrained text."""
-    assert req.params.structured is not None  # callers check
     stops = sorted(req.eos_token_ids | req.params.stop_token_ids)
-    return xgr.GrammarMatcher(req.params.structured.compiled, override_stop_tokens=stops or None)
+    return xgr.GrammarMatcher(grammar.compiled, override_stop_tokens=stops or None)

@@ -3,7 +3,8 @@
 Sampling uses the exponential race (argmax of p / E, E ~ Exp(1)), which draws exactly from p;
 each seeded request draws its noise from its own generator, so its tokens do not depend on what
 else is in the batch. Logprobs are of the model's distribution (log_softmax of the capped
-logits), before any sampling transform.
+logits; for a structured-output request, after its grammar's mask, structured.py), before
+any sampling transform.
 """
 
 from __future__ import annotations

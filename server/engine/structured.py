@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-import xgrammar as xgr
 from gemma_serve.server.engine.request import Request
 from gemma_serve.server.engine.structured_spec import StructuredGrammar
+
+if TYPE_CHECKING:  # imported on first use: a server that never constrains never loads it
+    import xgrammar as xgr
 
 MAX_FILL_THREADS = 4
 
@@ -55,6 +58,8 @@ class StructuredDecoding:
         rows = [i for i, r in enumerate(requests) if r.request_id in self._tracked]
         if not rows:
             return
+        import xgrammar as xgr
+
         matchers = [self._tracked[requests[i].request_id].matcher for i in rows]
         bitmask = xgr.allocate_token_bitmask(len(requests), self.vocab_size)
         if self._filler is None:
@@ -88,5 +93,7 @@ class StructuredDecoding:
 
 def _matcher(req: Request, grammar: StructuredGrammar) -> xgr.GrammarMatcher:
     """A fresh matcher: the request's EOS and stop tokens end the constrained text."""
+    import xgrammar as xgr
+
     stops = sorted(req.eos_token_ids | req.params.stop_token_ids)
     return xgr.GrammarMatcher(grammar.compiled, override_stop_tokens=stops or None)

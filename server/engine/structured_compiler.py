@@ -16,9 +16,8 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import xgrammar as xgr
 from gemma_serve.model.tokenizer import Tokenizer
 from gemma_serve.server.engine.schema_support import check_schema, rewrite_string_lengths
 from gemma_serve.server.engine.structured_spec import (
@@ -27,6 +26,9 @@ from gemma_serve.server.engine.structured_spec import (
     StructuredOutputError,
     StructuredSpec,
 )
+
+if TYPE_CHECKING:  # imported on first use: a server that never constrains never loads it
+    import xgrammar as xgr
 
 # xgrammar's messages start with "[hh:mm:ss] /project/cpp/file.cc:123: "
 _NATIVE_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
@@ -38,6 +40,8 @@ def tokenizer_info(
     tokenizer: Tokenizer, model_vocab_size: int, stop_ids: Iterable[int]
 ) -> xgr.TokenizerInfo:
     """xgrammar's view of the vocabulary: one entry per row of the model's logits."""
+    import xgrammar as xgr
+
     n = min(tokenizer.vocab_size, model_vocab_size)
     vocab = [b"" if tokenizer.is_special(i) else tokenizer.token_bytes(i) for i in range(n)]
     vocab += [b""] * (model_vocab_size - n)
@@ -87,6 +91,8 @@ class StructuredCompiler:
 
     def _get_compiler(self) -> xgr.GrammarCompiler:
         if self._compiler is None:
+            import xgrammar as xgr
+
             info = tokenizer_info(self._tokenizer, self.vocab_size, self._stop_ids)
             # Our own cache (bounded by entries, and it reports hits) replaces xgrammar's.
             self._compiler = xgr.GrammarCompiler(

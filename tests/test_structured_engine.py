@@ -103,8 +103,8 @@ def test_mixed_batch_leaves_unconstrained_rows_exact(checkpoint: Path) -> None:
     g = compile_spec(engine, json_spec(SCHEMAS["const"]))
     plain = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     requests = []
-    for p in PROMPTS[:2]:
-        requests += [(tok.encode(p), plain), (tok.encode(p), greedy(g))]
+    for p in PROMPTS[:1]:
+        requests += [(tok.encode(p), plain), (tok.encode(p), greedy(g)), (tok.encode(p), plain)]
     crowd = serve(engine, requests)
     single = tiny_engine(checkpoint)
     for i, req in enumerate(requests):

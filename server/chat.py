@@ -43,6 +43,7 @@ from gemma_serve.server.protocol import (
 )
 from gemma_serve.server.sse import event
 from gemma_serve.server.state import server_state
+from gemma_serve.server.structured_request import compile_constraint, structured_spec
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -54,6 +55,8 @@ async def create_chat_completion(request: Request) -> Response:
     req = await state.off_loop(parse_request, ChatCompletionRequest, await request.body())
     check_model(req.model, engine.model_name)
     check_stream_options(req)
+    req.refuse_tools()
+    structured = await compile_constraint(engine, state.metrics, structured_spec(req))
     if req.top_logprobs and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
     tok = engine.tokenizer
@@ -90,6 +93,7 @@ async def create_chat_completion(request: Request) -> Response:
                 seed=child_seed(req.seed, i),
                 vocab_size=tok.vocab_size,
                 prompt_logprobs=req.prompt_logprobs,
+                structured=structured,
             ),
             counts_prompt=i == 0,
         )

@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 
 from gemma_serve.server.engine.outputs import RequestOutput, TokenLogprob
+from gemma_serve.server.engine.structured_spec import StructuredGrammar
 from gemma_serve.server.engine_client import EngineClient, TokenizerLike
 from gemma_serve.server.errors import bad_request
 from gemma_serve.server.generation import (
@@ -45,6 +46,7 @@ from gemma_serve.server.protocol import (
 )
 from gemma_serve.server.sse import event
 from gemma_serve.server.state import server_state
+from gemma_serve.server.structured_request import compile_constraint, structured_spec
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -56,6 +58,7 @@ async def create_completion(request: Request) -> Response:
     req = await state.off_loop(parse_request, CompletionRequest, await request.body())
     check_model(req.model, engine.model_name)
     _reject_unsupported(req)
+    structured = await compile_constraint(engine, state.metrics, structured_spec(req))
     prompts = req.prompts()
     check_choices(len(prompts), req.n or 1)
     for prompt in prompts:  # cheap, before any tokenization (truncation may shorten it)
@@ -64,7 +67,9 @@ async def create_completion(request: Request) -> Response:
                 len(prompt), state.max_token_bytes, engine.max_model_len, "prompt"
             )
     request_id = f"cmpl-{request_id_of(request)}"
-    subs, echo, prompt_ids = await state.off_loop(_sub_requests, req, engine, request_id)
+    subs, echo, prompt_ids = await state.off_loop(
+        _sub_requests, req, engine, request_id, structured
+    )
     group = GenerationGroup(engine, state.metrics, subs)
     view = _CompletionView(request_id, engine.model_name, engine.tokenizer, echo, prompt_ids, req)
     return await respond(
@@ -82,7 +87,10 @@ async def create_completion(request: Request) -> Response:
 
 
 def _sub_requests(
-    req: CompletionRequest, engine: EngineClient, request_id: str
+    req: CompletionRequest,
+    engine: EngineClient,
+    request_id: str,
+    structured: StructuredGrammar | None,
 ) -> tuple[list[SubRequest], dict[int, str], dict[int, list[int]]]:
     """The engine requests (prompts x n), the echoed text and the prompt ids by choice index.
     Tokenizes: runs on a worker thread."""
@@ -116,6 +124,7 @@ def _sub_requests(
                 stop_token_ids=frozenset(),
                 seed=child_seed(req.seed, i),
                 vocab_size=tok.vocab_size,
+                structured=structured,
             )
             subs.append(SubRequest(index, f"{request_id}-{index}", ids, params, i == 0))
             if req.echo:

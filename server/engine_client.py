@@ -11,6 +11,7 @@ from typing import Protocol
 
 from gemma_serve.server.engine.outputs import RequestOutput, StepStats
 from gemma_serve.server.engine.sampling_params import SamplingParams
+from gemma_serve.server.engine.structured_spec import CompileResult, StructuredSpec
 
 
 class TokenizerLike(Protocol):
@@ -53,6 +54,8 @@ class EngineClient(Protocol):
     ) -> AsyncIterator[RequestOutput]: ...
 
     def abort(self, request_id: str) -> None: ...
+
+    def compile_structured(self, spec: StructuredSpec) -> CompileResult: ...
 
     def add_step_listener(self, fn: Callable[[StepStats], None]) -> None: ...
 

@@ -7,6 +7,7 @@ naming its parameter.
 from __future__ import annotations
 
 from gemma_serve.server.engine.sampling_params import SamplingParams
+from gemma_serve.server.engine.structured_spec import StructuredGrammar
 from gemma_serve.server.engine_client import TokenizerLike
 from gemma_serve.server.errors import APIError, bad_request
 from gemma_serve.server.limits import MAX_CHOICES, MIN_TEMPERATURE
@@ -103,6 +104,7 @@ def sampling_params(
     seed: int | None,
     vocab_size: int,
     prompt_logprobs: int | None = None,
+    structured: StructuredGrammar | None = None,
 ) -> SamplingParams:
     """The engine's SamplingParams for one choice; unset fields take OpenAI's defaults."""
     bias = req.logit_bias or {}
@@ -135,6 +137,7 @@ def sampling_params(
             include_stop_str_in_output=bool(req.include_stop_str_in_output),
             skip_special_tokens=req.skip_special_tokens is not False,
             priority=req.priority or 0,
+            structured=structured,
         )
     except ValueError as exc:
         # SamplingParams names the parameter first: "min_tokens must be in [0, max_tokens]..."

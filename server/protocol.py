@@ -20,6 +20,7 @@ from gemma_serve.server.limits import (
     MAX_STOP_TOKEN_IDS,
     MIN_REPETITION_PENALTY,
 )
+from gemma_serve.server.structured_request import StructuredOutputFields, ToolFields
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
 from pydantic_core import PydanticCustomError
 
@@ -90,7 +91,7 @@ class VllmTemplateExtras(_Strict):
 # ---- the OpenAI requests ---------------------------------------------------------------------
 
 
-class SamplingRequest(VllmExtras):
+class SamplingRequest(StructuredOutputFields, VllmExtras):
     """Fields shared by both endpoints."""
 
     # Unknown fields are kept aside (model_extra) so that parse_request can name them.
@@ -153,7 +154,7 @@ class ChatMessage(_Strict):
         return self
 
 
-class ChatCompletionRequest(SamplingRequest, VllmTemplateExtras):
+class ChatCompletionRequest(ToolFields, SamplingRequest, VllmTemplateExtras):
     """POST /v1/chat/completions."""
 
     echo: bool | None = None  # vLLM: the reply starts with the last message if assistant's

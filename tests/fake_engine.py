@@ -26,6 +26,11 @@ from gemma_serve.server.engine.outputs import (
 )
 from gemma_serve.server.engine.request import Request, RequestStatus
 from gemma_serve.server.engine.sampling_params import SamplingParams
+from gemma_serve.server.engine.structured_spec import (
+    CompileResult,
+    StructuredOutputError,
+    StructuredSpec,
+)
 
 PAD, EOS, BOS, START_TURN, END_TURN = range(5)
 OFFSET = 5
@@ -131,6 +136,9 @@ class FakeEngine:
 
     def add_step_listener(self, fn: Callable[[StepStats], None]) -> None:
         self._listeners.append(fn)
+
+    def compile_structured(self, spec: StructuredSpec) -> CompileResult:
+        raise StructuredOutputError("the fake engine has no grammar compiler", spec.param)
 
     def abort(self, request_id: str) -> None:
         if request_id in self.active:

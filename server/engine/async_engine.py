@@ -20,6 +20,7 @@ from gemma_serve.server.engine.errors import EngineDeadError, QueueFullError
 from gemma_serve.server.engine.llm_engine import LLMEngine
 from gemma_serve.server.engine.outputs import FINISH_ERROR, RequestOutput, StepStats
 from gemma_serve.server.engine.sampling_params import SamplingParams
+from gemma_serve.server.engine.structured_spec import CompileResult, StructuredSpec
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,10 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._commands.put(_Abort(request_id))
+
+    def compile_structured(self, spec: StructuredSpec) -> CompileResult:
+        """Compile an output constraint; thread-safe, slow: call it on a worker thread."""
+        return self.engine.compile_structured(spec)
 
     async def generate(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams

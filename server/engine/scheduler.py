@@ -4,9 +4,9 @@ Each step: running decodes first, then running prefills (chunked to the token bu
 waiting requests in queue order (priority, then arrival) while both KV pools and max_num_seqs
 allow. How prefills share the budget (a long prompt capped so that waiting requests start
 beside it; the partial and long prefill limits, which may skip a waiting request for a step)
-is decided by `prefill_policy.py`. When the cache cannot grow a running request, the most recently admitted
-request is preempted by recompute: its blocks are freed and it re-enters the front of the
-waiting queue.
+is decided by `prefill_policy.py`. When the cache cannot grow a running request, the most
+recently admitted request is preempted by recompute: its blocks are freed and it re-enters
+the front of the waiting queue.
 
 When a step fails (the forward pass raised), `recover` restarts the batch's requests by
 recompute and each then runs alone up to the point that failed: a request that breaks the

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gemma_serve.model.config import QUANTIZATIONS
+
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16")
@@ -30,12 +32,19 @@ class EngineConfig:
     pack_cpu_weights: bool = True  # fp32 on CPU: oneDNN GEMMs on packed weights (cpu_gemm.py)
     enforce_eager: bool = False  # on CUDA: no CUDA graphs for decode steps (cuda_graphs.py)
     enable_prefix_caching: bool = True  # share cached prompt-prefix blocks (kv_manager.py)
+    # None: int8 for the embedded model and GGUF checkpoints on CPU, else "none" (deploy.py)
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         checks = [
             ("device", self.device in DEVICES, f"must be one of {DEVICES}"),
             ("dtype", self.dtype in DTYPES, f"must be one of {DTYPES}"),
             ("load_format", self.load_format in LOAD_FORMATS, f"must be one of {LOAD_FORMATS}"),
+            (
+                "quantization",
+                self.quantization is None or self.quantization in QUANTIZATIONS,
+                f"must be one of {QUANTIZATIONS}",
+            ),
             ("max_num_seqs", self.max_num_seqs >= 1, "must be >= 1"),
             ("max_num_batched_tokens", self.max_num_batched_tokens >= 1, "must be >= 1"),
             ("block_size", self.block_size in (1, 2, 4, 8, 16, 32, 64), "must be a power of 2"),

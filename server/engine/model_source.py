@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from gemma_serve.model import cpu_gemm
 from gemma_serve.model.config import PRESETS, ModelConfig, preset
+from gemma_serve.model.deploy import Deployment, check, deploy
 from gemma_serve.model.gemma import GemmaForCausalLM
 from gemma_serve.model.loader import load_safetensors, random_model
 from gemma_serve.model.tokenizer import Tokenizer
@@ -25,6 +25,7 @@ class LoadedModel:
     name: str
     device: torch.device
     dtype: torch.dtype
+    deployment: Deployment
 
 
 def resolve_device(name: str) -> torch.device:
@@ -40,6 +41,20 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def resolve_quantization(cfg: EngineConfig, device: torch.device, dtype: torch.dtype) -> str:
+    """--quantization, or by default int8 where it is the fast mode that meets the fidelity
+    bound (the embedded model and GGUF checkpoints, already quantised, on CPU in fp32)."""
+    if cfg.quantization is not None:
+        check(cfg.quantization, device, dtype)
+        return cfg.quantization
+    gguf = cfg.model is None or Path(cfg.model).suffix == ".gguf" or cfg.load_format == "gguf"
+    try:
+        check("int8", device, dtype)
+    except ValueError:
+        return "none"
+    return "int8" if gguf else "none"
 
 
 def _model_dir(cfg: EngineConfig) -> tuple[Path, str]:
@@ -72,6 +87,7 @@ def _default_tokenizer() -> Tokenizer:
 def load(cfg: EngineConfig) -> LoadedModel:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    quantization = resolve_quantization(cfg, device, dtype)
     if cfg.model in PRESETS:
         if cfg.load_format != "dummy":
             raise ValueError(
@@ -91,7 +107,11 @@ def load(cfg: EngineConfig) -> LoadedModel:
         else:
             model = load_safetensors(model_dir, mcfg, dtype, device)
         tokenizer = Tokenizer.from_file(model_dir / "tokenizer.model")
-    if cfg.pack_cpu_weights and cpu_gemm.should_pack(device, dtype):
-        model.pack_for_cpu()
-    log.info("loaded %s (%s) on %s in %s", name, mcfg.model_type, device, dtype)
-    return LoadedModel(model, mcfg, tokenizer, cfg.served_model_name or name, device, dtype)
+    deployment = deploy(model, device, dtype, quantization, cfg.pack_cpu_weights)
+    log.info(
+        "loaded %s (%s) on %s in %s, quantization %s (linear layers: %s)",
+        name, mcfg.model_type, device, dtype, deployment.quantization, deployment.linear,
+    )  # fmt: skip
+    return LoadedModel(
+        model, mcfg, tokenizer, cfg.served_model_name or name, device, dtype, deployment
+    )

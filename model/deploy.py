@@ -2,9 +2,12 @@
 
 On CPUs the projections and the LM head are replaced by modules with the same call:
 - quantization "none": fp32 GEMMs through oneDNN on packed weights (model/cpu_gemm.py), exact;
-- quantization "int8": int8 weights x per-token int8 activations (model/int8_gemm.py); the
-  embedding table is stored in int8 too and a tied LM head computes on the same int8 rows.
-A swapped-out float weight is released: no fp32 copy of a quantised weight is kept.
+- quantization "int8": int8 weights x per-token int8 activations (model/int8_gemm.py): two
+  activation passes in the projections, one smoothed pass in the LM head; the embedding table
+  is stored in int8 too. A swapped-out float weight is released: no fp32 copy is kept.
+The int8 layout is a plain dict of tensors (`int8_state`), so it can be cached beside a
+converted checkpoint (model/int8_cache.py) and installed into a model that never had fp32
+weights (`int8_skeleton`).
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ from dataclasses import dataclass
 
 import torch
 from gemma_serve.model import cpu_gemm, int8_gemm
-from gemma_serve.model.config import QUANTIZATIONS
+from gemma_serve.model.config import QUANTIZATIONS, ModelConfig
 from gemma_serve.model.gemma import GemmaForCausalLM, Linear
 from torch import nn
+
+EMBED = "model.embed_tokens"
 
 
 @dataclass(frozen=True)
@@ -24,6 +29,7 @@ class Deployment:
 
     quantization: str  # "none" or "int8"
     linear: str  # the kernel the projections run: "torch", "onednn-fp32-packed", "onednn-w8a8"
+    from_cache: bool = False  # int8 weights read from the conversion cache
 
 
 def check(quantization: str, device: torch.device, dtype: torch.dtype) -> None:
@@ -39,18 +45,55 @@ def check(quantization: str, device: torch.device, dtype: torch.dtype) -> None:
             raise ValueError("--quantization int8 needs a torch build with oneDNN (x86 CPUs)")
 
 
-def _swap_linears(model: nn.Module, make) -> None:
-    """Replace every `Linear` under model by make(weight), releasing the float weight."""
-    targets = [
-        (parent, name)
-        for parent in model.modules()
+def _linears(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(full name, parent, attribute) of every `Linear` but an untied LM head."""
+    return [
+        (f"{prefix}.{name}" if prefix else name, parent, name)
+        for prefix, parent in model.named_modules()
         for name, child in parent.named_children()
-        if isinstance(child, Linear)
+        if isinstance(child, Linear) and not (parent is model and name == "lm_head")
     ]
-    for parent, name in targets:
-        weight = getattr(parent, name).weight
-        setattr(parent, name, make(weight))
-        del weight
+
+
+def int8_state(model: GemmaForCausalLM) -> dict[str, torch.Tensor]:
+    """The int8 layout of a float model (module docstring of model/int8_gemm.py)."""
+    state: dict[str, torch.Tensor] = {}
+    table = model.model.embed_tokens.weight
+    head = table if model.lm_head is None else model.lm_head.weight
+    smooth = (1.0 + model.model.norm.weight.detach().float()).abs().sqrt().clamp_(min=1e-3)
+    q, scale = int8_gemm.quantize_rows(head.detach().float() * smooth[None, :])
+    state.update({"lm_head.q": q, "lm_head.scale": scale, "lm_head.smooth": smooth})
+    for name, parent, attr in _linears(model):
+        q, scale = int8_gemm.quantize_rows(getattr(parent, attr).weight)
+        state.update({f"{name}.q": q, f"{name}.scale": scale})
+    state[f"{EMBED}.q"], state[f"{EMBED}.scale"] = int8_gemm.quantize_rows(table)
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            state[name] = p.detach().float().clone()
+    return state
+
+
+def install_int8(model: GemmaForCausalLM, state: dict[str, torch.Tensor]) -> None:
+    """Swap the int8 modules of `state` in; the model's norms take its float tensors."""
+    model.lm_head = int8_gemm.Int8Linear(
+        state["lm_head.q"], state["lm_head.scale"], passes=1, smooth=state["lm_head.smooth"]
+    )
+    for name, parent, attr in _linears(model):
+        setattr(parent, attr, int8_gemm.Int8Linear(state[f"{name}.q"], state[f"{name}.scale"]))
+    model.model.embed_tokens = int8_gemm.Int8Embedding(
+        state[f"{EMBED}.q"].clone(), state[f"{EMBED}.scale"]
+    )
+    model.to_empty(device=torch.device("cpu"))  # only the norms are left to allocate
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(state[name])
+
+
+def int8_skeleton(cfg: ModelConfig) -> GemmaForCausalLM:
+    """A model with no weights (meta tensors), for `install_int8`."""
+    with torch.device("meta"):
+        model = GemmaForCausalLM(cfg)
+    return model.eval().requires_grad_(False)
 
 
 def deploy(
@@ -59,19 +102,13 @@ def deploy(
     """Apply the swaps for `quantization` (and fp32 packing when `pack`) in place."""
     check(quantization, device, dtype)
     if quantization == "int8":
-        # The head: one activation pass, smoothed by the final norm's scale (int8_gemm.py).
-        head = model.model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
-        smooth = (1.0 + model.model.norm.weight.detach().float()).abs().sqrt().clamp_(min=1e-3)
-        model.lm_head = int8_gemm.Int8Linear.from_float(head, passes=1, smooth=smooth)
-        del head
-        _swap_linears(model, int8_gemm.Int8Linear.from_float)
-        table = model.model.embed_tokens.weight
-        model.model.embed_tokens = int8_gemm.Int8Embedding(*int8_gemm.quantize_rows(table))
-        del table
+        install_int8(model, int8_state(model))
         return Deployment("int8", "onednn-w8a8")
     if pack and cpu_gemm.should_pack(device, dtype):
-        _swap_linears(model, cpu_gemm.PackedLinear)
-        if model.lm_head is None:  # a packed copy of the tied table for the step's biggest GEMM
-            model.lm_head = cpu_gemm.PackedLinear(model.model.embed_tokens.weight)
+        for _, parent, attr in _linears(model):
+            setattr(parent, attr, cpu_gemm.PackedLinear(getattr(parent, attr).weight))
+        # The step's biggest GEMM: a packed copy of the tied table (or the untied head).
+        head = model.model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+        model.lm_head = cpu_gemm.PackedLinear(head)
         return Deployment("none", "onednn-fp32-packed")
     return Deployment("none", "torch")

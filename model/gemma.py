@@ -30,6 +30,18 @@ class Linear(nn.Module):
         return F.linear(x, self.weight)
 
 
+class Embedding(nn.Module):
+    """A token embedding table [vocab, hidden]. Unlike nn.Embedding it runs no initialiser, so
+    building the model on the meta device stays cheap (weights always come from a loader)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * (1 + w), computed in fp32 and cast back."""
 
@@ -134,7 +146,7 @@ class GemmaModel(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rope_global = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from gemma_serve.model import int8_gemm
+from gemma_serve.model.deploy import Deployment
 from gemma_serve.model.gemma import Linear
 from gemma_serve.server.engine.sampling_params import SamplingParams
 
@@ -162,3 +163,39 @@ def test_deploy_none_leaves_the_exact_path(tmp_path: Path) -> None:
     assert engine.loaded.deployment.quantization == "none"
     model = engine.loaded.model
     assert not any(isinstance(m, int8_gemm.Int8Linear) for m in model.modules())
+
+
+def test_a_gguf_defaults_to_int8_and_starts_from_its_int8_cache(tmp_path, monkeypatch) -> None:
+    """The first start quantises the converted fp32 weights and caches the int8 layout; the
+    second reads only that cache and serves the same tokens and logprobs."""
+    from gemma_serve.model import int8_cache
+    from gemma_serve.model.gguf_convert import cached_conversion
+
+    from tests.test_gguf import write_tiny_gguf
+
+    monkeypatch.setenv("GEMMA_SERVE_CACHE", str(tmp_path / "cache"))
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf", seed=3)
+    prompts = [[2, 270, 271, 272, 275, 280], [2, 260, 281]]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=2)
+    first = tiny_engine(gguf, kv_cache_memory=16 << 20)
+    assert first.loaded.deployment == Deployment("int8", "onednn-w8a8", from_cache=False)
+    cache = cached_conversion(gguf, progress=False) / int8_cache.FILE_NAME
+    assert cache.is_file()
+    second = tiny_engine(gguf, kv_cache_memory=16 << 20)
+    assert second.loaded.deployment.from_cache
+    a, b = first.generate(prompts, params), second.generate(prompts, params)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    assert [lp.logprob for r in a for lp in r.logprobs] == [
+        lp.logprob for r in b for lp in r.logprobs
+    ]
+    # A cache of another format is rebuilt, not trusted.
+    state = int8_cache.load(cache)
+    int8_cache.save(cache, state)
+    raw = cache.read_bytes().replace(int8_cache.FORMAT.encode(), b"gemma-serve-int8-v0")
+    cache.write_bytes(raw)
+    third = tiny_engine(gguf, kv_cache_memory=16 << 20)
+    assert not third.loaded.deployment.from_cache
+    assert int8_cache.load(cache) is not None  # rewritten in the current format
+    assert [r.token_ids for r in third.generate(prompts, params)] == [r.token_ids for r in a]
+    exact = tiny_engine(gguf, kv_cache_memory=16 << 20, quantization="none")
+    assert exact.loaded.deployment.quantization == "none"

@@ -88,16 +88,17 @@ def _model_dir(cfg: EngineConfig) -> tuple[Path, str, bool]:
     return path, path.name, False
 
 
-def _load_int8(model_dir: Path, mcfg: ModelConfig, cache: bool) -> GemmaForCausalLM:
+def _load_int8(model_dir: Path, mcfg: ModelConfig, cache: bool) -> tuple[GemmaForCausalLM, bool]:
     """The int8 model, from the conversion cache's int8 layout when there is one (no fp32
-    weights are read), else quantised from the fp32 checkpoint (and cached when `cache`)."""
+    weights are read), else quantised from the fp32 checkpoint (and cached when `cache`).
+    The flag says which."""
     path = model_dir / int8_cache.FILE_NAME
     state = int8_cache.load(path) if cache else None
     if state is not None:
         model = int8_skeleton(mcfg)
         try:
             install_int8(model, state)
-            return model
+            return model, True
         except (KeyError, RuntimeError) as exc:
             log.warning("int8 cache %s does not fit the model (%s): rebuilding it", path, exc)
     model = load_safetensors(model_dir, mcfg, torch.float32, torch.device("cpu"))
@@ -108,7 +109,7 @@ def _load_int8(model_dir: Path, mcfg: ModelConfig, cache: bool) -> GemmaForCausa
         except OSError as exc:  # a read-only cache still serves, only slower to start
             log.warning("could not write the int8 cache %s: %s", path, exc)
     install_int8(model, state)
-    return model
+    return model, False
 
 
 def _default_tokenizer() -> Tokenizer:
@@ -121,6 +122,7 @@ def load(cfg: EngineConfig) -> LoadedModel:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     quantization = resolve_quantization(cfg, device, dtype)
+    from_cache = False
     if cfg.model in PRESETS:
         if cfg.load_format != "dummy":
             raise ValueError(
@@ -137,18 +139,19 @@ def load(cfg: EngineConfig) -> LoadedModel:
         mcfg = ModelConfig.from_file(model_dir)
         tokenizer = Tokenizer.from_file(model_dir / "tokenizer.model")
         if cfg.load_format != "dummy" and quantization == "int8":
-            model = _load_int8(model_dir, mcfg, cache=converted)
+            model, from_cache = _load_int8(model_dir, mcfg, cache=converted)
         elif cfg.load_format == "dummy":
             model = random_model(mcfg, dtype, device, cfg.seed)
         else:
             model = load_safetensors(model_dir, mcfg, dtype, device)
     if isinstance(model.lm_head, Int8Linear):  # installed by _load_int8
-        deployment = Deployment("int8", "onednn-w8a8")
+        deployment = Deployment("int8", "onednn-w8a8", from_cache)
     else:
         deployment = deploy(model, device, dtype, quantization, cfg.pack_cpu_weights)
     log.info(
-        "loaded %s (%s) on %s in %s, quantization %s (linear layers: %s)",
+        "loaded %s (%s) on %s in %s, quantization %s (linear layers: %s%s)",
         name, mcfg.model_type, device, dtype, deployment.quantization, deployment.linear,
+        ", from the int8 cache" if deployment.from_cache else "",
     )  # fmt: skip
     return LoadedModel(
         model, mcfg, tokenizer, cfg.served_model_name or name, device, dtype, deployment

@@ -121,7 +121,7 @@ def main() -> None:
     )
     ours = run_engine(str(model_dir), prompts, args.output, args)
     hf = run_hf(model_dir, prompts, args.output, args.hf_batch)
-    same = sum(a == b for a, b in zip(ours["outputs"], hf["outputs"]))
+    same = sum(a == b for a, b in zip(ours["outputs"], hf["outputs"], strict=True))
     for r in (ours, hf):
         r.pop("outputs")
         print(json.dumps(r))

@@ -179,7 +179,7 @@ async def _prepare_prompts(
         async with gate:
             return await count_tokens(client, endpoint, text)
 
-    counts = dict(zip(texts, await asyncio.gather(*(count(t) for t in texts))))
+    counts = dict(zip(texts, await asyncio.gather(*(count(t) for t in texts)), strict=True))
     return [replace(s, prompt_tokens=counts[s.prompt]) for s in specs]
 
 
@@ -225,7 +225,7 @@ async def _run_requests(
             on_progress(done, len(prompts))
         return result
 
-    results = await asyncio.gather(*(one(s, t) for s, t in zip(prompts, arrivals)))
+    results = await asyncio.gather(*(one(s, t) for s, t in zip(prompts, arrivals, strict=True)))
     return list(results), time.perf_counter() - start
 
 
@@ -248,4 +248,8 @@ def sweep_configs(
             f"{len(num_prompts)} values of num_prompts for {len(points)} runs: give one or one each"
         )
     counts = list(num_prompts) * len(points) if len(num_prompts) == 1 else list(num_prompts)
-    return [replace(p, num_prompts=n) for p, n in zip(points, counts)] if counts else points
+    return (
+        [replace(p, num_prompts=n) for p, n in zip(points, counts, strict=True)]
+        if counts
+        else points
+    )

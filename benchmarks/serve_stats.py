@@ -58,7 +58,10 @@ def format_grid(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
 
     def line(row: Sequence[str]) -> str:
-        cells = [row[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(row[1:], widths[1:]))]
+        cells = [
+            row[0].ljust(widths[0]),
+            *(c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)),
+        ]
         return "  ".join(cells).rstrip()
 
     return "\n".join([line(header), "-" * len(line(header)), *(line(r) for r in rows)])
@@ -122,7 +125,7 @@ def plot_sweep(
     except ImportError:
         return False
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    for ax, (key, name) in zip(axes.flat, LATENCIES):
+    for ax, (key, name) in zip(axes.flat, LATENCIES, strict=True):
         for stat in ("p50", "p90", "p99"):
             ys = [np.nan if s[key][stat] is None else s[key][stat] for s in summaries]
             ax.plot(loads, ys, marker="o", label=stat)

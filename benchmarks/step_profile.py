@@ -16,6 +16,7 @@ import time
 import torch
 from gemma_serve.server.engine.config import EngineConfig
 from gemma_serve.server.engine.llm_engine import LLMEngine
+from gemma_serve.server.engine.sampler import sample_isolating_faults
 from gemma_serve.server.engine.sampling_params import SamplingParams
 
 
@@ -60,13 +61,15 @@ def main() -> None:
         t1 = time.perf_counter()
         logits = engine.runner.forward(batch).logits
         t2 = time.perf_counter()
-        reqs, sampled, _ = engine._sample(logits, batch.sampling_requests)
+        reqs, sampled, _ = sample_isolating_faults(engine.sampler, logits, batch.sampling_requests)
         t3 = time.perf_counter()
-        engine.scheduler.update(sched, {r.request_id: t for r, t in zip(reqs, sampled.token_ids)})
-        for r, t, lp in zip(reqs, sampled.token_ids, sampled.logprobs):
+        engine.scheduler.update(
+            sched, {r.request_id: t for r, t in zip(reqs, sampled.token_ids, strict=True)}
+        )
+        for r, t, lp in zip(reqs, sampled.token_ids, sampled.logprobs, strict=True):
             engine._postprocess(r, t, lp)
         t4 = time.perf_counter()
-        for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+        for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
             phases[k] += dt
     total = sum(phases.values())
     report = {

@@ -16,7 +16,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from gemma_serve.kernels.prefill_attention import _log2_scores, _online_update, score_constants
+from gemma_serve.kernels.triton_common import (
+    load_cached_kv,
+    log2_scores,
+    online_update,
+    score_constants,
+)
 
 
 @triton.jit
@@ -60,24 +65,16 @@ def decode_kernel(
     for p0 in range(lo, hi, BLOCK_N):
         pos = p0 + offs_n
         ok = pos < hi
-        blk = pos // BLOCK_SIZE
-        if IS_RING:
-            blk = blk % ring_blocks
-        bid = tl.load(bt_row + blk, mask=ok, other=0)
-        slot = bid.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE  # int64: big caches overflow i32
-        kc = KCache + slot[:, None] * stride_kcs + kv_head * stride_kch + offs_d[None, :]
-        vc = VCache + slot[:, None] * stride_vcs + kv_head * stride_vch + offs_d[None, :]
-        # The reference casts cached K/V to q's dtype; masked rows load 0 so a never-written
-        # (possibly NaN) slot cannot leak through 0 * NaN.
-        k = tl.load(kc, mask=ok[:, None], other=0.0).to(Q.dtype.element_ty)
-        v = tl.load(vc, mask=ok[:, None], other=0.0).to(Q.dtype.element_ty)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        # The reference casts cached K/V to q's dtype.
+        k, v = load_cached_kv(
+            KCache, VCache, bt_row, pos, ok, kv_head, offs_d,
+            stride_kcs, stride_kch, stride_vcs, stride_vch, ring_blocks,
+            Q.dtype.element_ty, Q.dtype.element_ty, BLOCK_SIZE, IS_RING, UPCAST,
+        )  # fmt: skip
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        s = _log2_scores(qk, qk_scale, softcap_scale, cap_log2e, HAS_SOFTCAP)
+        s = log2_scores(qk, qk_scale, softcap_scale, cap_log2e, HAS_SOFTCAP)
         s = tl.where(ok[None, :], s, float("-inf"))
-        acc, m_i, l_i = _online_update(acc, m_i, l_i, s, v, DOT_PREC)
+        acc, m_i, l_i = online_update(acc, m_i, l_i, s, v, DOT_PREC)
 
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]

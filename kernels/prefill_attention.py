@@ -3,10 +3,8 @@
 Semantics are exactly `kernels.reference.prefill_attention`: packed chunks (cu_seqlens), GQA,
 logit soft-cap, optional sliding window, and each chunk also attends to its sequence's earlier
 context in the paged or ring cache. One program handles BLOCK_M query rows of one chunk and one
-query head; K/V tiles entirely outside the causal/window range are never visited.
-
-Scores are kept in the log2 domain (the softmax scale is multiplied by log2(e)) so the online
-softmax can use exp2, which maps to a single hardware instruction.
+query head; K/V tiles entirely outside the causal/window range are never visited. The score
+math is in the log2 domain (`triton_common`).
 """
 
 from __future__ import annotations
@@ -14,36 +12,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _tanh(x):
-    """tanh from exp2 (the interpreter has no tanh): t = exp(-2|x|), tanh = sign(x)(1-t)/(1+t)."""
-    t = tl.exp2(-2.0 * 1.4426950408889634 * tl.abs(x))
-    r = (1.0 - t) / (1.0 + t)
-    return tl.where(x >= 0, r, -r)
-
-
-@triton.jit
-def _log2_scores(qk, qk_scale, softcap_scale, cap_log2e, HAS_SOFTCAP: tl.constexpr):
-    """Raw q.k -> scaled, soft-capped scores in the log2 domain (cap before any masking)."""
-    if HAS_SOFTCAP:
-        return cap_log2e * _tanh(qk * softcap_scale)
-    return qk * qk_scale
-
-
-@triton.jit
-def _online_update(acc, m_i, l_i, s, v, DOT_PREC: tl.constexpr):
-    """One online-softmax step: fold a tile of log2 scores `s` [M, N] and values `v` [N, D] in."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])  # masked scores are -inf -> exactly 0
-    l_i = l_i * alpha + tl.sum(p, 1)
-    # P in V's dtype: bf16 tensor-core MMA on GPU; fp32 when interpreting (V was upcast).
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
-    return acc, m_new, l_i
+from gemma_serve.kernels.triton_common import (
+    load_cached_kv,
+    log2_scores,
+    online_update,
+    score_constants,
+)
 
 
 @triton.jit
@@ -90,27 +64,19 @@ def prefill_kernel(
             for p0 in range(lo, ctx, BLOCK_N):
                 pos = p0 + offs_n
                 ok = pos < ctx
-                blk = pos // BLOCK_SIZE
-                if IS_RING:
-                    blk = blk % ring_blocks
-                bid = tl.load(BlockTables + seq * stride_bt + blk, mask=ok, other=0)
-                slot = bid.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
-                kc = KCache + slot[:, None] * stride_kcs + kv_head * stride_kch + offs_d[None, :]
-                vc = VCache + slot[:, None] * stride_vcs + kv_head * stride_vch + offs_d[None, :]
-                # Cast to the chunk's dtype as the reference does; masked rows load 0 (a stale
-                # or never-written slot may hold NaN, and 0 * NaN would poison the sum).
-                k = tl.load(kc, mask=ok[:, None], other=0.0).to(K.dtype.element_ty)
-                v = tl.load(vc, mask=ok[:, None], other=0.0).to(V.dtype.element_ty)
-                if UPCAST:
-                    k = k.to(tl.float32)
-                    v = v.to(tl.float32)
+                # Cast to the chunk's dtype as the reference does.
+                k, v = load_cached_kv(
+                    KCache, VCache, BlockTables + seq * stride_bt, pos, ok, kv_head, offs_d,
+                    stride_kcs, stride_kch, stride_vcs, stride_vch, ring_blocks,
+                    K.dtype.element_ty, V.dtype.element_ty, BLOCK_SIZE, IS_RING, UPCAST,
+                )  # fmt: skip
                 qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-                s = _log2_scores(qk, qk_scale, softcap_scale, cap_log2e, HAS_SOFTCAP)
+                s = log2_scores(qk, qk_scale, softcap_scale, cap_log2e, HAS_SOFTCAP)
                 mask = ok[None, :]
                 if HAS_WINDOW:
                     mask = mask & ((q_pos[:, None] - pos[None, :]) < window)
                 s = tl.where(mask, s, float("-inf"))
-                acc, m_i, l_i = _online_update(acc, m_i, l_i, s, v, DOT_PREC)
+                acc, m_i, l_i = online_update(acc, m_i, l_i, s, v, DOT_PREC)
 
         # 2) The chunk's own keys. Tiles strictly left of the diagonal need no causal mask.
         diag = m_tile * BLOCK_M  # a multiple of BLOCK_N (BLOCK_M % BLOCK_N == 0)
@@ -127,10 +93,10 @@ def prefill_kernel(
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-            s = _log2_scores(qk, qk_scale, softcap_scale, cap_log2e, HAS_SOFTCAP)
+            s = log2_scores(qk, qk_scale, softcap_scale, cap_log2e, HAS_SOFTCAP)
             if HAS_WINDOW:
                 s = tl.where((offs_m[:, None] - offs_j[None, :]) < window, s, float("-inf"))
-            acc, m_i, l_i = _online_update(acc, m_i, l_i, s, v, DOT_PREC)
+            acc, m_i, l_i = online_update(acc, m_i, l_i, s, v, DOT_PREC)
         hi = tl.minimum(diag + BLOCK_M, n)
         for j0 in range(diag, hi, BLOCK_N):
             offs_j = j0 + offs_n
@@ -143,25 +109,18 @@ def prefill_kernel(
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-            s = _log2_scores(qk, qk_scale, softcap_scale, cap_log2e, HAS_SOFTCAP)
+            s = log2_scores(qk, qk_scale, softcap_scale, cap_log2e, HAS_SOFTCAP)
             diff = offs_m[:, None] - offs_j[None, :]
             mask = (diff >= 0) & ok[None, :]
             if HAS_WINDOW:
                 mask = mask & (diff < window)
             s = tl.where(mask, s, float("-inf"))
-            acc, m_i, l_i = _online_update(acc, m_i, l_i, s, v, DOT_PREC)
+            acc, m_i, l_i = online_update(acc, m_i, l_i, s, v, DOT_PREC)
 
         # Padding rows past the chunk may have seen nothing (l = 0); they are not stored.
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         o_ptrs = Out + (start + offs_m[:, None]) * stride_ot + head * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
-
-
-def score_constants(scale: float, softcap: float | None) -> tuple[float, float, float, bool]:
-    """(qk_scale, softcap_scale, cap_log2e, has_softcap) for the log2-domain score math."""
-    has_cap = softcap is not None and softcap > 0
-    cap = float(softcap) if has_cap else 1.0
-    return scale * LOG2E, scale / cap, cap * LOG2E, has_cap
 
 
 def launch_prefill(

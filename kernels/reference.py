@@ -117,7 +117,7 @@ def prefill_attention(
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
     ctx_list = context_lens.tolist() if context_lens is not None else [0] * (len(bounds) - 1)
-    for s, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+    for s, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
         n, ctx = end - start, ctx_list[s]
         if n == 0:
             continue

@@ -328,7 +328,9 @@ def sentencepiece_model(metadata: dict[str, Any]) -> sp_pb2.ModelProto:
     valid = {int(t) for t in TokenType}
     model = sp_pb2.ModelProto()
     seen: set[str] = set()
-    for i, (token, score, ttype) in enumerate(zip(tokens, scores.tolist(), types.tolist())):
+    for i, (token, score, ttype) in enumerate(
+        zip(tokens, scores.tolist(), types.tolist(), strict=True)
+    ):
         piece = _piece(token, ttype, seen)
         seen.add(piece)
         if i == unk:  # files often label <unk> CONTROL; SentencePiece needs exactly one UNKNOWN

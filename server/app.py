@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -22,9 +23,10 @@ from gemma_serve.server.completions import create_completion
 from gemma_serve.server.engine_client import EngineClient, EngineProvider
 from gemma_serve.server.errors import APIError, install_error_handlers
 from gemma_serve.server.metrics import CONTENT_TYPE, Metrics
-from gemma_serve.server.middleware import ApiKeyMiddleware, BodyLimitMiddleware
+from gemma_serve.server.middleware import ApiKeyMiddleware, BodyLimitMiddleware, clean_api_key
 from gemma_serve.server.openapi import install_openapi
 from gemma_serve.server.params import chat_prompt, check_model, check_token_ids
+from gemma_serve.server.prompt_bound import longest_token_bytes
 from gemma_serve.server.protocol import DetokenizeRequest, TokenizeRequest, parse_request
 from gemma_serve.server.state import ServerState, Settings, server_state
 from starlette.requests import Request
@@ -64,6 +66,7 @@ def create_app(
                 # In-flight requests are aborted by the engine; their streams then end.
                 await asyncio.wait_for(engine.shutdown(), SHUTDOWN_TIMEOUT_S)
                 logger.info("engine stopped")
+            state.close_workers()
 
     app = FastAPI(title="gemma-serve", lifespan=lifespan)
     app.state.server = state
@@ -87,8 +90,8 @@ def create_app(
         app.add_api_route(path, endpoint, methods=methods)
     # Added last = runs first: CORS preflights, then the size limit, then the key.
     api_key = settings.resolved_api_key()
-    if api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+    if api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, api_key=clean_api_key(api_key))
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.allowed_origins:
         app.add_middleware(
@@ -128,9 +131,11 @@ async def _load_engine(
             loop.call_soon_threadsafe(settle, engine, error)
 
     started = time.monotonic()
-    threading.Thread(target=work, name="engine-loader", daemon=True).start()
+    state.loader = threading.Thread(target=work, name="engine-loader", daemon=True)
+    state.loader.start()
     try:
         engine = await done
+        state.max_token_bytes = await state.off_loop(longest_token_bytes, engine.tokenizer)
         engine.add_step_listener(state.metrics.on_step)
         engine.start()
     except Exception as exc:
@@ -182,25 +187,41 @@ async def get_model(request: Request, model_id: str) -> Response:
 
 
 async def tokenize(request: Request) -> Response:
-    """vLLM's /tokenize: a prompt (or chat messages) -> token ids."""
-    engine = server_state(request).require_engine()
-    req = parse_request(TokenizeRequest, await request.body())
+    """vLLM's /tokenize: a prompt (or chat messages) -> token ids. The parsing, the
+    tokenization and the (large) JSON answer run off the event loop."""
+    state = server_state(request)
+    engine = state.require_engine()
+    req = await state.off_loop(parse_request, TokenizeRequest, await request.body())
     check_model(req.model, engine.model_name)
     if (req.prompt is None) == (req.messages is None):
         raise APIError(400, "Give exactly one of prompt and messages", param="prompt")
+    body = await state.off_loop(_tokenize_json, engine, req)
+    return Response(body, media_type="application/json")
+
+
+def _tokenize_json(engine: EngineClient, req: TokenizeRequest) -> bytes:
     if req.messages is not None:
         tokens = chat_prompt(engine.tokenizer, req.messages)
     else:
         tokens = engine.tokenizer.encode(req.prompt or "", add_bos=req.add_special_tokens)
-    return JSONResponse(
-        {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len}
-    )
+    answer = {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len}
+    return _json(answer)
+
+
+def _json(content: object) -> bytes:
+    """What JSONResponse would send, made here so that it can run off the loop."""
+    return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
 async def detokenize(request: Request) -> Response:
-    """vLLM's /detokenize: token ids -> text."""
-    engine = server_state(request).require_engine()
-    req = parse_request(DetokenizeRequest, await request.body())
+    """vLLM's /detokenize: token ids -> text (off the event loop, as /tokenize)."""
+    state = server_state(request)
+    engine = state.require_engine()
+    req = await state.off_loop(parse_request, DetokenizeRequest, await request.body())
     check_model(req.model, engine.model_name)
-    tokens = check_token_ids(req.tokens, engine.tokenizer.vocab_size, "tokens")
-    return JSONResponse({"prompt": engine.tokenizer.decode(tokens)})
+
+    def decode() -> bytes:
+        tokens = check_token_ids(req.tokens, engine.tokenizer.vocab_size, "tokens")
+        return _json({"prompt": engine.tokenizer.decode(tokens)})
+
+    return Response(await state.off_loop(decode), media_type="application/json")

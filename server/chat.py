@@ -24,6 +24,7 @@ from gemma_serve.server.params import (
     resolve_max_tokens,
     sampling_params,
 )
+from gemma_serve.server.prompt_bound import refuse_hopeless_prompt
 from gemma_serve.server.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -48,16 +49,18 @@ async def create_chat_completion(request: Request) -> Response:
     """OpenAI's /v1/chat/completions. max_tokens defaults to whatever context remains."""
     state = server_state(request)
     engine = state.require_engine()
-    req = parse_request(ChatCompletionRequest, await request.body())
+    req = await state.off_loop(parse_request, ChatCompletionRequest, await request.body())
     check_model(req.model, engine.model_name)
     check_stream_options(req)
     if req.top_logprobs and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
     tok = engine.tokenizer
-    ids = chat_prompt(tok, req.messages)
     requested = (
         req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     )
+    chars = sum(len(m.content or "") for m in req.messages)  # the template only adds tokens
+    refuse_hopeless_prompt(chars, state.max_token_bytes, engine.max_model_len, "messages")
+    ids = await state.off_loop(chat_prompt, tok, req.messages)
     max_tokens = resolve_max_tokens(
         requested,
         len(ids),

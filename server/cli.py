@@ -3,23 +3,35 @@
 The port opens at once; the engine loads on a background thread while /health answers 503.
 SIGTERM (or Ctrl+C) stops accepting requests, lets in-flight ones finish for a grace period,
 aborts the rest (their streams still end with a last chunk and [DONE]), stops the engine and
-exits 0.
+exits 0; while the model is still loading, it exits 0 at once without waiting for the loader.
+Connections are guarded by server/connections.py (limit, read deadline, 431) and repeated
+warnings are throttled (server/log_throttle.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import re
+import resource
 import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import uvicorn
+from fastapi import FastAPI
 from gemma_serve.server.app import Settings, create_app
+from gemma_serve.server.connections import (
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_REQUEST_READ_TIMEOUT_S,
+    ConnectionGuard,
+    ConnectionLimits,
+    GuardedH11Protocol,
+)
 from gemma_serve.server.engine.config import (
     DEVICES,
     DTYPES,
@@ -28,12 +40,18 @@ from gemma_serve.server.engine.config import (
     EngineConfig,
 )
 from gemma_serve.server.engine_client import EngineClient, EngineProvider
+from gemma_serve.server.log_throttle import throttled_logs
+from gemma_serve.server.middleware import clean_api_key
 from gemma_serve.server.state import API_KEY_ENV, ServerState
 
 logger = logging.getLogger("gemma_serve.server.cli")
 GRACE_S = 30  # seconds in-flight requests get to finish on shutdown before they are aborted
 ABORT_LEAD_S = 3.0  # abort that long before the grace ends, so that streams can still close
 LOG_LEVELS = ("debug", "info", "warning", "error")
+KEEP_ALIVE_S = 5.0  # uvicorn's default --timeout-keep-alive
+MAX_HEADER_BYTES = 16 * 1024  # h11's (and uvicorn's) default incomplete-event size
+FD_HEADROOM = 256  # descriptors kept for model files, the engine, logs and the reserve
+LOADER_JOIN_S = 0.5  # a loader still running this long after shutdown is left behind
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)", re.IGNORECASE)
 
 
@@ -46,6 +64,9 @@ class ServeOptions:
     log_level: str
     settings: Settings
     grace_s: float = GRACE_S
+    connections: ConnectionLimits = ConnectionLimits()
+    timeout_keep_alive: float = KEEP_ALIVE_S
+    max_header_bytes: int = MAX_HEADER_BYTES
 
 
 def byte_size(text: str) -> int:
@@ -93,7 +114,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--allowed-origins", nargs="+", default=[], help="CORS origins (off when not given)")
     add("--log-level", choices=LOG_LEVELS, default="info", help="(default: %(default)s)")
+    _add_connection_flags(p)
     return p
+
+
+def _add_connection_flags(p: argparse.ArgumentParser) -> None:
+    """uvicorn's names where uvicorn has the setting; --timeout-request-read is ours."""
+    add = p.add_argument
+    add(
+        "--limit-concurrency",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        metavar="N",
+        help="most open connections; idle ones are closed first to make room, and when all "
+        "hold requests only /health and /metrics are answered (default: %(default)s)",
+    )
+    add(
+        "--timeout-keep-alive",
+        type=float,
+        default=KEEP_ALIVE_S,
+        metavar="S",
+        help="close a kept-alive connection idle this long (default: %(default)s)",
+    )
+    add(
+        "--timeout-request-read",
+        type=float,
+        default=DEFAULT_REQUEST_READ_TIMEOUT_S,
+        metavar="S",
+        help="seconds a client gets to send a request's headers and body, else 408 and close "
+        "(default: %(default)s)",
+    )
+    add(
+        "--h11-max-incomplete-event-size",
+        type=byte_size,
+        default=MAX_HEADER_BYTES,
+        metavar="BYTES",
+        help="largest request head (line + headers); larger ones get 431 (default: %(default)s)",
+    )
 
 
 ENGINE_FLAGS = (
@@ -125,12 +182,25 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[EngineConfig, ServeOp
     try:
         config = EngineConfig(**{k: v for k, v in given.items() if v is not None})
         origins = tuple(o for item in args.allowed_origins for o in item.split(",") if o)
-        settings = Settings(api_key=args.api_key or None, allowed_origins=origins)
+        api_key = clean_api_key(args.api_key) if args.api_key is not None else None
+        settings = Settings(api_key=api_key, allowed_origins=origins)
+        limits = ConnectionLimits(args.limit_concurrency, args.timeout_request_read)
     except ValueError as exc:
         parser.error(str(exc))
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be in [0, 65535], got {args.port}")
-    return config, ServeOptions(args.host, args.port, args.log_level, settings)
+    if not args.timeout_keep_alive > 0 or args.h11_max_incomplete_event_size < 1024:
+        parser.error("--timeout-keep-alive must be > 0 and --h11-max-incomplete-event-size >= 1KiB")
+    options = ServeOptions(
+        args.host,
+        args.port,
+        args.log_level,
+        settings,
+        connections=limits,
+        timeout_keep_alive=args.timeout_keep_alive,
+        max_header_bytes=args.h11_max_incomplete_event_size,
+    )
+    return config, options
 
 
 def serve(provider: EngineProvider, options: ServeOptions) -> int:
@@ -146,23 +216,85 @@ def serve(provider: EngineProvider, options: ServeOptions) -> int:
             server.should_exit = True
 
     app = create_app(provider, options.settings, on_load_error=on_load_error)
-    config = uvicorn.Config(
+    config = uvicorn_config(app, options, _fit_descriptor_limit(options.connections))
+    state: ServerState = app.state.server
+    server = _Server(config, state, options.grace_s)
+
+    def request_exit(signum: int, frame: object) -> None:
+        # Before uvicorn installs its handlers (and after it has restored ours: it re-raises
+        # the signal it caught, which by default would end the process with 143, not 0).
+        server.should_exit = True
+
+    previous = {sig: signal.signal(sig, request_exit) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with throttled_logs():
+            server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    _leave_loader_behind(state, exit_code)
+    return exit_code
+
+
+def uvicorn_config(
+    app: FastAPI, options: ServeOptions, limits: ConnectionLimits | None = None
+) -> uvicorn.Config:
+    """uvicorn's configuration for `app`, its connections guarded by `limits` (default:
+    options.connections)."""
+    guard = ConnectionGuard(limits or options.connections)
+    return uvicorn.Config(
         app,
         host=options.host,
         port=options.port,
         log_level=options.log_level,
         timeout_graceful_shutdown=round(options.grace_s),
+        http=GuardedH11Protocol.factory(guard),
+        timeout_keep_alive=options.timeout_keep_alive,  # type: ignore[arg-type]
+        h11_max_incomplete_event_size=options.max_header_bytes,
     )
-    server = _Server(config, app.state.server, options.grace_s)
-    # uvicorn re-raises the signal it caught once it has shut down, which with the default
-    # handlers would end the process with 143 instead of the clean exit 0 the contract wants.
-    previous = {sig: signal.signal(sig, _ignore) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        server.run()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return exit_code
+
+
+def _fit_descriptor_limit(limits: ConnectionLimits) -> ConnectionLimits:
+    """Raises the soft limit on open files to what the connection limit needs (up to the hard
+    limit), or lowers the connection limit to fit: running out of descriptors takes the
+    listener and /health down with it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = limits.max_connections + limits.probe_reserve + FD_HEADROOM
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        fitted = max(1, soft - limits.probe_reserve - FD_HEADROOM)
+        logger.warning(
+            "--limit-concurrency %d needs %d open files but the limit is %d: serving at most "
+            "%d connections",
+            limits.max_connections,
+            needed,
+            soft,
+            fitted,
+        )
+        return dataclasses.replace(limits, max_connections=fitted)
+    return limits
+
+
+def _leave_loader_behind(state: ServerState, exit_code: int) -> None:
+    """Exits now if the engine loader is still running (a signal arrived during loading).
+
+    The loader is a daemon thread inside torch: at interpreter exit Python would stop it
+    mid-C++ (pthread_exit), which aborts the process with "terminate called without an active
+    exception" (status 134). Nothing it holds needs cleaning up, so the process ends here.
+    """
+    loader = state.loader
+    if loader is None or not loader.is_alive():
+        return
+    loader.join(LOADER_JOIN_S)
+    if loader.is_alive():
+        logger.info("shut down while the model was loading: exiting without waiting for it")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
 
 
 class _Server(uvicorn.Server):
@@ -191,10 +323,6 @@ class _Server(uvicorn.Server):
         if engine is not None:
             logger.warning("shutdown grace ending: aborting the requests still in flight")
             await engine.shutdown()  # the app's shutdown calls it again: a no-op by then
-
-
-def _ignore(signum: int, frame: object) -> None:
-    logger.debug("signal %d after shutdown ignored", signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

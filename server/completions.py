@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Sequence
 
 from gemma_serve.server.engine.outputs import RequestOutput, TokenLogprob
-from gemma_serve.server.engine_client import TokenizerLike
+from gemma_serve.server.engine_client import EngineClient, TokenizerLike
 from gemma_serve.server.errors import bad_request
 from gemma_serve.server.generation import (
     ChoiceResult,
@@ -31,6 +31,7 @@ from gemma_serve.server.params import (
     resolve_max_tokens,
     sampling_params,
 )
+from gemma_serve.server.prompt_bound import refuse_hopeless_prompt
 from gemma_serve.server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -49,19 +50,46 @@ async def create_completion(request: Request) -> Response:
     """OpenAI's /v1/completions; choice i of prompt p has index p * n + i."""
     state = server_state(request)
     engine = state.require_engine()
-    req = parse_request(CompletionRequest, await request.body())
+    req = await state.off_loop(parse_request, CompletionRequest, await request.body())
     check_model(req.model, engine.model_name)
     _reject_unsupported(req)
+    prompts = req.prompts()
+    check_choices(len(prompts), req.n or 1)
+    for prompt in prompts:  # cheap, before any tokenization
+        if isinstance(prompt, str):
+            refuse_hopeless_prompt(
+                len(prompt), state.max_token_bytes, engine.max_model_len, "prompt"
+            )
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    subs, echo, prompt_ids = await state.off_loop(_sub_requests, req, engine, request_id)
+    group = GenerationGroup(engine, state.metrics, subs)
+    view = _CompletionView(request_id, engine.model_name, engine.tokenizer, echo, prompt_ids, req)
+    return await respond(
+        request,
+        group,
+        stream=bool(req.stream),
+        events=lambda: stream_events(
+            group,
+            prelude=view.prelude(),
+            chunk=view.chunk,
+            usage_chunk=view.usage_chunk if req.include_usage else None,
+        ),
+        build=lambda results: view.response(results, view.usage(group.usage())),
+    )
+
+
+def _sub_requests(
+    req: CompletionRequest, engine: EngineClient, request_id: str
+) -> tuple[list[SubRequest], dict[int, str], dict[int, list[int]]]:
+    """The engine requests (prompts x n), the echoed text and the prompt ids by choice index.
+    Tokenizes: runs on a worker thread."""
     tok = engine.tokenizer
     n = req.n or 1
-    request_id = f"cmpl-{uuid.uuid4().hex}"
     subs: list[SubRequest] = []
     echo: dict[int, str] = {}
     prompt_ids: dict[int, list[int]] = {}
-    prompts = req.prompts()
-    check_choices(len(prompts), n)
     score_prompt = bool(req.echo) and req.logprobs is not None
-    for p, prompt in enumerate(prompts):
+    for p, prompt in enumerate(req.prompts()):
         ids = encode_prompt(tok, prompt)
         max_tokens = resolve_max_tokens(
             1 if req.max_tokens == 0 else req.max_tokens,
@@ -85,20 +113,7 @@ async def create_completion(request: Request) -> Response:
             if req.echo:
                 echo[index] = prompt if isinstance(prompt, str) else tok.decode(ids)
                 prompt_ids[index] = ids
-    group = GenerationGroup(engine, state.metrics, subs)
-    view = _CompletionView(request_id, engine.model_name, tok, echo, prompt_ids, req)
-    return await respond(
-        request,
-        group,
-        stream=bool(req.stream),
-        events=lambda: stream_events(
-            group,
-            prelude=view.prelude(),
-            chunk=view.chunk,
-            usage_chunk=view.usage_chunk if req.include_usage else None,
-        ),
-        build=lambda results: view.response(results, view.usage(group.usage())),
-    )
+    return subs, echo, prompt_ids
 
 
 def _reject_unsupported(req: CompletionRequest) -> None:
@@ -226,7 +241,7 @@ class _CompletionView:
         """The prompt's tokens: the first with null logprobs, as OpenAI returns them. BOS is
         listed but takes no room in the echoed text."""
         offset = 0
-        for token, lp in zip(ids, scored):
+        for token, lp in zip(ids, scored, strict=True):
             text = self._tok.token_text(token)
             out.tokens.append(text)
             out.text_offset.append(offset)

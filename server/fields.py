@@ -87,10 +87,11 @@ def _check_logit_bias(value: object) -> dict[int, float] | None:
     return bias
 
 
-def _check_content(value: object) -> str:
-    """Message content: a string, or a list of text parts (what OpenAI clients send)."""
+def _check_content(value: object) -> str | None:
+    """Message content: a string, or a list of text parts (what OpenAI clients send). null
+    stays None, so that the message can refuse it where content is required."""
     if value is None:
-        return ""
+        return None
     if isinstance(value, str):
         return value
     if isinstance(value, list):

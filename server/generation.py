@@ -31,6 +31,7 @@ from gemma_serve.server.errors import APIError, bad_request
 from gemma_serve.server.metrics import Metrics
 from gemma_serve.server.protocol import PromptTokensDetails, Usage
 from gemma_serve.server.sse import SSEResponse
+from gemma_serve.server.state import server_state
 from pydantic import BaseModel
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
@@ -260,8 +261,14 @@ async def respond(
     failed = next((r for r in results.values() if r.finish_reason == FINISH_ERROR), None)
     if failed is not None:
         raise APIError(500, f"Generation failed: {failed.error or 'engine error'}", code=500)
+    if any(r.finish_reason == FINISH_ABORT for r in results.values()):
+        # Only the engine stopping aborts a request whose client still listens: a truncated
+        # 200 would pass for a whole answer.
+        message = "The server is shutting down: the request was aborted before it finished"
+        raise APIError(503, message, code="server_shutdown")
     # pydantic serializes a -inf logprob as null, where json.dumps would fail.
-    return Response(build(results).model_dump_json(), media_type="application/json")
+    body = await server_state(request).off_loop(lambda: build(results).model_dump_json())
+    return Response(body, media_type="application/json")
 
 
 async def stream_events(

@@ -8,7 +8,12 @@ waiting-queue length (--max-queued-requests, 429, the engine).
 
 from __future__ import annotations
 
-from gemma_serve.server.engine.sampling_params import MAX_LOGPROBS
+from gemma_serve.server.engine.sampling_params import (
+    MAX_LOGPROBS,
+    MAX_REPETITION_PENALTY,
+    MIN_REPETITION_PENALTY,
+    MIN_TEMPERATURE,
+)
 
 MAX_BODY_BYTES = 1 << 20  # request body; Settings.max_body_bytes (413)
 MAX_N = 16  # choices per prompt (n, best_of)
@@ -17,11 +22,8 @@ MAX_CHOICES = 128  # engine requests one HTTP request may start: prompts x n
 MAX_STOP = 16  # stop strings per request (OpenAI allows 4; vLLM users send more)
 MAX_STOP_LEN = 256  # characters per stop string
 MAX_LOGIT_BIAS = 300  # logit_bias entries (OpenAI's limit)
-# Below these, float32 sampling overflows (logits / T or logits / penalty become inf and the
-# softmax NaN): temperatures under MIN_TEMPERATURE are served greedily (vLLM does the same),
-# and smaller repetition penalties are refused.
-MIN_TEMPERATURE = 1e-5
-MIN_REPETITION_PENALTY = 0.01
+# MAX_LOGPROBS, MIN_TEMPERATURE and the repetition-penalty bounds are the engine's own
+# (server/engine/sampling_params.py), re-exported here so that every input limit has one name.
 
 __all__ = [
     "MAX_BODY_BYTES",
@@ -30,6 +32,7 @@ __all__ = [
     "MAX_LOGPROBS",
     "MAX_N",
     "MAX_PROMPTS",
+    "MAX_REPETITION_PENALTY",
     "MAX_STOP",
     "MAX_STOP_LEN",
     "MIN_REPETITION_PENALTY",

@@ -7,6 +7,7 @@ disconnects pass through untouched.
 from __future__ import annotations
 
 import hmac
+import logging
 
 from gemma_serve.server.errors import APIError, BodyTooLargeError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -14,6 +15,24 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 # Everything else needs the key (when one is set): deny by default, so a new route, a trailing
 # slash or /openapi.json cannot slip past it. Probes and scrapers carry no key.
 OPEN_PATHS = frozenset({"/health", "/metrics"})
+logger = logging.getLogger(__name__)
+
+
+def clean_api_key(key: str) -> str:
+    """The server's key as clients can send it: surrounding whitespace is stripped (with a
+    warning: a key pasted with its newline could never match); an empty key, or one that is not
+    printable ASCII (an HTTP header cannot carry it intact), raises ValueError."""
+    stripped = key.strip()
+    if stripped != key:
+        logger.warning("the API key had surrounding whitespace; it was stripped")
+    if not stripped:
+        raise ValueError("the API key is empty (a blank key would turn authentication off)")
+    if not (stripped.isascii() and stripped.isprintable()):
+        raise ValueError(
+            "the API key must be printable ASCII: clients send it in an HTTP header, which "
+            "could never carry it intact"
+        )
+    return stripped
 
 
 class BodyLimitMiddleware:

@@ -11,7 +11,12 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, TypeVar
 
 from gemma_serve.server.fields import Content, LogitBias, Prompt, Stop, is_int
-from gemma_serve.server.limits import MAX_LOGPROBS, MAX_N, MIN_REPETITION_PENALTY
+from gemma_serve.server.limits import (
+    MAX_LOGPROBS,
+    MAX_N,
+    MAX_REPETITION_PENALTY,
+    MIN_REPETITION_PENALTY,
+)
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
 from pydantic_core import PydanticCustomError
 
@@ -44,7 +49,9 @@ class SamplingRequest(_Strict):
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, le=10.0)
+    repetition_penalty: float | None = Field(
+        None, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY
+    )
     logit_bias: LogitBias = None
     ignore_eos: bool | None = None
     min_tokens: int | None = Field(None, ge=0)

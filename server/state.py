@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from gemma_serve.server.engine_client import EngineClient
 from gemma_serve.server.errors import APIError
+from gemma_serve.server.limits import MAX_BODY_BYTES
 from gemma_serve.server.metrics import Metrics
 from starlette.requests import Request
 
 API_KEY_ENV = "GEMMA_SERVE_API_KEY"
+# Threads for tokenization, templating and JSON of big bodies. Few, so that however many huge
+# prompts arrive at once, the event loop competes with at most this many threads for the GIL.
+CPU_WORKERS = 2
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -18,7 +29,7 @@ class Settings:
     """HTTP-side settings (the engine's live in EngineConfig)."""
 
     api_key: str | None = None  # None: $GEMMA_SERVE_API_KEY; neither: no authentication
-    max_body_bytes: int = 1 << 20
+    max_body_bytes: int = MAX_BODY_BYTES
     allowed_origins: tuple[str, ...] = ()  # CORS is off unless origins are given
 
     def __post_init__(self) -> None:
@@ -37,6 +48,18 @@ class ServerState:
         self.metrics = metrics
         self.engine: EngineClient | None = None
         self.load_error: BaseException | None = None
+        self.loader: threading.Thread | None = None  # builds the engine; see app._load_engine
+        # Bytes of the longest token: len(text) / this bounds a prompt's token count from below.
+        self.max_token_bytes: int | None = None
+        self._workers = ThreadPoolExecutor(CPU_WORKERS, thread_name_prefix="gemma-serve-cpu")
+
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on the CPU worker threads, so that the event loop keeps serving."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._workers, functools.partial(fn, *args))
+
+    def close_workers(self) -> None:
+        self._workers.shutdown(wait=False, cancel_futures=True)
 
     def require_engine(self) -> EngineClient:
         """The engine, or a 503 while it loads (or if it failed to load or has stopped)."""

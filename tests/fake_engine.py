@@ -3,28 +3,27 @@
 Tokens are bytes (id = 5 + byte). The "model" repeats the prompt's text tokens, one per step,
 starting at offset `seed % len` when sampling with a seed (so seeded choices differ), and emits
 EOS once it has repeated the whole text (unless ignore_eos): a short max_tokens finishes with
-"length", a long one with "stop". Stop strings and incremental UTF-8 decoding follow the real
-engine's contract (`new_text` never holds a partial character or a partial stop string).
+"length", a long one with "stop". Stop conditions, stop strings and incremental UTF-8 decoding
+are the real engine's (server/engine/output_processor.py): `new_text` never holds a partial
+character or a partial stop string.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
 from gemma_serve.server.engine.errors import EngineDeadError, QueueFullError, RequestTooLongError
+from gemma_serve.server.engine.output_processor import OutputProcessor
 from gemma_serve.server.engine.outputs import (
     FINISH_ABORT,
     FINISH_ERROR,
-    FINISH_LENGTH,
-    FINISH_STOP,
     RequestOutput,
-    RequestTimes,
     StepStats,
     TokenLogprob,
 )
+from gemma_serve.server.engine.request import Request, RequestStatus
 from gemma_serve.server.engine.sampling_params import SamplingParams
 
 PAD, EOS, BOS, START_TURN, END_TURN = range(5)
@@ -47,6 +46,9 @@ class FakeTokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return b"".join(self.token_bytes(t) for t in ids if t >= OFFSET).decode(errors="replace")
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id < OFFSET
 
     def token_bytes(self, token_id: int) -> bytes:
         if token_id < OFFSET:
@@ -164,93 +166,55 @@ class FakeEngine:
 
 
 class _Run:
-    """One request's generation state."""
+    """One request's generation: the fake model picks the tokens; stop conditions, text and
+    outputs come from the real engine's OutputProcessor over a real Request."""
 
     def __init__(
         self, tok: FakeTokenizer, request_id: str, prompt: list[int], params: SamplingParams
     ) -> None:
-        self.tok, self.request_id, self.params = tok, request_id, params
+        self.params = params
         self.source = [t for t in prompt if t >= OFFSET] or [OFFSET + ord("x")]
         seeded = params.seed is not None and params.temperature > 0
         self.start = params.seed % len(self.source) if seeded else 0
-        self.num_prompt = len(prompt)
-        self.prompt = list(prompt)
-        self.out_ids: list[int] = []
-        self.sent = ""  # text already handed out
-        self.arrival = time.monotonic()
-        self.first_token: float | None = None
+        req = Request(request_id, list(prompt), params, eos_token_ids=frozenset({EOS}))
+        req.status, req.first_scheduled_time = RequestStatus.RUNNING, req.arrival_time
+        if params.prompt_logprobs is not None:  # each prompt token at TOKEN_LOGPROB, no top
+            req.prompt_logprobs = [None, *(TokenLogprob(t, TOKEN_LOGPROB, ()) for t in prompt[1:])]
+        self.request = req
+        self.outputs = OutputProcessor(tok)  # type: ignore[arg-type]
+        self.outputs.add(req)
 
     @property
     def num_out(self) -> int:
-        return len(self.out_ids)
+        return len(self.request.output_ids)
 
     def step(self) -> RequestOutput:
-        p = self.params
+        p, req = self.params, self.request
         i = self.num_out
         eos = i >= len(self.source) and i >= p.min_tokens and not p.ignore_eos
         token = EOS if eos else self.source[(self.start + i) % len(self.source)]
-        self.out_ids.append(token)
-        self.first_token = self.first_token or time.monotonic()
-        text = self.tok.decode(self.out_ids)
-        reason = FINISH_STOP if eos else None
-        cut = min((text.find(s) for s in p.stop if s in text), default=-1)
-        if cut >= 0:
-            text, reason = text[:cut], FINISH_STOP
-        elif reason is None and self.num_out >= p.max_tokens:
-            reason = FINISH_LENGTH
-        if reason is None:
-            text = _hold_back(text, p.stop)
-        new_text, self.sent = text[len(self.sent) :], text
+        req.output_ids.append(token)
+        req.first_token_time = req.first_token_time or time.monotonic()
+        reason = self.outputs.finish_reason(req)
+        if reason is not None:
+            self._end(reason)
         logprobs = None
         if p.logprobs is not None:
             top = tuple(
                 (OFFSET + (token - OFFSET + j) % 256, TOKEN_LOGPROB - j) for j in range(p.logprobs)
             )
-            logprobs = (TokenLogprob(token, TOKEN_LOGPROB, top),)
-        return self._output((token,), new_text, logprobs, reason)
+            logprobs = [TokenLogprob(token, TOKEN_LOGPROB, top)]
+        return self.outputs.output(req, [token], logprobs)
 
-    def final(self, reason: str) -> RequestOutput:
-        return self._output((), "", None, reason)
+    def final(self, reason: str, error: str | None = None) -> RequestOutput:
+        self._end(reason, error)
+        return self.outputs.output(self.request, [], None)
 
     def error(self, message: str) -> RequestOutput:
-        return dataclasses.replace(self.final(FINISH_ERROR), error=message)
+        return self.final(FINISH_ERROR, message)
 
-    def _output(
-        self,
-        ids: tuple[int, ...],
-        text: str,
-        logprobs: tuple[TokenLogprob, ...] | None,
-        reason: str | None,
-    ) -> RequestOutput:
-        now = time.monotonic()
-        times = RequestTimes(self.arrival, self.arrival, self.first_token, now) if reason else None
-        return RequestOutput(
-            request_id=self.request_id,
-            new_token_ids=ids,
-            new_text=text,
-            new_logprobs=logprobs,
-            num_prompt_tokens=self.num_prompt,
-            num_output_tokens=self.num_out,
-            finished=reason is not None,
-            finish_reason=reason,
-            times=times,
-            prompt_logprobs=self._prompt_logprobs() if self.num_out == 1 and ids else None,
-        )
-
-    def _prompt_logprobs(self) -> tuple[TokenLogprob | None, ...] | None:
-        """Once, with the first token: each prompt token at TOKEN_LOGPROB, no alternatives."""
-        if self.params.prompt_logprobs is None:
-            return None
-        return (None, *(TokenLogprob(t, TOKEN_LOGPROB, ()) for t in self.prompt[1:]))
-
-
-def _hold_back(text: str, stops: Sequence[str]) -> str:
-    """Text that is safe to send: no trailing partial character or partial stop string."""
-    text = text.rstrip("\ufffd")
-    keep = len(text)
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                keep = min(keep, len(text) - k)
-                break
-    return text[:keep]
+    def _end(self, reason: str, error: str | None = None) -> None:
+        """What Scheduler.finish records (the fake has no KV cache to free)."""
+        req = self.request
+        req.status, req.finish_reason, req.error = RequestStatus.FINISHED, reason, error
+        req.finished_time = time.monotonic()

@@ -44,7 +44,7 @@ def test_concurrent_requests_match_offline_results(checkpoint: Path) -> None:
             await engine.shutdown()
 
     results = asyncio.run(main())
-    for (tokens, text, last), exp in zip(results, expected):
+    for (tokens, text, last), exp in zip(results, expected, strict=True):
         assert tokens == exp.token_ids and text == exp.text
         assert last.finished and last.finish_reason == "length" and last.times is not None
 

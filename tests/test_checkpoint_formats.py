@@ -112,7 +112,7 @@ def test_untied_lm_head_matches_transformers(tmp_path: Path, maker) -> None:
     for packed in (False, True):
         if packed:
             model.pack_for_cpu()
-        for seq, ours in zip(seqs, forward_flat(model, seqs)):
+        for seq, ours in zip(seqs, forward_flat(model, seqs), strict=True):
             diff = (ours - hf_logits(ref, seq)).abs().max().item()
             assert diff <= TOL, f"packed={packed}, len {len(seq)}: max |diff| {diff}"
 
@@ -158,7 +158,7 @@ def test_multimodal_gemma3_serves_its_text_model(tmp_path: Path) -> None:
     model = load_safetensors(path, cfg, torch.float32, CPU)
     ref = hf_model(path)
     seqs = random_seqs([3 * cfg.sliding_window + 2, 4], 400, seed=4)  # below the image ids
-    for seq, ours in zip(seqs, forward_flat(model, seqs)):
+    for seq, ours in zip(seqs, forward_flat(model, seqs), strict=True):
         diff = (ours - hf_logits(ref, seq)).abs().max().item()
         assert diff <= TOL, f"len {len(seq)}: max |diff| {diff}"
 

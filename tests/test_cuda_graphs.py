@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from gemma_serve.server.engine.block_tables import cdiv
+from gemma_serve.server.engine.block_table import cdiv
 from gemma_serve.server.engine.cuda_graphs import DecodeGraphs, buckets_for
 from gemma_serve.server.engine.llm_engine import LLMEngine
 from gemma_serve.server.engine.sampling_params import SamplingParams
@@ -85,7 +85,7 @@ def test_static_buffer_decodes_equal_the_plain_engine(checkpoint: Path) -> None:
     engine.runner.graphs = graphs
     got_tokens, got_lps = _crowd(engine)
     assert got_tokens == want_tokens
-    for got, want in zip(got_lps, want_lps):
+    for got, want in zip(got_lps, want_lps, strict=True):
         torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-4, rtol=0)
     # Decode-only steps went through the buffers, at sizes that pad (3 rows -> bucket 4, ...).
     assert {7, 6, 5, 3, 1} <= set(used)
@@ -102,5 +102,5 @@ def test_cuda_graphs_equal_eager(checkpoint: Path) -> None:
     want_tokens, want_lps = _crowd(eager)
     got_tokens, got_lps = _crowd(graphed)
     assert got_tokens == want_tokens
-    for got, want in zip(got_lps, want_lps):
+    for got, want in zip(got_lps, want_lps, strict=True):
         torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-4, rtol=0)

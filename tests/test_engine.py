@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 from gemma_serve.model.attention import VarlenAttention
+from gemma_serve.server.engine.block_table import PoolKind
 from gemma_serve.server.engine.llm_engine import LLMEngine
 from gemma_serve.server.engine.outputs import FINISH_LENGTH, FINISH_STOP
 from gemma_serve.server.engine.sampling_params import SamplingParams
 
 from tests.engine_helpers import hf_greedy, tiny_checkpoint, tiny_engine
+from tests.faults import fail_forward, fail_sampling
 from tests.model_helpers import hf_model
 
 N_NEW = 10
@@ -48,7 +50,7 @@ def run(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams = GR
 
 def test_alone_equals_transformers(checkpoint, prompts, expected) -> None:
     engine = tiny_engine(checkpoint)
-    for p, e in zip(prompts, expected):
+    for p, e in zip(prompts, expected, strict=True):
         assert run(engine, [p]) == [e], f"prompt of {len(p)} tokens"
 
 
@@ -98,7 +100,7 @@ def test_prompt_logprobs_equal_transformers_in_chunks_and_preemptions(checkpoint
     crowd = tiny_engine(checkpoint, kv_cache_memory=160 << 10, max_num_batched_tokens=24)
     in_crowd = scored(crowd)
     assert crowd.scheduler.num_preemptions > 0
-    for p, lps in zip(chosen, in_crowd):
+    for p, lps in zip(chosen, in_crowd, strict=True):
         assert len(lps) == len(p) and lps[0] is None
         with torch.no_grad():
             want = torch.log_softmax(ref(torch.tensor([p])).logits[0].float(), dim=-1)
@@ -109,7 +111,7 @@ def test_prompt_logprobs_equal_transformers_in_chunks_and_preemptions(checkpoint
             assert [i for i, _ in lps[t].top] == top.indices.tolist()
             assert [v for _, v in lps[t].top] == pytest.approx(top.values.tolist(), abs=1e-4)
     unchunked = scored(tiny_engine(checkpoint, max_num_batched_tokens=256))  # one step each
-    for a, b in zip(unchunked, in_crowd):
+    for a, b in zip(unchunked, in_crowd, strict=True):
         assert [lp.token_id for lp in a[1:]] == [lp.token_id for lp in b[1:]]
         assert [lp.logprob for lp in a[1:]] == pytest.approx([lp.logprob for lp in b[1:]], abs=1e-5)
 
@@ -168,7 +170,7 @@ def test_a_local_pool_of_one_ring_serves_long_chunked_prompts(checkpoint, budget
     engine = tiny_engine(
         checkpoint, max_num_seqs=1, max_num_batched_tokens=budget, enable_prefix_caching=caching
     )
-    assert engine.layout.num_local_blocks == engine.kv.ring_blocks
+    assert engine.layout.num_local_blocks == engine.kv.pools[PoolKind.LOCAL].ring_blocks
     prompt = [2] + list(range(10, 49))  # 40 tokens: five windows
     want = hf_greedy(ref, prompt, 4)
     for attempt in range(2):
@@ -194,10 +196,11 @@ def test_decode_far_past_the_window_keeps_local_kv_bounded(checkpoint) -> None:
         for out in engine.step():
             tokens.extend(out.new_token_ids)
         if engine.scheduler.running:
-            ring_sizes.add(len(engine.kv.ring_table("long")))
-            global_sizes.append(len(engine.kv.block_table("long")))
+            ring_sizes.add(len(engine.kv.pools[PoolKind.LOCAL].table("long")))
+            global_sizes.append(len(engine.kv.pools[PoolKind.GLOBAL].table("long")))
     assert tokens == hf_greedy(ref, prompt, 60)
-    assert max(ring_sizes) == engine.kv.ring_blocks == 3  # ceil((window 8 - 1) / block 4) + 1
+    ring = engine.kv.pools[PoolKind.LOCAL]
+    assert max(ring_sizes) == ring.ring_blocks == 3  # ceil((window 8 - 1) / block 4) + 1
     assert global_sizes[-1] == -(-(len(prompt) + 59) // 4)
 
 
@@ -382,22 +385,13 @@ def test_abort_frees_blocks_mid_prefill_and_mid_decode(checkpoint, prompts) -> N
     assert engine.kv.usage().global_ratio == 0.0 and engine.kv.usage().local_ratio == 0.0
 
 
+def ids(requests) -> set[str]:
+    return {r.request_id for r in requests}
+
+
 def test_a_sampling_fault_ends_only_its_own_request(checkpoint, prompts, expected) -> None:
     engine = tiny_engine(checkpoint)
-    real = engine.sampler
-
-    class FaultySampler:
-        """Raises whenever the request 'offline-2' is in the batch."""
-
-        def __call__(self, logits, requests):
-            if any(r.request_id == "offline-2" for r in requests):
-                raise RuntimeError("injected fault")
-            return real(logits, requests)
-
-        def release(self, request_id: str) -> None:
-            real.release(request_id)
-
-    engine.sampler = FaultySampler()
+    fail_sampling(engine, lambda batch: "offline-2" in ids(batch))
     results = engine.generate(prompts[:5], GREEDY)
     assert results[2].finish_reason == "error" and results[2].token_ids == []
     for i in (0, 1, 3, 4):
@@ -405,31 +399,9 @@ def test_a_sampling_fault_ends_only_its_own_request(checkpoint, prompts, expecte
     assert engine.kv.usage().global_ratio == 0.0
 
 
-def _faulty_forward(engine: LLMEngine, fails) -> list[set[str]]:
-    """Make the engine's forward pass raise, after running (so K/V are half written), whenever
-    fails(request ids of the batch) says so. Returns the batches that raised."""
-    build, forward = engine.runner.build, engine.runner.forward
-    current: list[set[str]] = []
-    raised: list[set[str]] = []
-
-    def build_and_note(sched):
-        current[:] = [{c.request.request_id for c in sched.chunks}]
-        return build(sched)
-
-    def faulty(batch):
-        logits = forward(batch)
-        if fails(current[0]):
-            raised.append(current[0])
-            raise RuntimeError("injected forward fault")
-        return logits
-
-    engine.runner.build, engine.runner.forward = build_and_note, faulty
-    return raised
-
-
 def test_a_forward_fault_ends_only_its_own_request(checkpoint, prompts, expected) -> None:
     engine = tiny_engine(checkpoint, max_num_batched_tokens=24)  # chunked prefills too
-    raised = _faulty_forward(engine, lambda ids: "offline-2" in ids)
+    raised = fail_forward(engine, lambda batch: "offline-2" in ids(batch)).raised
     results = engine.generate(prompts[:6], GREEDY)
     assert results[2].finish_reason == "error" and results[2].token_ids == []
     for i in (0, 1, 3, 4, 5):
@@ -442,13 +414,13 @@ def test_a_transient_forward_fault_loses_nothing(checkpoint, prompts, expected) 
     engine = tiny_engine(checkpoint, max_num_batched_tokens=24)
     batches: list[set[str]] = []  # the batched (not retrying-alone) steps so far
 
-    def fails(ids: set[str]) -> bool:  # the 2nd and 4th batched steps fail, once each
-        if len(ids) > 1:
-            batches.append(ids)
+    def fails(batch) -> bool:  # the 2nd and 4th batched steps fail, once each
+        if len(batch) > 1:
+            batches.append(ids(batch))
             return len(batches) in (2, 4)
         return False
 
-    raised = _faulty_forward(engine, fails)
+    raised = fail_forward(engine, fails).raised
     results = engine.generate(prompts[:8], GREEDY)
     assert len(raised) == 2
     assert [r.token_ids for r in results] == expected[:8]

@@ -72,7 +72,7 @@ def _cache(lens, hkv, d, block_size, ring_blocks, dtype):
     k_cache = torch.full((sum(per_seq) * block_size, hkv, d), float("nan"), dtype=dtype)
     v_cache = k_cache.clone()
     used = 0
-    for s, (n, nb) in enumerate(zip(lens, per_seq)):
+    for s, (n, nb) in enumerate(zip(lens, per_seq, strict=True)):
         tables[s, :nb] = ids[used : used + nb]
         used += nb
         pos = torch.arange(n)

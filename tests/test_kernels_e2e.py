@@ -43,7 +43,7 @@ def test_engine_logits_and_tokens_match_the_reference_path(checkpoint: Path) -> 
     assert (ref.runner.ops.name, tri.runner.ops.name) == ("torch-reference", "triton")
     want = ref.generate(prompts, params)
     got = tri.generate(prompts, params)
-    for w, g in zip(want, got):
+    for w, g in zip(want, got, strict=True):
         assert g.token_ids == w.token_ids
     # Logprobs of the same tokens agree to fp32 accuracy. The prompt was served above, so its
     # prefill now starts from cached blocks: the kernels read that context through the ring.

@@ -74,7 +74,7 @@ def test_logits_match_transformers_in_a_flat_batch(checkpoint: Path, packed: boo
     # Lengths around and beyond the window (positions window-1, window, window+1 included).
     w = cfg.sliding_window
     seqs = random_seqs([3 * w + 5, w + 1, w, 5, 1], cfg.vocab_size, seed=1)
-    for seq, ours in zip(seqs, forward_flat(model, seqs)):
+    for seq, ours in zip(seqs, forward_flat(model, seqs), strict=True):
         diff = (ours - hf_logits(ref, seq)).abs().max().item()
         assert diff <= TOL, f"len {len(seq)}: max |diff| {diff}"
 
@@ -83,7 +83,7 @@ def test_flat_batch_equals_each_sequence_alone(checkpoint: Path) -> None:
     model, cfg = load(checkpoint)
     seqs = random_seqs([21, 7, 13], cfg.vocab_size, seed=2)
     batched = forward_flat(model, seqs)
-    for seq, b in zip(seqs, batched):
+    for seq, b in zip(seqs, batched, strict=True):
         alone = forward_flat(model, [seq])[0]
         assert (b - alone).abs().max().item() <= TOL
 
@@ -132,7 +132,7 @@ def test_gemma3_logits_match_transformers(tmp_path: Path, packed: bool) -> None:
     assert cfg.full_layers == (5,) and cfg.rope_theta != cfg.rope_local_theta
     ref = hf_model(path)
     seqs = random_seqs([3 * cfg.sliding_window + 3, 9, 1], cfg.vocab_size, seed=8)
-    for seq, ours in zip(seqs, forward_flat(model, seqs)):
+    for seq, ours in zip(seqs, forward_flat(model, seqs), strict=True):
         diff = (ours - hf_logits(ref, seq)).abs().max().item()
         assert diff <= TOL, f"len {len(seq)}: max |diff| {diff}"
 
@@ -228,7 +228,7 @@ def test_streamed_loading_converts_dtypes_in_small_chunks(tmp_path: Path, monkey
     direct = load_safetensors(path, cfg, torch.float32, CPU)
     monkeypatch.setattr(stream, "CHUNK_BYTES", 1000)  # many chunks per tensor
     bf16 = load_safetensors(path, cfg, torch.bfloat16, CPU)
-    for (name, a), b in zip(direct.named_parameters(), bf16.parameters()):
+    for (name, a), b in zip(direct.named_parameters(), bf16.parameters(), strict=True):
         assert b.dtype == torch.bfloat16
         assert torch.equal(a.to(torch.bfloat16), b), name
 

@@ -7,8 +7,10 @@ from collections import Counter
 
 import pytest
 from gemma_serve.server.engine.block_pool import BlockKey, BlockPool
+from gemma_serve.server.engine.block_table import PoolKind
 from gemma_serve.server.engine.errors import RequestTooLongError
 from gemma_serve.server.engine.kv_manager import KVCacheManager, KVUsage
+from gemma_serve.server.engine.output_processor import token_stop_reason
 from gemma_serve.server.engine.outputs import FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH
 from gemma_serve.server.engine.request import Request
 from gemma_serve.server.engine.sampling_params import SamplingParams
@@ -17,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 EOS = 1
+GLOBAL, LOCAL = PoolKind.GLOBAL, PoolKind.LOCAL
 
 
 def make_scheduler(
@@ -41,23 +44,50 @@ def request(rid: str, prompt_len: int, max_tokens: int) -> Request:
 
 
 def fake_step(s: Scheduler) -> tuple[SchedulerOutput, list[Request]]:
-    """One step with a 'model' that always samples token 7."""
+    """One step with a 'model' that always samples token 7; returns the requests it finished."""
     out = s.schedule()
+    return out, record(s, out)
+
+
+def record(s: Scheduler, out: SchedulerOutput) -> list[Request]:
+    """Token 7 for each sampling chunk; then, as the engine does, end those that stop."""
     sampled = {c.request.request_id: 7 for c in out.chunks if c.samples}
-    return out, s.update(out, sampled)
+    s.update(out, sampled)
+    finished = []
+    for c in out.chunks:
+        req = c.request
+        reason = token_stop_reason(req) if req.request_id in sampled else None
+        if reason is not None and not req.finished:
+            s.finish(req, reason)
+            finished.append(req)
+    return finished
+
+
+def add(s: Scheduler, req: Request) -> None:
+    """Check, then queue, as LLMEngine.add_request does."""
+    s.check(req.num_prompt_tokens, req.params.max_tokens)
+    s.add(req)
+
+
+def abort(s: Scheduler, request_id: str) -> Request | None:
+    """End a request in flight, as LLMEngine.abort does."""
+    req = s.get(request_id)
+    if req is not None:
+        s.finish(req, FINISH_ABORT)
+    return req
 
 
 def check_invariants(s: Scheduler) -> None:
     kv = s.kv
-    for tables in (kv.global_tables, kv.local_tables):
+    for tables in (kv.pools[GLOBAL], kv.pools[LOCAL]):
         holders = Counter(b for blocks in tables.owners().values() for b in blocks)
         for rid, blocks in tables.owners().items():
             assert len(blocks) == len(set(blocks)), f"{rid} holds a block twice"
         assert len(holders) == tables.pool.num_used  # shared blocks counted once
         assert all(tables.pool.refcount(b) == n for b, n in holders.items())
     for req in s.running:
-        assert len(kv.ring_table(req.request_id)) <= kv.ring_blocks
-    owners = set(kv.global_tables.owners()) | set(kv.local_tables.owners())
+        assert len(kv.pools[LOCAL].table(req.request_id)) <= kv.pools[LOCAL].ring_blocks
+    owners = set(kv.pools[GLOBAL].owners()) | set(kv.pools[LOCAL].owners())
     assert owners <= {r.request_id for r in s.running}
 
 
@@ -84,7 +114,7 @@ def test_finishes_by_length_and_frees_blocks() -> None:
         finished += fake_step(s)[1]
     assert [r.request_id for r in finished] == ["a"]
     assert finished[0].output_ids == [7, 7, 7] and finished[0].finish_reason == FINISH_LENGTH
-    assert s.kv.global_tables.pool.num_used == 0 and s.kv.local_tables.pool.num_used == 0
+    assert s.kv.pools[GLOBAL].pool.num_used == 0 and s.kv.pools[LOCAL].pool.num_used == 0
 
 
 def test_ring_stays_within_window_while_global_grows() -> None:
@@ -96,10 +126,10 @@ def test_ring_stays_within_window_while_global_grows() -> None:
         if req.finished:
             break
         n = req.num_computed_tokens
-        assert len(s.kv.block_table("a")) == -(-n // 4)  # one global block per 4 tokens
+        assert len(s.kv.pools[GLOBAL].table("a")) == -(-n // 4)  # one global block per 4 tokens
         # ring: ceil((8 - 1) / 4) + 1 = 3 blocks, the oldest replaced (and freed) on each wrap
-        assert len(s.kv.ring_table("a")) == min(3, -(-n // 4))
-        assert s.kv.local_tables.pool.num_used == len(s.kv.ring_table("a"))
+        assert len(s.kv.pools[LOCAL].table("a")) == min(3, -(-n // 4))
+        assert s.kv.pools[LOCAL].pool.num_used == len(s.kv.pools[LOCAL].table("a"))
 
 
 def test_preemption_by_recompute_of_the_latest_request() -> None:
@@ -119,15 +149,16 @@ def test_preemption_by_recompute_of_the_latest_request() -> None:
 def test_too_long_requests_are_rejected_not_hung() -> None:
     s = make_scheduler(global_blocks=4, max_len=64)
     with pytest.raises(RequestTooLongError, match="exceeds the maximum context length of 64"):
-        s.add(request("a", 60, 10))
+        add(s, request("a", 60, 10))
     with pytest.raises(RequestTooLongError, match="cannot fit in the KV cache"):
-        s.add(request("b", 10, 10))  # 20 tokens > 4 blocks of 4
+        add(s, request("b", 10, 10))  # 20 tokens > 4 blocks of 4
+    assert not s.has_work
 
 
 def test_the_longest_sequence_that_fits_counts_a_short_local_pool() -> None:
     """A local pool smaller than one ring (window 16, blocks of 4: 5 per ring) limits too."""
     kv = KVCacheManager(10, 4, 4, 16, has_global=True, has_local=True)
-    assert kv.ring_blocks == 5 and kv.max_tokens_that_fit() == 16
+    assert kv.pools[LOCAL].ring_blocks == 5 and kv.max_tokens_that_fit() == 16
     assert kv.can_ever_fit(16) and not kv.can_ever_fit(17)
     whole_ring = KVCacheManager(10, 5, 4, 16, has_global=True, has_local=True)
     assert whole_ring.max_tokens_that_fit() == 40 and whole_ring.can_ever_fit(40)
@@ -138,11 +169,11 @@ def test_abort_anywhere_frees_everything() -> None:
     s.add(request("a", 9, 20))
     s.add(request("b", 3, 20))
     fake_step(s)
-    assert s.abort("a").finish_reason == FINISH_ABORT
-    assert s.abort("zzz") is None
-    s.abort("b")
+    assert abort(s, "a").finish_reason == FINISH_ABORT
+    assert abort(s, "zzz") is None
+    abort(s, "b")
     assert not s.has_work
-    assert s.kv.global_tables.pool.num_used == 0 and s.kv.local_tables.pool.num_used == 0
+    assert s.kv.pools[GLOBAL].pool.num_used == 0 and s.kv.pools[LOCAL].pool.num_used == 0
 
 
 def failed_step(s: Scheduler) -> list[Request]:
@@ -184,12 +215,12 @@ def test_a_failed_step_retries_each_request_alone() -> None:
             for r in culprits:
                 s.finish(r, FINISH_ERROR, "injected")
         else:
-            s.update(out, {c.request.request_id: 7 for c in out.chunks if c.samples})
+            record(s, out)
         check_invariants(s)
     assert culprits == [reqs[1]] and reqs[1].faults == 3  # batched once more, then alone
     assert batches[0] == {"r0", "r1", "r2"} and batches.count({"r1"}) == 1  # blamed alone
     assert [len(r.output_ids) for r in (reqs[0], reqs[2])] == [4, 4]
-    assert s.kv.global_tables.pool.num_used == 0 and s.kv.local_tables.pool.num_used == 0
+    assert s.kv.pools[GLOBAL].pool.num_used == 0 and s.kv.pools[LOCAL].pool.num_used == 0
 
 
 def test_a_request_in_too_many_failed_steps_is_failed() -> None:
@@ -203,7 +234,7 @@ def test_a_request_in_too_many_failed_steps_is_failed() -> None:
         fake_step(s)
         assert (a.faults, b.faults, a.retry_until, b.retry_until) == (fault, fault, 0, 0)
     assert failed_step(s) == [a, b]
-    assert not s.has_work and s.kv.global_tables.pool.num_used == 0
+    assert not s.has_work and s.kv.pools[GLOBAL].pool.num_used == 0
 
 
 def test_block_pool_refcounts() -> None:
@@ -230,7 +261,7 @@ def test_prefix_cache_keys_lookup_and_eviction_order() -> None:
     pool.register(a, keys[0])
     pool.register(b, keys[1])
     assert pool.lookup(keys[1]) == b and pool.lookup(other[1]) is None
-    pool.free([b, a])  # the tail first, as BlockTables.free does
+    pool.free([b, a])  # the tail first, as BlockTable.free does
     assert pool.num_free == 4 and pool.lookup(keys[0]) == a  # free, still findable
     pool.share(a)  # taken back from the cache
     assert pool.refcount(a) == 1 and pool.num_free == 3
@@ -295,7 +326,7 @@ def test_any_interleaving_keeps_blocks_consistent(
     for op, a, b in ops:
         if op == "add":
             with contextlib.suppress(RequestTooLongError):
-                s.add(request(f"r{added}", a, b))
+                add(s, request(f"r{added}", a, b))
             added += 1
         elif op == "step":
             for _ in range(a):
@@ -305,7 +336,7 @@ def test_any_interleaving_keeps_blocks_consistent(
             failed_step(s)
             check_invariants(s)
         else:
-            s.abort(f"r{a}")
+            abort(s, f"r{a}")
             check_invariants(s)
     steps = 0
     while s.has_work:  # everything left runs to completion: nothing is starved or stuck
@@ -313,5 +344,5 @@ def test_any_interleaving_keeps_blocks_consistent(
         check_invariants(s)
         steps += 1
         assert steps < 2000
-    assert s.kv.global_tables.pool.num_used == 0
-    assert s.kv.local_tables.pool.num_used == 0
+    assert s.kv.pools[GLOBAL].pool.num_used == 0
+    assert s.kv.pools[LOCAL].pool.num_used == 0

@@ -17,14 +17,6 @@ from tests.server_helpers import run_server, sse_payloads
 PROMPT = "Hello, world!"  # the fake repeats it, then EOS: 13 tokens + EOS
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _no_api_key_from_the_environment() -> Iterator[None]:
-    # A developer's own GEMMA_SERVE_API_KEY would otherwise lock these servers.
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("GEMMA_SERVE_API_KEY", raising=False)
-        yield
-
-
 @pytest.fixture(scope="module")
 def served() -> Iterator[tuple[str, FakeEngine]]:
     engine = FakeEngine()
@@ -164,10 +156,14 @@ def test_stop_strings(client: openai.OpenAI) -> None:
         model="fake-gemma", prompt="one, two", max_tokens=20, stop=[", t"]
     )
     assert (full.choices[0].text, full.choices[0].finish_reason) == ("one", "stop")
-    chunks = client.completions.create(
-        model="fake-gemma", prompt="one, two", max_tokens=20, stop=", t", stream=True
+    chunks = list(
+        client.completions.create(
+            model="fake-gemma", prompt="one, two", max_tokens=20, stop=", t", stream=True
+        )
     )
-    assert "".join(c.choices[0].text for c in chunks) == "one"
+    # The stop string spans three tokens: its start (", ") is held back, never sent.
+    assert [c.choices[0].text for c in chunks if c.choices[0].text] == ["o", "n", "e"]
+    assert chunks[-1].choices[0].finish_reason == "stop"
 
 
 def test_completion_logprobs(client: openai.OpenAI) -> None:

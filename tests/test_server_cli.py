@@ -25,16 +25,14 @@ from tests.server_helpers import sse_payloads, wait_until_ready
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("GEMMA_SERVE_API_KEY", raising=False)
+def test_defaults() -> None:
     config, options = parse_args([])
     assert config == EngineConfig() and config.enable_prefix_caching
     assert (options.host, options.port, options.log_level) == ("127.0.0.1", 8000, "info")
     assert options.settings == Settings()
 
 
-def test_every_flag(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("GEMMA_SERVE_API_KEY", raising=False)
+def test_every_flag() -> None:
     flags = (
         "--model gemma-2-9b --served-model-name g9 --host 0.0.0.0 --port 9000 --device cpu "
         "--dtype bfloat16 --max-model-len 4096 --max-num-seqs 8 --max-num-batched-tokens 512 "

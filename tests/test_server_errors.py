@@ -24,14 +24,6 @@ COMPLETIONS = "/v1/completions"
 USER = [{"role": "user", "content": "hi"}]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _no_api_key_from_the_environment() -> Iterator[None]:
-    # A developer's own GEMMA_SERVE_API_KEY would otherwise lock these servers.
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("GEMMA_SERVE_API_KEY", raising=False)
-        yield
-
-
 @pytest.fixture(scope="module")
 def served() -> Iterator[tuple[str, FakeEngine]]:
     engine = FakeEngine(max_model_len=64)
@@ -240,7 +232,6 @@ def test_more_choices_than_the_queue_holds_is_a_400(served: tuple[str, FakeEngin
 
 
 def test_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("GEMMA_SERVE_API_KEY", raising=False)
     for settings, env in [(Settings(api_key="s3cret"), None), (Settings(), "s3cret")]:
         if env:
             monkeypatch.setenv("GEMMA_SERVE_API_KEY", env)

@@ -91,7 +91,7 @@ def test_echo_logprobs_score_the_prompt_like_transformers(server, checkpoint: Pa
             logprobs=2,
             echo=True,
         )
-        for ids, choice in zip(prompts, res.choices):
+        for ids, choice in zip(prompts, res.choices, strict=True):
             with torch.no_grad():
                 lp = torch.log_softmax(ref(torch.tensor([ids])).logits[0].float(), dim=-1)
             got = choice.logprobs
@@ -101,7 +101,10 @@ def test_echo_logprobs_score_the_prompt_like_transformers(server, checkpoint: Pa
             assert got.token_logprobs[1 : len(ids)] == pytest.approx(want, abs=1e-4)
             for t in range(1, len(ids)):  # the top 2 alternatives, plus the prompt token itself
                 best = lp[t - 1].topk(2)
-                top = {tok.token_text(i): v for i, v in zip(best.indices.tolist(), best.values)}
+                top = {
+                    tok.token_text(i): v
+                    for i, v in zip(best.indices.tolist(), best.values, strict=True)
+                }
                 assert set(got.top_logprobs[t]) == set(top) | {tok.token_text(ids[t])}
             prompt_text = tok.decode(ids)
             assert len(got.tokens) == len(ids) + max_tokens
@@ -131,7 +134,8 @@ def test_a_repeated_prefix_is_served_from_the_cache(server) -> None:
     ids = [
         httpx.post(f"{url}/tokenize", json={"messages": m}).json()["tokens"] for m in conversations
     ]
-    shared = next(i for i, (a, b) in enumerate(zip(ids[1], ids[2])) if a != b)
+    # strict=False: the two prompts may differ in length; only where they first differ counts.
+    shared = next(i for i, (a, b) in enumerate(zip(ids[1], ids[2], strict=False)) if a != b)
     before = metrics(url)["gemma_serve_prefix_cache_hit_tokens_total"]
     answers = [
         c.chat.completions.create(model=engine.model_name, messages=m, max_tokens=6, temperature=0)

@@ -36,11 +36,9 @@ USER = [{"role": "user", "content": "hi"}]
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[tuple[str, FakeEngine]]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("GEMMA_SERVE_API_KEY", raising=False)
-        engine = FakeEngine(max_model_len=CONTEXT)
-        with run_server(create_app(lambda: engine, Settings())) as url:  # default body limit
-            yield url, engine
+    engine = FakeEngine(max_model_len=CONTEXT)
+    with run_server(create_app(lambda: engine, Settings())) as url:  # default body limit
+        yield url, engine
 
 
 def completion(**fields: Any) -> dict[str, Any]:

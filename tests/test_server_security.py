@@ -35,10 +35,8 @@ def keyed() -> Iterator[tuple[str, list[int]]]:
         built.append(1)
         return FakeEngine()
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("GEMMA_SERVE_API_KEY", raising=False)
-        with run_server(create_app(provider, Settings(api_key=KEY))) as url:
-            yield url, built
+    with run_server(create_app(provider, Settings(api_key=KEY))) as url:
+        yield url, built
 
 
 PROTECTED = [
@@ -145,8 +143,7 @@ def test_the_scanner_finds_unsafe_loading(tmp_path: Path) -> None:
     assert unsafe_uses(sample) == [(1, "pickle"), (3, "numpy.load"), (4, "torch.load")]
 
 
-def test_cors_is_off_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("GEMMA_SERVE_API_KEY", raising=False)
+def test_cors_is_off_by_default() -> None:
     assert parse_args([])[1].settings.allowed_origins == ()
     assert parse_args(["--allowed-origins", "http://ui"])[1].settings.allowed_origins == (
         "http://ui",

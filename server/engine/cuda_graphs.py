@@ -17,7 +17,10 @@ import logging
 import torch
 from gemma_serve.kernels.dispatch import AttentionOps
 from gemma_serve.model.gemma import GemmaForCausalLM
-from gemma_serve.server.engine.kv_cache import AttentionBatch, CacheAttention, KVCache, PoolBatch
+from gemma_serve.server.engine.attention_batch import AttentionBatch, PoolBatch
+from gemma_serve.server.engine.block_table import PoolKind
+from gemma_serve.server.engine.cache_attention import CacheAttention
+from gemma_serve.server.engine.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +83,11 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.logits_indices = torch.arange(n, dtype=torch.long, device=device)
         self.no_prefill = torch.zeros(1, dtype=torch.int32, device=device)
-        self.global_pool = _Pool(n, global_width, 0, block_size, device)
-        self.local_pool = _Pool(n, ring_blocks, ring_blocks, block_size, device)
+        # A static pool per attention type; a step loads those of the types the model has.
+        self.pools = {
+            PoolKind.GLOBAL: _Pool(n, global_width, 0, block_size, device),
+            PoolKind.LOCAL: _Pool(n, ring_blocks, ring_blocks, block_size, device),
+        }
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         if capture:
@@ -94,8 +100,7 @@ class DecodeGraphs:
             seq_lens=self.seq_lens[:bucket],
             cu_seqlens=self.no_prefill,
             context_lens=self.no_prefill[:0],
-            global_pool=self.global_pool.view(bucket),
-            local_pool=self.local_pool.view(bucket),
+            pools={kind: pool.view(bucket) for kind, pool in self.pools.items()},
         )
         attn = CacheAttention(self.model.config, self.cache, attention, self.ops)
         ids, pos = self.input_ids[:bucket], self.positions[:bucket]
@@ -132,21 +137,20 @@ class DecodeGraphs:
             return None
         if n > self.buckets[-1]:
             return None
-        if not (self.global_pool.fits(attention.global_pool)
-                and self.local_pool.fits(attention.local_pool)):  # fmt: skip
+        if not all(self.pools[kind].fits(p) for kind, p in attention.pools.items()):
             return None
         bucket = next(b for b in self.buckets if b >= n)
         self.input_ids[:n].copy_(input_ids)
         self.positions[:n].copy_(positions)
         self.seq_lens[:n].copy_(attention.seq_lens)
-        self.global_pool.load(attention.global_pool, n)
-        self.local_pool.load(attention.local_pool, n)
+        for kind, p in attention.pools.items():
+            self.pools[kind].load(p, n)
         if n < bucket:  # padding rows: valid inputs that store nothing (stale ones would)
             self.input_ids[n:bucket].zero_()
             self.positions[n:bucket].zero_()
             self.seq_lens[n:bucket].fill_(1)
-            self.global_pool.pad(n, bucket)
-            self.local_pool.pad(n, bucket)
+            for pool in self.pools.values():
+                pool.pad(n, bucket)
         graph = self.graphs.get(bucket)
         if graph is None:
             return self._forward(bucket)[:n]

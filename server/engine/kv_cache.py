@@ -1,13 +1,17 @@
-"""The KV cache tensors of both pools, their sizing, and the cache-aware attention backend."""
+"""The KV cache tensors of both pools and their sizing from a byte budget.
+
+The per-step addressing into them is `attention_batch.py`; attention over them is
+`cache_attention.py`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-from gemma_serve.kernels.dispatch import AttentionOps
 from gemma_serve.model.config import ModelConfig
-from gemma_serve.server.engine.block_tables import cdiv, ring_size
+from gemma_serve.server.engine.block_table import cdiv
+from gemma_serve.server.engine.ring_table import ring_size
 
 
 @dataclass(frozen=True)
@@ -75,80 +79,3 @@ class KVCache:
             else:
                 self.layers.append((g[gi, 0], g[gi, 1]))
                 gi += 1
-
-
-@dataclass(frozen=True)
-class PoolBatch:
-    """Per-pool addressing for one step: where each token is stored, and the block tables."""
-
-    slot_mapping: torch.Tensor  # [T] int64, -1 = do not store
-    block_tables: torch.Tensor  # [S, max_blocks] int32 (decodes first, then prefills)
-    ring_blocks: int  # 0 = paged
-    block_size: int
-
-
-@dataclass(frozen=True)
-class AttentionBatch:
-    """The batch layout attention needs: decodes (one token each) first, then prefill chunks."""
-
-    num_decodes: int
-    seq_lens: torch.Tensor  # [num_decodes] int32: position of the decode token + 1
-    cu_seqlens: torch.Tensor  # [num_prefills + 1] int32 over the prefill tokens
-    context_lens: torch.Tensor  # [num_prefills] int32: tokens before each chunk
-    global_pool: PoolBatch
-    local_pool: PoolBatch
-    max_prefill_len: int = 0  # the longest prefill chunk (host-side: kernels need no sync)
-
-
-class CacheAttention:
-    """AttentionBackend over the paged (global) and ring (local) caches.
-
-    Decodes store their K/V first and then read everything from the cache. Prefill chunks attend
-    to their fresh K/V plus the cached context and store afterwards: a chunk longer than the ring
-    would otherwise overwrite keys its own first queries still need.
-    """
-
-    def __init__(
-        self, cfg: ModelConfig, cache: KVCache, batch: AttentionBatch, ops: AttentionOps
-    ) -> None:
-        self.cfg, self.cache, self.batch, self.ops = cfg, cache, batch, ops
-
-    def __call__(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> torch.Tensor:
-        cfg, batch, ops = self.cfg, self.batch, self.ops
-        sliding = cfg.is_sliding(layer)
-        pool = batch.local_pool if sliding else batch.global_pool
-        k_cache, v_cache = self.cache.layers[layer]
-        kw = dict(
-            block_size=pool.block_size,
-            ring_blocks=pool.ring_blocks,
-            window=cfg.sliding_window if sliding else None,
-            softcap=cfg.attn_logit_softcapping,
-            scale=cfg.scale,
-        )
-        nd = batch.num_decodes
-        tables = pool.block_tables
-        if nd == q.shape[0]:  # decode-only step: no copies
-            ops.store_kv(k, v, k_cache, v_cache, pool.slot_mapping)
-            return ops.decode_attention(q, k_cache, v_cache, tables, batch.seq_lens, **kw)
-        out = torch.empty_like(q)
-        if nd:
-            ops.store_kv(k[:nd], v[:nd], k_cache, v_cache, pool.slot_mapping[:nd])
-            out[:nd] = ops.decode_attention(
-                q[:nd], k_cache, v_cache, tables[:nd], batch.seq_lens, **kw
-            )
-        out[nd:] = ops.prefill_attention(
-            q[nd:],
-            k[nd:],
-            v[nd:],
-            batch.cu_seqlens,
-            batch.context_lens,
-            k_cache,
-            v_cache,
-            tables[nd:],
-            **kw,
-            max_seqlen=batch.max_prefill_len,
-        )
-        ops.store_kv(k[nd:], v[nd:], k_cache, v_cache, pool.slot_mapping[nd:])
-        return out

@@ -1,21 +1,33 @@
-"""KV block bookkeeping for Gemma's two attention types (torch-free).
+"""KV block bookkeeping for Gemma's attention types, one pool each (torch-free).
 
-Global (full-attention) layers use paged block tables, sliding-window layers rings of at most R
-blocks per request (`block_tables.py`). Each type has its own BlockPool; a request's
-allocation succeeds in both pools or in neither.
+Like vLLM v1's one manager per attention spec: global (full-attention) layers use paged tables
+(`paged_table.py`), sliding-window layers rings of at most R blocks per request
+(`ring_table.py`), each over its own BlockPool. This manager holds one table per attention type
+the model has and loops over them; a request's allocation succeeds in every pool or in none.
 
-Prefix caching: every full block of a prompt, once computed, is registered in its pool under a
+Prefix caching: every full block of a prompt, once computed, is registered in each pool under a
 key that chains the tokens of all blocks before it. A new request starts from the longest run
-of cached prompt blocks (global blocks from the first one on; local blocks only for the last R
-of them, all a query after the prefix can see), sharing those blocks instead of recomputing.
+of cached prompt blocks that every pool can serve (each pool answers for itself: a paged table
+needs all of them, a ring only its last R, all a query after the prefix can see), sharing those
+blocks instead of recomputing.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 from gemma_serve.server.engine.block_pool import BlockKey
-from gemma_serve.server.engine.block_tables import BlockTables, ring_size
+from gemma_serve.server.engine.block_table import (
+    UNBOUNDED,
+    BlockTable,
+    Cover,
+    Growth,
+    PoolInputs,
+    PoolKind,
+)
+from gemma_serve.server.engine.paged_table import PagedTable
+from gemma_serve.server.engine.ring_table import RingTable, ring_size
 
 
 @dataclass
@@ -33,21 +45,8 @@ class KVUsage:
     local_ratio: float
 
 
-@dataclass(frozen=True)
-class PrefixHit:
-    """Cached blocks a new request can start from: its first num_tokens tokens."""
-
-    num_tokens: int
-    global_blocks: dict[int, int]  # block index -> block
-    local_blocks: dict[int, int]
-
-    @classmethod
-    def none(cls) -> PrefixHit:
-        return cls(0, {}, {})
-
-
 class KVCacheManager:
-    """Both pools behind one interface: grow a request to n tokens, free it, report usage."""
+    """Every pool behind one interface: grow a request to n tokens, free it, report usage."""
 
     def __init__(
         self,
@@ -60,60 +59,53 @@ class KVCacheManager:
         prefix_caching: bool = False,
     ) -> None:
         self.block_size = block_size
-        self.ring_blocks = ring_size(window, block_size)
-        self.has_global, self.has_local = has_global, has_local
         self.prefix_caching = prefix_caching
-        self.global_tables = BlockTables(num_global_blocks if has_global else 0, block_size, 0)
-        self.local_tables = BlockTables(
-            num_local_blocks if has_local else 0, block_size, self.ring_blocks
-        )
+        # Only the attention types the model has get a pool; everything below loops over them.
+        self.pools: dict[PoolKind, BlockTable] = {}
+        if has_global:
+            self.pools[PoolKind.GLOBAL] = PagedTable(num_global_blocks, block_size)
+        if has_local:
+            ring = ring_size(window, block_size)
+            self.pools[PoolKind.LOCAL] = RingTable(num_local_blocks, block_size, ring)
         self._prefix: dict[str, _PrefixState] = {}
         self.num_cached_tokens = 0  # prompt tokens taken from the prefix cache, in all
 
-    def _pools(self) -> list[BlockTables]:
-        pools = []
-        if self.has_global:
-            pools.append(self.global_tables)
-        if self.has_local:
-            pools.append(self.local_tables)
-        return pools
-
     def can_ever_fit(self, num_tokens: int) -> bool:
         """Whether a sequence of num_tokens fits in the empty cache at all."""
-        return all(t.blocks_for(num_tokens) <= t.pool.num_blocks for t in self._pools())
+        return all(t.blocks_for(num_tokens) <= t.pool.num_blocks for t in self.pools.values())
 
     def max_tokens_that_fit(self) -> int:
-        """The longest sequence the empty cache can hold: the global pool's tokens, and the local
-        pool's only when it cannot hold one whole ring (a full ring never limits it)."""
-        limits = [self.global_tables.pool.num_blocks * self.block_size] if self.has_global else []
-        local = self.local_tables.pool.num_blocks
-        if self.has_local and local < self.local_tables.ring_blocks:  # not even one whole ring
-            limits.append(local * self.block_size)
-        return min(limits) if limits else 1 << 62
+        """The longest sequence the empty cache can hold (a pool of one whole ring never
+        limits it)."""
+        return min((t.max_tokens() for t in self.pools.values()), default=UNBOUNDED)
+
+    def _cover_that_fits(self, request_id: str, cover: Cover) -> Cover | None:
+        """`cover` with the first way of growing (see `Growth`: keeping cached prefixes, else
+        minimal) for which every pool has the free blocks; None when neither fits."""
+        for growth in Growth:
+            attempt = cover if growth is cover.growth else replace(cover, growth=growth)
+            if all(t.missing(request_id, attempt) <= t.pool.num_free for t in self.pools.values()):
+                return attempt
+        return None
 
     def try_grow(self, request_id: str, num_tokens: int, context_from: int | None = None) -> bool:
-        """Make room for the request's first num_tokens tokens in both pools, or change nothing.
+        """Make room for the request's first num_tokens tokens in every pool, or change nothing.
 
-        context_from: the first position of a prefill chunk (None for a decode). Ring blocks
-        that are cached prefixes are replaced by fresh ones when the pool has room, else
-        overwritten in place (only blocks shared with another request must be replaced).
+        context_from: the first position of a prefill chunk (None for a decode).
         """
-        pools = self._pools()
-        for minimal in (False, True):
-            if all(
-                t.missing(request_id, num_tokens, context_from, minimal) <= t.pool.num_free
-                for t in pools
-            ):
-                state = self._prefix.get(request_id)
-                cacheable = len(state.keys) if state is not None else 0  # full prompt blocks
-                for t in pools:
-                    t.grow(request_id, num_tokens, context_from, minimal, cacheable)
-                return True
-        return False
+        state = self._prefix.get(request_id)
+        cacheable = len(state.keys) if state is not None else 0  # full prompt blocks
+        cover = Cover(num_tokens, context_from, transient_below=cacheable)
+        fitting = self._cover_that_fits(request_id, cover)
+        if fitting is None:
+            return False
+        for t in self.pools.values():
+            t.grow(request_id, fitting)
+        return True
 
     def commit(self, request_id: str) -> None:
         """The request's step is done: release what its prefill kept for reading."""
-        for t in self._pools():
+        for t in self.pools.values():
             t.commit(request_id)
 
     def try_admit(
@@ -125,51 +117,35 @@ class KVCacheManager:
         With prefix caching (and `reuse`), the longest cached run of its prompt's blocks is
         shared rather than recomputed; at least the last prompt token is always computed.
         """
+        b = self.block_size
         if self.prefix_caching:
-            b = self.block_size
             keys = BlockKey.chain(prompt_ids, b, len(prompt_ids) // b)
             self._prefix[request_id] = _PrefixState(keys, (len(prompt_ids) - 1) // b)
-        hit = self._lookup(request_id) if self.prefix_caching and reuse else PrefixHit.none()
-        start = hit.num_tokens
+        hit = self._longest_hit(request_id) if self.prefix_caching and reuse else 0
+        start = hit * b
         n = min(num_tokens - start, budget)
-        for tables, blocks in (
-            (self.global_tables, hit.global_blocks),
-            (self.local_tables, hit.local_blocks),
-        ):
-            if blocks:  # empty for a miss, and for a kind of layer the model lacks
-                tables.adopt(request_id, blocks)
+        if hit:
+            for t in self.pools.values():
+                t.adopt(request_id, self._prefix[request_id].keys, hit)
         if not self.try_grow(request_id, start + n, start if n > 1 else None):
             self.free(request_id)  # the shared blocks go back to the cache
             return None
-        if hit.num_tokens:
-            self._prefix[request_id].registered = hit.num_tokens // self.block_size
-            self.num_cached_tokens += hit.num_tokens
+        if hit:
+            self._prefix[request_id].registered = hit
+            self.num_cached_tokens += start
         return start, n
 
-    def _lookup(self, request_id: str) -> PrefixHit:
-        """The longest run of cached prompt blocks that leaves the last prompt token to compute:
-        global blocks 0..k-1 and local blocks k-R..k-1, all cached."""
+    def _longest_hit(self, request_id: str) -> int:
+        """The most prompt blocks every pool can start from, leaving the last prompt token to
+        compute. Each pool lowers the bound to what it can serve, until none lowers it."""
         state = self._prefix[request_id]
-        usable = state.keys[: state.reusable]
-        found_global: list[int] = []
-        for key in usable if self.has_global else ():
-            block = self.global_tables.pool.lookup(key)
-            if block is None:
-                break
-            found_global.append(block)
-        k = len(found_global) if self.has_global else len(usable)
-        local = [self.local_tables.pool.lookup(key) for key in usable[:k]] if self.has_local else []
-        # the longest k whose last min(k, R) local blocks are all cached
-        while self.has_local and k and None in local[max(0, k - self.ring_blocks) : k]:
-            k -= 1
-        if not k:
-            return PrefixHit.none()
-        start = max(0, k - self.ring_blocks)
-        return PrefixHit(
-            k * self.block_size,
-            {i: found_global[i] for i in range(k)} if self.has_global else {},
-            {i: local[i] for i in range(start, k)} if self.has_local else {},  # type: ignore[misc]
-        )
+        k = state.reusable
+        while True:
+            bound = k
+            for t in self.pools.values():
+                k = t.cached_run(state.keys, k)
+            if k == bound:
+                return k
 
     def computed(self, request_id: str, end: int, num_prompt_tokens: int) -> None:
         """Positions up to end-1 now have their K/V: register the prompt blocks completed."""
@@ -178,26 +154,22 @@ class KVCacheManager:
             return
         full = min(end, num_prompt_tokens) // self.block_size
         for i in range(state.registered, full):
-            key = state.keys[i]
-            if self.has_global:
-                self.global_tables.pool.register(self.global_tables.block_at(request_id, i), key)
             # A ring still holds block i only if no write of its positions was skipped (a
             # chunk longer than the ring skips its first positions, whose blocks it released).
-            block = self.local_tables.block_at(request_id, i) if self.has_local else None
-            if block is not None:
-                self.local_tables.pool.register(block, key)
+            for t in self.pools.values():
+                t.register(request_id, i, state.keys[i])
         state.registered = max(state.registered, full)
 
     def free(self, request_id: str) -> None:
-        for t in self._pools():
+        for t in self.pools.values():
             t.free(request_id)
         self._prefix.pop(request_id, None)
 
     def usage(self) -> KVUsage:
-        return KVUsage(self.global_tables.pool.usage, self.local_tables.pool.usage)
+        ratios = {kind: t.pool.usage for kind, t in self.pools.items()}
+        return KVUsage(ratios.get(PoolKind.GLOBAL, 0.0), ratios.get(PoolKind.LOCAL, 0.0))
 
-    def block_table(self, request_id: str) -> list[int]:
-        return self.global_tables.table(request_id)
-
-    def ring_table(self, request_id: str) -> list[int]:
-        return self.local_tables.table(request_id)
+    def batch_inputs(self, spans: Sequence[tuple[str, int, int]]) -> dict[PoolKind, PoolInputs]:
+        """Each pool's slots and block-table rows for a step's chunks, (request id, start, end)
+        each: what the runner turns into tensors."""
+        return {kind: t.batch_inputs(spans) for kind, t in self.pools.items()}

@@ -12,15 +12,15 @@ from dataclasses import dataclass
 import torch
 from gemma_serve.kernels.dispatch import select_ops
 from gemma_serve.server.engine import model_source
-from gemma_serve.server.engine.block_tables import cdiv
+from gemma_serve.server.engine.block_table import cdiv
 from gemma_serve.server.engine.config import EngineConfig
 from gemma_serve.server.engine.cuda_graphs import DecodeGraphs
 from gemma_serve.server.engine.kv_cache import CacheLayout, KVCache
 from gemma_serve.server.engine.kv_manager import KVCacheManager
 from gemma_serve.server.engine.output_processor import OutputProcessor
 from gemma_serve.server.engine.outputs import (
+    FINISH_ABORT,
     FINISH_ERROR,
-    FINISH_STOP,
     RequestOutput,
     StepStats,
     TokenLogprob,
@@ -28,9 +28,9 @@ from gemma_serve.server.engine.outputs import (
 from gemma_serve.server.engine.prompt_logprobs import record as record_prompt_logprobs
 from gemma_serve.server.engine.request import Request
 from gemma_serve.server.engine.runner import Runner
-from gemma_serve.server.engine.sampler import Sampler, SamplerOutput
+from gemma_serve.server.engine.sampler import Sampler, sample_isolating_faults
 from gemma_serve.server.engine.sampling_params import SamplingParams
-from gemma_serve.server.engine.scheduler import ScheduledChunk, Scheduler
+from gemma_serve.server.engine.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,8 @@ class LLMEngine:
     def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
         """Raise RequestTooLongError / ValueError for a request that can never be served.
 
-        Reads only fixed sizes (vocabulary, context, pools), so any thread may call it.
+        Reads only fixed sizes (vocabulary, context, pools), so any thread may call it: once on
+        the event loop (AsyncEngine.generate, to refuse before streaming), once in add_request.
         """
         if not prompt_ids:
             raise ValueError("the prompt is empty")
@@ -191,7 +192,7 @@ class LLMEngine:
         bad = [t for t, _ in params.logit_bias if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"logit_bias token ids out of range [0, {vocab}): {bad[:5]}")
-        self.scheduler.check(Request("probe", list(prompt_ids), params))
+        self.scheduler.check(len(prompt_ids), params.max_tokens)
 
     def add_request(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams):
         """Queue a request; raises RequestTooLongError / ValueError for one it cannot serve."""
@@ -205,11 +206,9 @@ class LLMEngine:
         self.outputs.add(req)
 
     def abort(self, request_id: str) -> RequestOutput | None:
-        req = self.scheduler.abort(request_id)
-        if req is None:
-            return None
-        self.sampler.release(request_id)
-        return self.outputs.output(req, [], None)
+        """End a request in flight (its final output), or None if there is none by that id."""
+        req = self.scheduler.get(request_id)
+        return None if req is None else self._finish(req, FINISH_ABORT)
 
     @property
     def has_work(self) -> bool:
@@ -245,75 +244,63 @@ class LLMEngine:
             culprits = self.scheduler.recover(sched)
             return self._fail(culprits, f"internal error in the engine step: {e}")
         record_prompt_logprobs(batch.scoring, forward.prompt_logprobs)
-        requests, sampled, failed = self._sample(forward.logits, batch.sampling_requests)
-        errors = self._fail(failed, "internal error while sampling") if failed else []
-        self.scheduler.update(sched, {r.request_id: t for r, t in zip(requests, sampled.token_ids)})
+        requests, sampled, failed = sample_isolating_faults(
+            self.sampler, forward.logits, batch.sampling_requests
+        )
+        errors = self._fail(failed, "internal error while sampling")
+        tokens = dict(zip((r.request_id for r in requests), sampled.token_ids, strict=True))
+        self.scheduler.update(sched, tokens)
         return errors + [
             self._postprocess(r, t, lp)
-            for r, t, lp in zip(requests, sampled.token_ids, sampled.logprobs)
+            for r, t, lp in zip(requests, sampled.token_ids, sampled.logprobs, strict=True)
         ]
 
-    def _sample(
-        self, logits: torch.Tensor, requests: tuple[Request, ...]
-    ) -> tuple[tuple[Request, ...], SamplerOutput, list[Request]]:
-        """Sample the batch; if that fails, sample each request alone to isolate the culprit.
-
-        Returns the requests that got a token, their sampler output, and the ones that failed.
-        """
-        try:
-            return requests, self.sampler(logits, requests), []
-        except Exception:
-            log.exception("batched sampling failed; retrying request by request")
-        ok: list[Request] = []
-        tokens: list[int] = []
-        logprobs: list[TokenLogprob | None] = []
-        failed: list[Request] = []
-        for i, r in enumerate(requests):
-            try:
-                one = self.sampler(logits[i : i + 1], (r,))
-            except Exception:
-                log.exception("sampling failed for %s", r.request_id)
-                failed.append(r)
-                continue
-            ok.append(r)
-            tokens += one.token_ids
-            logprobs += one.logprobs
-        return tuple(ok), SamplerOutput(tokens, logprobs), failed
-
     def _postprocess(self, req: Request, token: int, lp: TokenLogprob | None) -> RequestOutput:
-        """Stop strings and the output delta; an error here ends only this request."""
+        """Stop conditions and the output delta; an error here ends only this request."""
+        new_logprobs = [lp] if lp is not None else None
         try:
-            return self._output_for(req, token, lp)
+            reason = self.outputs.finish_reason(req)
+            if reason is None:
+                return self.outputs.output(req, [token], new_logprobs)
         except Exception as e:
             log.exception("output processing failed for %s", req.request_id)
-            if not req.finished:
-                self.scheduler.finish(req, FINISH_ERROR, f"internal error: {e}")
-            self.sampler.release(req.request_id)
-            self.outputs.discard(req.request_id)
-            return RequestOutput.ended(
-                req.request_id, req.num_prompt_tokens, len(req.output_ids), FINISH_ERROR, req.error
-            )
+            return self._finish(req, FINISH_ERROR, f"internal error: {e}")
+        return self._finish(req, reason, new_ids=[token], new_logprobs=new_logprobs)
 
-    def _output_for(self, req: Request, token: int, lp: TokenLogprob | None) -> RequestOutput:
-        if self.outputs.check_stop_strings(req):
-            if req.finished:
-                req.finish_reason = FINISH_STOP
-            else:
-                self.scheduler.finish(req, FINISH_STOP)
-        if req.finished:
-            self.sampler.release(req.request_id)
-        return self.outputs.output(req, [token], [lp] if lp is not None else None)
-
-    def _fail(self, requests: Iterable[Request | ScheduledChunk], message: str):
+    def _fail(self, requests: Iterable[Request], message: str) -> list[RequestOutput]:
         """End these requests with an error; every other request keeps running."""
-        outs = []
-        for item in requests:
-            req = item.request if isinstance(item, ScheduledChunk) else item
-            if not req.finished:
-                self.scheduler.finish(req, FINISH_ERROR, message)
-                self.sampler.release(req.request_id)
-                outs.append(self.outputs.output(req, [], None))
-        return outs
+        return [self._finish(r, FINISH_ERROR, message) for r in requests if not r.finished]
+
+    def _finish(
+        self,
+        req: Request,
+        reason: str,
+        error: str | None = None,
+        *,
+        new_ids: list[int] | None = None,
+        new_logprobs: list[TokenLogprob] | None = None,
+    ) -> RequestOutput:
+        """The one way a request ends (stop, length, abort, error); returns its final output.
+
+        The scheduler frees its KV blocks and stamps its finish time (the latency metrics), the
+        sampler forgets its generator, the output processor flushes the text and forgets it.
+        When a token stop (EOS, a stop token, max_tokens) and a stop string meet in one step,
+        the stop string wins: the text ends at it and the reason is "stop"
+        (OutputProcessor.finish_reason). If the final output cannot be built, the request ends
+        as an error instead.
+        """
+        self.scheduler.finish(req, reason, error)
+        self.sampler.release(req.request_id)
+        try:
+            return self.outputs.output(req, new_ids or [], new_logprobs)
+        except Exception as e:
+            log.exception("output processing failed for %s", req.request_id)
+            self.outputs.discard(req.request_id)
+            req.finish_reason, req.error = FINISH_ERROR, f"internal error: {e}"
+            n = len(req.output_ids)
+            return RequestOutput.ended(
+                req.request_id, req.num_prompt_tokens, n, FINISH_ERROR, req.error
+            )
 
     # -- offline helper -------------------------------------------------------------------
 
@@ -323,7 +310,7 @@ class LLMEngine:
         """Run prompts (text or token ids) to completion; results in prompt order."""
         ids = [f"offline-{i}" for i in range(len(prompts))]
         prompt_ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-        for rid, p in zip(ids, prompt_ids):
+        for rid, p in zip(ids, prompt_ids, strict=True):
             self.add_request(rid, p, params)
         tokens: dict[str, list[int]] = {rid: [] for rid in ids}
         texts: dict[str, list[str]] = {rid: [] for rid in ids}
@@ -338,5 +325,5 @@ class LLMEngine:
                     reasons[out.request_id] = out.finish_reason
         return [
             GenerationResult(p, tokens[rid], "".join(texts[rid]), reasons.get(rid), logprobs[rid])
-            for rid, p in zip(ids, prompt_ids)
+            for rid, p in zip(ids, prompt_ids, strict=True)
         ]

@@ -1,4 +1,5 @@
-"""Per-request text: incremental detokenization and stop strings (torch-free).
+"""Per-request text and stop conditions: incremental detokenization, stop tokens, stop strings,
+max_tokens (torch-free).
 
 Stop strings are matched on text, so they are found even when split across tokens. While a
 request has stop strings, the last (longest stop - 1) characters are held back: they might be
@@ -11,7 +12,13 @@ from __future__ import annotations
 
 from gemma_serve.model.detokenizer import IncrementalDetokenizer
 from gemma_serve.model.tokenizer import Tokenizer
-from gemma_serve.server.engine.outputs import RequestOutput, RequestTimes, TokenLogprob
+from gemma_serve.server.engine.outputs import (
+    FINISH_LENGTH,
+    FINISH_STOP,
+    RequestOutput,
+    RequestTimes,
+    TokenLogprob,
+)
 from gemma_serve.server.engine.request import Request
 
 
@@ -59,7 +66,7 @@ class TextState:
 
 
 class OutputProcessor:
-    """Builds RequestOutput deltas; decides stop-string finishes."""
+    """Builds RequestOutput deltas; decides when a request stops."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
@@ -68,12 +75,16 @@ class OutputProcessor:
     def add(self, request: Request) -> None:
         self._states[request.request_id] = TextState(self.tokenizer, request)
 
-    def check_stop_strings(self, request: Request) -> bool:
-        """Feed the request's new tokens to its detokenizer; True if a stop string was hit."""
+    def finish_reason(self, request: Request) -> str | None:
+        """Feed the request's new tokens to its detokenizer; why it ends now, or None.
+
+        A stop string wins over the token-level reason of the same step: the text ends at the
+        stop string and the reason is "stop", even when the token also reached max_tokens.
+        """
         st = self._states[request.request_id]
         new = request.output_ids[st.num_ids_seen :]
         st.num_ids_seen = len(request.output_ids)
-        return st.add_tokens(new)
+        return FINISH_STOP if st.add_tokens(new) else token_stop_reason(request)
 
     def output(
         self,
@@ -107,6 +118,21 @@ class OutputProcessor:
 
     def discard(self, request_id: str) -> None:
         self._states.pop(request_id, None)
+
+
+def token_stop_reason(req: Request) -> str | None:
+    """The stop conditions on the last token: EOS or a stop token (from min_tokens on), then
+    max_tokens."""
+    p = req.params
+    n = len(req.output_ids)
+    token = req.output_ids[-1]
+    if n >= p.min_tokens and (
+        token in p.stop_token_ids or (not p.ignore_eos and token in req.eos_token_ids)
+    ):
+        return FINISH_STOP
+    if n >= p.max_tokens:
+        return FINISH_LENGTH
+    return None
 
 
 def _times(r: Request) -> RequestTimes:

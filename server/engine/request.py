@@ -34,7 +34,8 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when first admitted
     # With params.prompt_logprobs: entry t scores prompt token t (entry 0, the first, is None);
-    # filled chunk by chunk as the prompt is prefilled, and kept across preemptions.
+    # filled chunk by chunk as the prompt is prefilled (prompt_logprobs.py), kept across
+    # preemptions.
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
@@ -54,11 +55,6 @@ class Request:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
-    def max_total_tokens(self) -> int:
-        """The longest this sequence can get: prompt plus max_tokens."""
-        return len(self.prompt_ids) + self.params.max_tokens
-
-    @property
     def finished(self) -> bool:
         return self.status == RequestStatus.FINISHED
 
@@ -70,11 +66,3 @@ class Request:
         if start >= n:
             return self.output_ids[start - n : end - n]
         return self.prompt_ids[start:] + self.output_ids[: end - n]
-
-    def prompt_logprob_positions(self, start: int, end: int) -> range:
-        """Positions in start..end-1 whose logits score a prompt token not scored yet (position
-        p scores token p + 1); empty unless the request asks for prompt logprobs."""
-        if self.params.prompt_logprobs is None:
-            return range(0)
-        first = max(start, len(self.prompt_logprobs) - 1, 0)
-        return range(first, max(first, min(end, self.num_prompt_tokens - 1)))

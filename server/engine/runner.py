@@ -7,9 +7,12 @@ from dataclasses import dataclass
 import torch
 from gemma_serve.kernels.dispatch import AttentionOps
 from gemma_serve.model.gemma import GemmaForCausalLM
-from gemma_serve.server.engine.block_tables import BlockTables
+from gemma_serve.server.engine import prompt_logprobs
+from gemma_serve.server.engine.attention_batch import AttentionBatch, PoolBatch
+from gemma_serve.server.engine.block_table import PoolKind
+from gemma_serve.server.engine.cache_attention import CacheAttention
 from gemma_serve.server.engine.cuda_graphs import DecodeGraphs
-from gemma_serve.server.engine.kv_cache import AttentionBatch, CacheAttention, KVCache, PoolBatch
+from gemma_serve.server.engine.kv_cache import KVCache
 from gemma_serve.server.engine.kv_manager import KVCacheManager
 from gemma_serve.server.engine.outputs import TokenLogprob
 from gemma_serve.server.engine.prompt_logprobs import PromptScoring, score
@@ -55,9 +58,7 @@ class Runner:
         positions: list[int] = []
         logits_rows: list[int] = []
         sampling: list[Request] = []
-        scoring = _ScoringBuilder()
         for c in chunks:
-            scoring.add(c.request, c.start, c.start + c.num_tokens, len(ids))
             ids.extend(c.request.tokens(c.start, c.start + c.num_tokens))
             positions.extend(range(c.start, c.start + c.num_tokens))
             if c.samples:
@@ -73,8 +74,7 @@ class Runner:
             seq_lens=_i32([c.start + 1 for c in out.decodes], dev),
             cu_seqlens=_i32(cu, dev),
             context_lens=_i32([c.start for c in prefills], dev),
-            global_pool=self._pool(chunks, self.kv.global_tables),
-            local_pool=self._pool(chunks, self.kv.local_tables),
+            pools=self._pools(chunks),
             max_prefill_len=max((c.num_tokens for c in prefills), default=0),
         )
         return ModelBatch(
@@ -83,28 +83,14 @@ class Runner:
             attention=attention,
             logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=dev),
             sampling_requests=tuple(sampling),
-            scoring=scoring.build(),
+            scoring=prompt_logprobs.select(chunks),
         )
 
-    def _pool(self, chunks: tuple[ScheduledChunk, ...], tables: BlockTables) -> PoolBatch:
-        b, ring = tables.block_size, tables.ring_blocks
-        slots: list[int] = []
-        rows: list[list[int]] = []
-        for c in chunks:
-            rid = c.request.request_id
-            # A prefill reads its context through the table from before this step's growth.
-            rows.append(tables.table(rid) if c.num_tokens == 1 else tables.context_table(rid))
-            slots.extend(tables.slots(rid, c.start, c.start + c.num_tokens))
-        width = max((len(r) for r in rows), default=0) or 1
-        padded = [r + [0] * (width - len(r)) for r in rows]
-        return PoolBatch(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
-            block_tables=torch.tensor(padded, dtype=torch.int32, device=self.device).reshape(
-                len(rows), width
-            ),
-            ring_blocks=ring,
-            block_size=b,
-        )
+    def _pools(self, chunks: tuple[ScheduledChunk, ...]) -> dict[PoolKind, PoolBatch]:
+        """Each pool's slot mapping and block tables, from the KV manager."""
+        spans = [(c.request.request_id, c.start, c.start + c.num_tokens) for c in chunks]
+        inputs = self.kv.batch_inputs(spans)
+        return {kind: PoolBatch.from_inputs(i, self.device) for kind, i in inputs.items()}
 
     @torch.inference_mode()
     def forward(self, batch: ModelBatch) -> ForwardOutput:
@@ -127,32 +113,6 @@ class Runner:
         hidden = self.model.hidden_states(batch.input_ids, batch.positions, attn, rows)
         logits = self.model.compute_logits(hidden[:n])
         return ForwardOutput(logits, score(self.model.compute_logits, hidden[n:], scoring))
-
-
-class _ScoringBuilder:
-    """Collects a step's prompt-scoring rows, chunk by chunk."""
-
-    def __init__(self) -> None:
-        self.rows: list[int] = []
-        self.targets: list[int] = []
-        self.tops: list[int] = []
-        self.owners: list[tuple[Request, int]] = []
-
-    def add(self, req: Request, start: int, end: int, first_row: int) -> None:
-        positions = req.prompt_logprob_positions(start, end)
-        if not positions:
-            return
-        self.rows += [first_row + p - start for p in positions]
-        self.targets += req.prompt_ids[positions.start + 1 : positions.stop + 1]
-        self.tops += [req.params.prompt_logprobs or 0] * len(positions)
-        self.owners.append((req, len(positions)))
-
-    def build(self) -> PromptScoring:
-        if not self.rows:
-            return PromptScoring.empty()
-        return PromptScoring(
-            tuple(self.rows), tuple(self.targets), tuple(self.tops), tuple(self.owners)
-        )
 
 
 def _i32(values: list[int], device: torch.device) -> torch.Tensor:

@@ -8,12 +8,16 @@ logits), before any sampling transform.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from gemma_serve.server.engine.outputs import TokenLogprob
 from gemma_serve.server.engine.request import Request
+
+log = logging.getLogger(__name__)
 
 NEG_INF = float("-inf")
 
@@ -81,7 +85,7 @@ class Sampler:
         if logprobs is not None:
             rows = [i for i, want in enumerate(want_logprobs) if want]
             tops = [requests[i].params.logprobs or 0 for i in rows]
-            for i, lp in zip(rows, token_logprobs(logprobs, tokens, rows, tops)):
+            for i, lp in zip(rows, token_logprobs(logprobs, tokens, rows, tops), strict=True):
                 lp_out[i] = lp
         return SamplerOutput(token_list, lp_out)
 
@@ -89,7 +93,7 @@ class Sampler:
         self, logits: torch.Tensor, requests: tuple[Request, ...], greedy: list[bool]
     ) -> torch.Tensor:
         temps = torch.tensor(
-            [r.params.temperature if not g else 1.0 for r, g in zip(requests, greedy)],
+            [r.params.temperature if not g else 1.0 for r, g in zip(requests, greedy, strict=True)],
             device=logits.device,
         )
         scaled = _filter(logits / temps[:, None], requests)
@@ -117,6 +121,37 @@ class Sampler:
             gen = torch.Generator(device=self.device).manual_seed(r.params.seed or 0)
             self._request_generators[r.request_id] = gen
         return gen
+
+
+def sample_isolating_faults(
+    sampler: Callable[[torch.Tensor, tuple[Request, ...]], SamplerOutput],
+    logits: torch.Tensor,
+    requests: tuple[Request, ...],
+) -> tuple[tuple[Request, ...], SamplerOutput, list[Request]]:
+    """Sample the batch; if that fails, sample each request alone to isolate the culprit.
+
+    Returns the requests that got a token, their sampler output, and the ones that failed (a
+    failed call leaves the generators as they were, so the retries draw the same noise).
+    """
+    try:
+        return requests, sampler(logits, requests), []
+    except Exception:
+        log.exception("batched sampling failed; retrying request by request")
+    ok: list[Request] = []
+    tokens: list[int] = []
+    logprobs: list[TokenLogprob | None] = []
+    failed: list[Request] = []
+    for i, r in enumerate(requests):
+        try:
+            one = sampler(logits[i : i + 1], (r,))
+        except Exception:
+            log.exception("sampling failed for %s", r.request_id)
+            failed.append(r)
+            continue
+        ok.append(r)
+        tokens += one.token_ids
+        logprobs += one.logprobs
+    return tuple(ok), SamplerOutput(tokens, logprobs), failed
 
 
 def _row_edit(row: torch.Tensor, r: Request) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -191,6 +226,6 @@ def token_logprobs(
     floats = torch.cat([lp.gather(1, tok[:, None]), vals], dim=1).tolist()
     longs = torch.cat([tok[:, None], ids], dim=1).tolist()
     return [
-        TokenLogprob(t[0], f[0], tuple(zip(t[1 : n + 1], f[1 : n + 1])))
-        for f, t, n in zip(floats, longs, tops)
+        TokenLogprob(t[0], f[0], tuple(zip(t[1 : n + 1], f[1 : n + 1], strict=True)))
+        for f, t, n in zip(floats, longs, tops, strict=True)
     ]

@@ -5,7 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
-GREEDY_TEMPERATURE = 1e-5
+# Below these, float32 sampling overflows (logits / T or logits / penalty become inf and the
+# softmax NaN): temperatures under MIN_TEMPERATURE are served greedily (vLLM does the same), and
+# smaller repetition penalties are refused. server/limits.py re-exports them for the HTTP side.
+MIN_TEMPERATURE = 1e-5
+MIN_REPETITION_PENALTY = 0.01
+MAX_REPETITION_PENALTY = 10.0
 
 
 @dataclass(frozen=True)
@@ -45,8 +50,8 @@ class SamplingParams:
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be in [-2, 2]"),
             (
                 "repetition_penalty",
-                0.01 <= self.repetition_penalty <= 10.0,
-                "must be in [0.01, 10]",
+                MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY,
+                f"must be in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY:g}]",
             ),
             ("min_tokens", 0 <= self.min_tokens <= self.max_tokens, "must be in [0, max_tokens]"),
             (
@@ -67,8 +72,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        # Below 1e-5 the division by the temperature overflows fp32: that is greedy anyway.
-        return self.temperature < GREEDY_TEMPERATURE
+        # Below MIN_TEMPERATURE the division by the temperature overflows fp32: greedy anyway.
+        return self.temperature < MIN_TEMPERATURE
 
     @property
     def needs_penalties(self) -> bool:

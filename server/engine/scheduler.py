@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 from gemma_serve.server.engine.errors import RequestTooLongError
 from gemma_serve.server.engine.kv_manager import KVCacheManager
-from gemma_serve.server.engine.outputs import FINISH_ABORT, FINISH_LENGTH, FINISH_STOP
 from gemma_serve.server.engine.request import Request, RequestStatus
 
 MAX_FAULTS = 3  # failed steps a request may be part of before it is failed itself
@@ -33,9 +32,19 @@ class ScheduledChunk:
     num_tokens: int
 
     @property
+    def end(self) -> int:
+        return self.start + self.num_tokens
+
+    @property
+    def is_prefill(self) -> bool:
+        """More than one token: attends to its own fresh K/V plus the cached context. A
+        one-token chunk runs as a decode (everything before it is cached), even in a prompt."""
+        return self.num_tokens > 1
+
+    @property
     def samples(self) -> bool:
         """Whether this chunk reaches the end of the known tokens, so a token is sampled."""
-        return self.start + self.num_tokens == self.request.num_tokens
+        return self.end == self.request.num_tokens
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,13 @@ class SchedulerOutput:
     decodes: tuple[ScheduledChunk, ...]
     prefills: tuple[ScheduledChunk, ...]
     preempted: tuple[str, ...]
+
+    @classmethod
+    def of(cls, chunks: list[ScheduledChunk], preempted: list[str]) -> SchedulerOutput:
+        """Chunks split into decodes and prefills, each kept in scheduling order."""
+        decodes = tuple(c for c in chunks if not c.is_prefill)
+        prefills = tuple(c for c in chunks if c.is_prefill)
+        return cls(decodes, prefills, tuple(preempted))
 
     @property
     def chunks(self) -> tuple[ScheduledChunk, ...]:
@@ -77,23 +93,21 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, request: Request) -> None:
-        """Queue a request; raises RequestTooLongError if it could never be served."""
-        self.check(request)
+        """Queue a request that `check` accepted (the engine checks before it adds)."""
         self.waiting.append(request)
 
-    def check(self, request: Request) -> None:
-        """Raise RequestTooLongError if the request could never be served."""
-        total = request.max_total_tokens
+    def check(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """Raise RequestTooLongError if such a request could never be served. Reads only fixed
+        sizes (the context, the pools), so any thread may call it."""
+        total = num_prompt_tokens + max_tokens
+        asked = f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total}"
         if total > self.max_model_len:
             raise RequestTooLongError(
-                f"prompt ({request.num_prompt_tokens} tokens) + max_tokens "
-                f"({request.params.max_tokens}) = {total} exceeds the maximum context length "
-                f"of {self.max_model_len} tokens"
+                f"{asked} exceeds the maximum context length of {self.max_model_len} tokens"
             )
         if not self.kv.can_ever_fit(total):
             raise RequestTooLongError(
-                f"prompt ({request.num_prompt_tokens} tokens) + max_tokens "
-                f"({request.params.max_tokens}) = {total} tokens cannot fit in the KV cache "
+                f"{asked} tokens cannot fit in the KV cache "
                 f"(at most {self.kv.max_tokens_that_fit()} tokens)"
             )
 
@@ -116,8 +130,7 @@ class Scheduler:
         if self.retrying:
             return self._schedule_alone(self.retrying[0])
         budget = self.max_num_batched_tokens
-        decodes: list[ScheduledChunk] = []
-        prefills: list[ScheduledChunk] = []
+        chunks: list[ScheduledChunk] = []
         preempted: list[str] = []
         # Decodes first: one token each, cheap and latency-critical; then running prefills.
         order = sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1)
@@ -127,14 +140,12 @@ class Scheduler:
             if req.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self._grow_or_preempt(req, req.num_computed_tokens + n, preempted):
-                continue
             chunk = ScheduledChunk(req, req.num_computed_tokens, n)
-            (decodes if n == 1 else prefills).append(chunk)
-            budget -= n
+            if self._grow_or_preempt(chunk, preempted):
+                chunks.append(chunk)
+                budget -= n
         if preempted:  # a victim may have been scheduled before the request that evicted it
-            decodes = [c for c in decodes if c.request.status == RequestStatus.RUNNING]
-            prefills = [c for c in prefills if c.request.status == RequestStatus.RUNNING]
+            chunks = [c for c in chunks if c.request.status == RequestStatus.RUNNING]
         # New requests only when nothing had to be preempted (no thrashing), in arrival order.
         while not preempted and self.waiting and budget > 0:
             if len(self.running) >= self.max_num_seqs:
@@ -155,10 +166,9 @@ class Scheduler:
                 req.first_scheduled_time = time.monotonic()
                 req.num_cached_tokens = start
             self.running.append(req)
-            chunk = ScheduledChunk(req, start, n)
-            (decodes if n == 1 else prefills).append(chunk)
+            chunks.append(ScheduledChunk(req, start, n))
             budget -= n
-        return SchedulerOutput(tuple(decodes), tuple(prefills), tuple(preempted))
+        return SchedulerOutput.of(chunks, preempted)
 
     def _schedule_alone(self, req: Request) -> SchedulerOutput:
         """A step with `req` only (a request retrying after a failed step)."""
@@ -172,11 +182,10 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             self.running.insert(0, req)  # first in admission order: never its own victim
         n = min(req.num_tokens - req.num_computed_tokens, self.max_num_batched_tokens)
-        if not self._grow_or_preempt(req, req.num_computed_tokens + n, preempted):
-            return SchedulerOutput((), (), tuple(preempted))  # cannot happen: it fit before
         chunk = ScheduledChunk(req, req.num_computed_tokens, n)
-        one = (chunk,)
-        return SchedulerOutput(one if n == 1 else (), () if n == 1 else one, tuple(preempted))
+        if not self._grow_or_preempt(chunk, preempted):
+            return SchedulerOutput.of([], preempted)  # cannot happen: it fit before
+        return SchedulerOutput.of([chunk], preempted)
 
     def recover(self, output: SchedulerOutput) -> list[Request]:
         """The step `output` failed. Returns the requests to fail: one that ran alone, or that
@@ -189,20 +198,19 @@ class Scheduler:
             if len(chunks) == 1 or req.faults >= MAX_FAULTS:
                 culprits.append(req)
                 continue
-            req.retry_until = max(req.retry_until, chunk.start + chunk.num_tokens)
+            req.retry_until = max(req.retry_until, chunk.end)
             self._restart(req)
             if req not in self.retrying:
                 self.retrying.appendleft(req)
         return culprits[::-1]
 
-    def _grow_or_preempt(self, req: Request, num_tokens: int, preempted: list[str]) -> bool:
-        """Grow req's blocks, preempting the latest admitted requests as needed.
-
-        Returns False if req itself had to be preempted.
+    def _grow_or_preempt(self, chunk: ScheduledChunk, preempted: list[str]) -> bool:
+        """Grow the chunk's request's blocks to hold it, preempting the latest admitted requests
+        as needed. Returns False if that request itself had to be preempted.
         """
-        start = req.num_computed_tokens
-        context_from = start if num_tokens - start > 1 else None  # a prefill chunk
-        while not self.kv.try_grow(req.request_id, num_tokens, context_from):
+        req = chunk.request
+        context_from = chunk.start if chunk.is_prefill else None  # keeps the context's table
+        while not self.kv.try_grow(req.request_id, chunk.end, context_from):
             victim = self.running[-1]
             self._preempt(victim)
             preempted.append(victim.request_id)
@@ -223,15 +231,15 @@ class Scheduler:
         req.num_computed_tokens = 0
         self.waiting.appendleft(req)
 
-    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Record computed tokens and sampled ones; returns requests that finished this step."""
-        finished = []
+    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> None:
+        """Record computed tokens and append the sampled ones. Whether a request stops is the
+        engine's call (LLMEngine._finish), which ends it through `finish`."""
         now = time.monotonic()
         for chunk in output.chunks:
             req = chunk.request
             if req.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
-            req.num_computed_tokens = chunk.start + chunk.num_tokens
+            req.num_computed_tokens = chunk.end
             self.kv.computed(req.request_id, req.num_computed_tokens, req.num_prompt_tokens)
             self.kv.commit(req.request_id)
             if req.num_computed_tokens >= req.retry_until:
@@ -242,14 +250,10 @@ class Scheduler:
             req.output_ids.append(token)
             if req.first_token_time is None:
                 req.first_token_time = now
-            reason = stop_reason(req, token)
-            if reason is not None:
-                self.finish(req, reason)
-                finished.append(req)
-        return finished
 
     def finish(self, req: Request, reason: str, error: str | None = None) -> None:
-        """End a request (stop, length, abort, error) and free its blocks."""
+        """End a request (stop, length, abort, error) and free its blocks. The engine ends
+        requests through LLMEngine._finish, which calls this."""
         if req.status == RequestStatus.RUNNING:
             self.running.remove(req)
         elif req.status == RequestStatus.WAITING:
@@ -261,22 +265,3 @@ class Scheduler:
         req.finish_reason = reason
         req.error = error
         req.finished_time = time.monotonic()
-
-    def abort(self, request_id: str) -> Request | None:
-        req = self.get(request_id)
-        if req is not None:
-            self.finish(req, FINISH_ABORT)
-        return req
-
-
-def stop_reason(req: Request, token: int) -> str | None:
-    """Token-level stop conditions; stop strings are checked on text by the output processor."""
-    p = req.params
-    n = len(req.output_ids)
-    if n >= p.min_tokens and (
-        token in p.stop_token_ids or (not p.ignore_eos and token in req.eos_token_ids)
-    ):
-        return FINISH_STOP
-    if n >= p.max_tokens:
-        return FINISH_LENGTH
-    return None

@@ -1,4 +1,5 @@
-"""Shared by the stress tests: one tiny checkpoint, and no API key from the environment."""
+"""Shared by the stress tests: one tiny checkpoint and its expected results, one torch thread
+(no API key from the environment: tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -26,14 +27,6 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="package", autouse=True)
-def _no_api_key_from_the_environment() -> Iterator[None]:
-    # A developer's own GEMMA_SERVE_API_KEY would otherwise lock these servers.
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("GEMMA_SERVE_API_KEY", raising=False)
-        yield
 
 
 @pytest.fixture(scope="package")

@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-import torch
 from gemma_serve.server.app import create_app
 from gemma_serve.server.engine.async_engine import AsyncEngine
 from gemma_serve.server.engine.request import Request
-from gemma_serve.server.engine.sampler import Sampler, SamplerOutput
 
 from tests.engine_helpers import tiny_engine
+from tests.faults import Faults, fail_forward, fail_sampling
 from tests.server_helpers import run_server
 from tests.stress.clients import Outcome, async_client, bounded, call, finished_requests, wait_idle
 from tests.stress.workload import Oracle, Spec, make_specs
@@ -34,68 +33,19 @@ FAIL_AFTER_TOKENS = 2
 ERROR_FIELDS = {"message", "type", "param", "code"}
 
 
-class FaultySampler:
-    """Delegates to the real sampler, but raises while a marked request is in the batch."""
-
-    def __init__(self, real: Sampler, magic_id: int) -> None:
-        self.real = real
-        self.magic_id = magic_id
-        self.faults = 0
-        self.batched_faults = 0  # faults raised with other requests in the same batch
-
-    def __call__(self, logits: torch.Tensor, requests: tuple[Request, ...]) -> SamplerOutput:
-        if any(self._marked(r) for r in requests):
-            self.faults += 1
-            self.batched_faults += len(requests) > 1
-            raise RuntimeError("injected sampling fault")
-        return self.real(logits, requests)
-
-    def _marked(self, r: Request) -> bool:
-        return self.magic_id in r.prompt_ids and len(r.output_ids) >= FAIL_AFTER_TOKENS
-
-    def release(self, request_id: str) -> None:
-        self.real.release(request_id)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.real, name)
+def marked(magic_id: int) -> Callable[[Sequence[Request]], bool]:
+    """A batch holding a marked request that has produced FAIL_AFTER_TOKENS tokens."""
+    return lambda batch: any(
+        magic_id in r.prompt_ids and len(r.output_ids) >= FAIL_AFTER_TOKENS for r in batch
+    )
 
 
-class FaultyForward:
-    """Wraps the runner: the forward pass runs (K/V half written), then raises while a marked
-    request is in the batch."""
-
-    def __init__(self, runner: Any, magic_id: int) -> None:
-        self.build, self.forward = runner.build, runner.forward
-        self.magic_id = magic_id
-        self.faults = 0
-        self.batched_faults = 0
-        self.batch: list[Request] = []
-        runner.build, runner.forward = self._build, self._forward
-
-    def _build(self, sched: Any) -> Any:
-        self.batch = [c.request for c in sched.chunks]
-        return self.build(sched)
-
-    def _forward(self, batch: Any) -> torch.Tensor:
-        logits = self.forward(batch)
-        if any(
-            self.magic_id in r.prompt_ids and len(r.output_ids) >= FAIL_AFTER_TOKENS
-            for r in self.batch
-        ):
-            self.faults += 1
-            self.batched_faults += len(self.batch) > 1
-            raise RuntimeError("injected forward fault")
-        return logits
+def install_sampler_fault(engine: AsyncEngine, magic_id: int) -> Faults:
+    return fail_sampling(engine.engine, marked(magic_id))
 
 
-def install_sampler_fault(engine: AsyncEngine, magic_id: int) -> FaultySampler:
-    sampler = FaultySampler(engine.engine.sampler, magic_id)
-    engine.engine.sampler = sampler  # type: ignore[assignment]
-    return sampler
-
-
-def install_forward_fault(engine: AsyncEngine, magic_id: int) -> FaultyForward:
-    return FaultyForward(engine.engine.runner, magic_id)
+def install_forward_fault(engine: AsyncEngine, magic_id: int) -> Faults:
+    return fail_forward(engine.engine, marked(magic_id))
 
 
 async def run_all(url: str, jobs: list[tuple[Spec, bool]]) -> list[Outcome]:
@@ -124,7 +74,7 @@ def test_an_engine_fault_fails_only_its_request(checkpoint: Path, oracle: Oracle
     expected = oracle.expected(normal + culprits)
     engine = AsyncEngine(tiny_engine(checkpoint))
     (magic_id,) = engine.tokenizer.encode(MAGIC, add_bos=False)
-    sampler = install(engine, magic_id)
+    faults = install(engine, magic_id)
     jobs = [(s, i % 2 == 0) for i, s in enumerate(normal)]
     jobs[3:3] = [(c, stream) for c in culprits for stream in (True, False)]
     with run_server(create_app(lambda: engine)) as url:
@@ -142,9 +92,9 @@ def test_an_engine_fault_fails_only_its_request(checkpoint: Path, oracle: Oracle
         assert httpx.get(f"{url}/health", timeout=10).status_code == 200
     print(
         f"\nfault isolation: {len(jobs)} requests in flight, {len(culprits) * 2} failed by "
-        f"{sampler.faults} injected faults ({sampler.batched_faults} in a shared batch); "
+        f"{len(faults.raised)} injected faults ({faults.batched} in a shared batch); "
         f"finished: {reasons}"
     )
     assert reasons["error"] == len(culprits) * 2
     assert reasons["stop"] + reasons["length"] == len(normal) + len(again)
-    assert sampler.batched_faults > 0  # the isolation path ran, not just lone failures
+    assert faults.batched > 0  # the isolation path ran, not just lone failures

@@ -52,7 +52,6 @@ def start_server(checkpoint: Path, port: int, log: Path) -> subprocess.Popen[byt
     ]
     command += ["--port", str(port), "--log-level", "warning"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    env.pop("GEMMA_SERVE_API_KEY", None)
     with log.open("wb") as out:
         return subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
 
@@ -79,7 +78,7 @@ async def terminate_mid_stream(
     async with async_client(url, len(jobs)) as client:
         tasks = [
             asyncio.create_task(call(client, spec, stream=stream, started=event))
-            for (spec, stream), event in zip(jobs, started)
+            for (spec, stream), event in zip(jobs, started, strict=True)
         ]
         await bounded(asyncio.gather(*(e.wait() for e in started)), 60.0)
         await asyncio.sleep(0.05)  # the non-streaming ones reach the engine too

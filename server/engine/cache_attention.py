@@ -1,0 +1,64 @@
+"""The cache-aware attention backend: each layer attends through its pool's cache (torch)."""
+
+from __future__ import annotations
+
+import torch
+from gemma_serve.kernels.dispatch import AttentionOps
+from gemma_serve.model.config import ModelConfig
+from gemma_serve.server.engine.attention_batch import AttentionBatch
+from gemma_serve.server.engine.block_table import PoolKind
+from gemma_serve.server.engine.kv_cache import KVCache
+
+
+class CacheAttention:
+    """AttentionBackend over the paged (global) and ring (local) caches.
+
+    Decodes store their K/V first and then read everything from the cache. Prefill chunks attend
+    to their fresh K/V plus the cached context and store afterwards: a chunk longer than the ring
+    would otherwise overwrite keys its own first queries still need.
+    """
+
+    def __init__(
+        self, cfg: ModelConfig, cache: KVCache, batch: AttentionBatch, ops: AttentionOps
+    ) -> None:
+        self.cfg, self.cache, self.batch, self.ops = cfg, cache, batch, ops
+
+    def __call__(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        cfg, batch, ops = self.cfg, self.batch, self.ops
+        sliding = cfg.is_sliding(layer)
+        pool = batch.pools[PoolKind.LOCAL if sliding else PoolKind.GLOBAL]
+        k_cache, v_cache = self.cache.layers[layer]
+        kw = dict(
+            block_size=pool.block_size,
+            ring_blocks=pool.ring_blocks,
+            window=cfg.sliding_window if sliding else None,
+            softcap=cfg.attn_logit_softcapping,
+            scale=cfg.scale,
+        )
+        nd = batch.num_decodes
+        tables = pool.block_tables
+        if nd == q.shape[0]:  # decode-only step: no copies
+            ops.store_kv(k, v, k_cache, v_cache, pool.slot_mapping)
+            return ops.decode_attention(q, k_cache, v_cache, tables, batch.seq_lens, **kw)
+        out = torch.empty_like(q)
+        if nd:
+            ops.store_kv(k[:nd], v[:nd], k_cache, v_cache, pool.slot_mapping[:nd])
+            out[:nd] = ops.decode_attention(
+                q[:nd], k_cache, v_cache, tables[:nd], batch.seq_lens, **kw
+            )
+        out[nd:] = ops.prefill_attention(
+            q[nd:],
+            k[nd:],
+            v[nd:],
+            batch.cu_seqlens,
+            batch.context_lens,
+            k_cache,
+            v_cache,
+            tables[nd:],
+            **kw,
+            max_seqlen=batch.max_prefill_len,
+        )
+        ops.store_kv(k[nd:], v[nd:], k_cache, v_cache, pool.slot_mapping[nd:])
+        return out

@@ -103,7 +103,9 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[float, float]:
     same, prefix = 0, 0
     for x, y in zip(a, b, strict=True):
         same += x == y
-        prefix += next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
+        prefix += next(
+            (i for i, (p, q) in enumerate(zip(x, y, strict=False)) if p != q), min(len(x), len(y))
+        )
     return same / len(a), prefix / len(a)
 
 

@@ -3,8 +3,9 @@
 On CPUs the projections and the LM head are replaced by modules with the same call:
 - quantization "none": fp32 GEMMs through oneDNN on packed weights (model/cpu_gemm.py), exact;
 - quantization "int8": int8 weights x per-token int8 activations (model/int8_gemm.py): two
-  activation passes in the projections, one smoothed pass in the LM head; the embedding table
-  is stored in int8 too. A swapped-out float weight is released: no fp32 copy is kept.
+  activation passes everywhere, the LM head's input smoothed by the final norm's scale; the
+  embedding table is stored in int8 too.
+A swapped-out float weight is released: no fp32 copy is kept.
 The int8 layout is a plain dict of tensors (`int8_state`), so it can be cached beside a
 converted checkpoint (model/int8_cache.py) and installed into a model that never had fp32
 weights (`int8_skeleton`).
@@ -76,7 +77,7 @@ def int8_state(model: GemmaForCausalLM) -> dict[str, torch.Tensor]:
 def install_int8(model: GemmaForCausalLM, state: dict[str, torch.Tensor]) -> None:
     """Swap the int8 modules of `state` in; the model's norms take its float tensors."""
     model.lm_head = int8_gemm.Int8Linear(
-        state["lm_head.q"], state["lm_head.scale"], passes=1, smooth=state["lm_head.smooth"]
+        state["lm_head.q"], state["lm_head.scale"], smooth=state["lm_head.smooth"]
     )
     for name, parent, attr in _linears(model):
         setattr(parent, attr, int8_gemm.Int8Linear(state[f"{name}.q"], state[f"{name}.scale"]))

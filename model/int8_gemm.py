@@ -10,14 +10,18 @@ weights reach 300 and make outlier channels), so the projections take two passes
 residual x - q_x s_x, at most half a step, is quantised again on a grid 2 * qmax = 254 times
 finer, and both go through one GEMM as stacked rows (the weights are read once):
     x ~ s_x (q_hi + q_lo / 254)
-That leaves the weights' rounding as the only real error (+0.05% perplexity, RESULTS.md). The
-LM head, the step's biggest GEMM, keeps one pass with SmoothQuant's migration made static: its
-input is divided per channel by g = sqrt|1 + w_final_norm| and its weight columns multiplied by
-g, so the norm's outliers are split between activations and weights.
+That leaves the weights' rounding as the only real error (RESULTS.md). The LM head also takes
+SmoothQuant's migration, made static: its input is divided per channel by
+g = sqrt|1 + w_final_norm| and its weight columns multiplied by g, so the norm's outliers (up
+to 301 on the default model) are split between activations and weights. One pass would do for
+the head's perplexity, but a value within fp32 noise of a rounding boundary then moves a
+logit by ~0.01; two passes keep that ~100x smaller.
 
-Per-token scales make each row's result independent of the other rows in the batch, and the
-integer accumulation is exact whatever the blocking: a request gets bit-identical logits served
-alone or in a crowd.
+Per-token scales make each GEMM row independent of the other rows in the batch, and the
+integer accumulation is exact whatever the blocking: a row's result is bit-identical alone or
+in a crowd. The attention's fp32 rounding still varies with the batch (~1e-7), and the
+activation rounding can turn that into ~1e-3 differences in logprobs (fp32: ~1e-6); greedy
+tokens differ only where two candidates are that close.
 
 Error bound per output element, rounding to nearest (`quantisation_bound` computes it):
     |y - x.w| <= (s_w / 2) ||x||_1 + e_x ||w||_1 + k e_x s_w / 2
@@ -69,14 +73,15 @@ class ActivationQuantizer:
 
     def __call__(self, x: torch.Tensor, passes: int) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, k] fp32 -> (u8 rows [passes * T, k], scale [T, 1]): the first pass, then the
-        residual on the finer grid (module docstring)."""
-        scale = x.abs().amax(dim=1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny)
-        scale /= self.qmax
-        hi = torch.round(x / scale)
+        residual on the finer grid (module docstring). Few ops: a decode step runs this for
+        every projection."""
+        scale = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True)
+        scale.clamp_(min=torch.finfo(torch.float32).tiny).div_(self.qmax)
+        y = x * scale.reciprocal()
+        hi = torch.round(y)
         if passes == 1:
             return hi.add_(self.zero).to(torch.uint8), scale
-        lo = torch.round((x - hi * scale).mul_(self.grid / scale))
-        lo.clamp_(-self.qmax, self.qmax)
+        lo = y.sub_(hi).mul_(self.grid).round_().clamp_(-self.qmax, self.qmax)
         return torch.cat([hi, lo]).add_(self.zero).to(torch.uint8), scale
 
     def dequantize(self, q: torch.Tensor, scale: torch.Tensor, passes: int) -> torch.Tensor:

@@ -97,7 +97,7 @@ def test_deploy_int8_keeps_no_float_weight(tmp_path: Path) -> None:
     assert engine.loaded.deployment.quantization == "int8"
     assert not any(isinstance(m, Linear) for m in model.modules())
     assert isinstance(model.model.embed_tokens, int8_gemm.Int8Embedding)
-    assert model.lm_head.passes == 1 and model.lm_head.inv_smooth is not None
+    assert model.lm_head.passes == 2 and model.lm_head.inv_smooth is not None
     floats = sum(p.numel() for p in model.parameters() if p.is_floating_point())
     norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
     assert floats == norms  # only the RMSNorm weights stay in fp32
@@ -141,7 +141,7 @@ def test_int8_engine_in_a_crowd_equals_each_request_alone(checkpoint: Path, over
         for r, a in zip(results, alone, strict=True):
             assert r.token_ids == a.token_ids
             assert [lp.logprob for lp in r.logprobs] == pytest.approx(
-                [lp.logprob for lp in a.logprobs], abs=1e-4
+                [lp.logprob for lp in a.logprobs], abs=1e-3
             )
     if "kv_cache_memory" in overrides:
         assert crowd_engine.scheduler.num_preemptions > 0

@@ -60,6 +60,11 @@ class Tokenizer:
                 p.type = _PieceType.CONTROL  # only in the copy used for encoding
             self._bytes.append(_piece_bytes(p))
         self._special = frozenset(special)
+        # The control pieces as written in a prompt ("<bos>", "<start_of_turn>"...), longest
+        # first so that a marker is never cut short by a shorter one it starts with.
+        self._control_ids = {proto.pieces[i].piece: i for i in special}
+        names = sorted(self._control_ids, key=len, reverse=True)
+        self._control_re = re.compile("|".join(map(re.escape, names)) or r"(?!)")
 
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
@@ -96,6 +101,18 @@ class Tokenizer:
         ids: list[int] = self._sp.encode(text)
         return [self.bos_id, *ids] if add_bos else ids
 
+    def encode_with_control(self, text: str, add_bos: bool = True) -> list[int]:
+        """Token ids of a prompt whose caller owns the whole text (a completions prompt,
+        /tokenize): control-token strings such as "<start_of_turn>" become their ids, as HF
+        tokenizers and vLLM do; the text between them is encoded as plain text."""
+        ids = [self.bos_id] if add_bos else []
+        start = 0
+        for match in self._control_re.finditer(text):
+            ids += self._sp.encode(text[start : match.start()]) if match.start() > start else []
+            ids.append(self._control_ids[match.group()])
+            start = match.end()
+        return ids + (self._sp.encode(text[start:]) if start < len(text) else [])
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`; special tokens are dropped, or rendered as their piece text."""
         data = bytearray()
@@ -130,9 +147,15 @@ class Tokenizer:
         return frozenset({self.eos_id})
 
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[Mapping[str, str]],
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
     ) -> list[int]:
         """Token ids of a conversation in Gemma's chat format, BOS first.
+
+        continue_final_message leaves the last (model) turn open, without its <end_of_turn>,
+        so that generation continues it (HF's and vLLM's option of that name).
 
         Follows Gemma's official template: roles "user" and "assistant"/"model" must alternate,
         starting with the user; an optional leading "system" message is prepended to the first
@@ -144,10 +167,18 @@ class Tokenizer:
             raise ValueError("this tokenizer has no <start_of_turn>/<end_of_turn> tokens")
         start, end = self.start_of_turn_id, self.end_of_turn_id
         newline = self.encode("\n", add_bos=False)
+        turns = _gemma_turns(messages)
+        if continue_final_message and (add_generation_prompt or turns[-1][0] != "model"):
+            raise ValueError(
+                "continue_final_message needs a final assistant message and "
+                "add_generation_prompt false"
+            )
         ids = [self.bos_id]
-        for role, text in _gemma_turns(messages):
+        for role, text in turns:
             # Role header and text form one segment, as when the rendered string is tokenized.
             ids += [start, *self.encode(f"{role}\n{text}", add_bos=False), end, *newline]
+        if continue_final_message:
+            del ids[-1 - len(newline) :]  # the open turn: no <end_of_turn>\n
         if add_generation_prompt:
             ids += [start, *self.encode("model\n", add_bos=False)]
         return ids

@@ -23,9 +23,14 @@ from gemma_serve.server.completions import create_completion
 from gemma_serve.server.engine_client import EngineClient, EngineProvider
 from gemma_serve.server.errors import APIError, install_error_handlers
 from gemma_serve.server.metrics import CONTENT_TYPE, Metrics
-from gemma_serve.server.middleware import ApiKeyMiddleware, BodyLimitMiddleware, clean_api_key
+from gemma_serve.server.middleware import (
+    ApiKeyMiddleware,
+    BodyLimitMiddleware,
+    RequestIdMiddleware,
+    clean_api_key,
+)
 from gemma_serve.server.openapi import install_openapi
-from gemma_serve.server.params import chat_prompt, check_model, check_token_ids
+from gemma_serve.server.params import chat_prompt, check_model, check_token_ids, encode_prompt
 from gemma_serve.server.prompt_bound import longest_token_bytes
 from gemma_serve.server.protocol import DetokenizeRequest, TokenizeRequest, parse_request
 from gemma_serve.server.state import ServerState, Settings, server_state
@@ -79,15 +84,17 @@ def create_app(
         ("/detokenize", detokenize),
     ]:
         app.add_api_route(path, endpoint, methods=["POST"], include_in_schema=True)
+        # Served with a trailing slash too: a redirect would turn some clients' POST into GET.
+        app.add_api_route(f"{path}/", endpoint, methods=["POST"], include_in_schema=False)
     for path, endpoint in [
         ("/v1/models", list_models),
         ("/v1/models/{model_id:path}", get_model),
         ("/health", health),
         ("/metrics", metrics),
     ]:
-        # HEAD too where load balancers and uptime checks probe
-        methods = ["GET", "HEAD"] if path == "/health" else ["GET"]
-        app.add_api_route(path, endpoint, methods=methods)
+        app.add_api_route(path, endpoint, methods=["GET"])
+        if path in ("/health", "/v1/models"):  # HEAD too: load balancers and uptime checks
+            app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
     # Added last = runs first: CORS preflights, then the size limit, then the key.
     api_key = settings.resolved_api_key()
     if api_key is not None:
@@ -99,7 +106,9 @@ def create_app(
             allow_origins=list(settings.allowed_origins),
             allow_methods=["*"],
             allow_headers=["*"],
+            expose_headers=["x-request-id"],
         )
+    app.add_middleware(RequestIdMiddleware)  # outermost: every answer carries the id
     return app
 
 
@@ -200,11 +209,20 @@ async def tokenize(request: Request) -> Response:
 
 
 def _tokenize_json(engine: EngineClient, req: TokenizeRequest) -> bytes:
+    """The rules of the generation endpoints: a prompt's control-token strings are parsed
+    (BOS first unless add_special_tokens is false); message content never is."""
+    tok = engine.tokenizer
     if req.messages is not None:
-        tokens = chat_prompt(engine.tokenizer, req.messages)
+        tokens = chat_prompt(tok, req.messages, req, bool(req.add_special_tokens))
     else:
-        tokens = engine.tokenizer.encode(req.prompt or "", add_bos=req.add_special_tokens)
-    answer = {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len}
+        tokens = encode_prompt(tok, req.prompt or "", req.add_special_tokens is not False)
+    answer: dict[str, object] = {
+        "count": len(tokens),
+        "max_model_len": engine.max_model_len,
+        "tokens": tokens,
+    }
+    if req.return_token_strs:
+        answer["token_strs"] = [tok.token_text(t) for t in tokens]
     return _json(answer)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Sequence
 
 from gemma_serve.server.engine.outputs import RequestOutput, TokenLogprob
@@ -16,6 +15,7 @@ from gemma_serve.server.generation import (
     respond,
     stream_events,
 )
+from gemma_serve.server.middleware import request_id_of
 from gemma_serve.server.params import (
     chat_prompt,
     check_model,
@@ -23,8 +23,10 @@ from gemma_serve.server.params import (
     child_seed,
     resolve_max_tokens,
     sampling_params,
+    truncate_prompt,
 )
 from gemma_serve.server.prompt_bound import refuse_hopeless_prompt
+from gemma_serve.server.prompt_logprobs import prompt_logprobs
 from gemma_serve.server.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -41,6 +43,7 @@ from gemma_serve.server.protocol import (
 )
 from gemma_serve.server.sse import event
 from gemma_serve.server.state import server_state
+from gemma_serve.server.structured_request import compile_constraint, structured_spec
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -52,6 +55,8 @@ async def create_chat_completion(request: Request) -> Response:
     req = await state.off_loop(parse_request, ChatCompletionRequest, await request.body())
     check_model(req.model, engine.model_name)
     check_stream_options(req)
+    req.refuse_tools()
+    structured = await compile_constraint(engine, state.metrics, structured_spec(req))
     if req.top_logprobs and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
     tok = engine.tokenizer
@@ -59,8 +64,10 @@ async def create_chat_completion(request: Request) -> Response:
         req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     )
     chars = sum(len(m.content or "") for m in req.messages)  # the template only adds tokens
-    refuse_hopeless_prompt(chars, state.max_token_bytes, engine.max_model_len, "messages")
-    ids = await state.off_loop(chat_prompt, tok, req.messages)
+    if req.truncate_prompt_tokens is None:  # truncation may shorten it
+        refuse_hopeless_prompt(chars, state.max_token_bytes, engine.max_model_len, "messages")
+    ids = await state.off_loop(chat_prompt, tok, req.messages, req, bool(req.add_special_tokens))
+    ids = truncate_prompt(ids, req.truncate_prompt_tokens, engine.max_model_len)
     max_tokens = resolve_max_tokens(
         requested,
         len(ids),
@@ -72,7 +79,7 @@ async def create_chat_completion(request: Request) -> Response:
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     # <end_of_turn> ends the model's turn; like EOS, it no longer does under ignore_eos
     stop_ids = frozenset() if req.ignore_eos else tok.stop_token_ids(chat=True)
-    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    request_id = f"chatcmpl-{request_id_of(request)}"
     subs = [
         SubRequest(
             i,
@@ -85,13 +92,15 @@ async def create_chat_completion(request: Request) -> Response:
                 stop_token_ids=stop_ids,
                 seed=child_seed(req.seed, i),
                 vocab_size=tok.vocab_size,
+                prompt_logprobs=req.prompt_logprobs,
+                structured=structured,
             ),
             counts_prompt=i == 0,
         )
         for i in range(req.n or 1)
     ]
     group = GenerationGroup(engine, state.metrics, subs)
-    view = _ChatView(request_id, engine.model_name, tok, req)
+    view = _ChatView(request_id, engine.model_name, tok, req, ids)
     return await respond(
         request,
         group,
@@ -110,7 +119,12 @@ class _ChatView:
     """Formats outputs as OpenAI chat completion chunks and responses."""
 
     def __init__(
-        self, request_id: str, model: str, tokenizer: TokenizerLike, req: ChatCompletionRequest
+        self,
+        request_id: str,
+        model: str,
+        tokenizer: TokenizerLike,
+        req: ChatCompletionRequest,
+        prompt_ids: list[int],
     ) -> None:
         self.request_id = request_id
         self.model = model
@@ -118,6 +132,13 @@ class _ChatView:
         self._tok = tokenizer
         self._include_usage = req.include_usage
         self._want_logprobs = bool(req.logprobs)
+        self._prompt_ids = prompt_ids
+        self._prompt_k = req.prompt_logprobs
+        # vLLM's echo: the reply starts with the last message when it is the assistant's
+        last = req.messages[-1]
+        self._echo = (
+            (last.content or "") if req.echo and last.role in ("assistant", "model") else ""
+        )
 
     def _dump(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
         chunk = ChatCompletionChunk(
@@ -126,15 +147,13 @@ class _ChatView:
         return chunk.model_dump_json(exclude=None if self._include_usage else {"usage"})
 
     def prelude(self, n: int) -> list[str]:
-        """The role of each choice first, as OpenAI streams it."""
-        return [
-            event(
-                self._dump(
-                    [ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))]
-                )
-            )
+        """The role of each choice first, as OpenAI streams it; then the echo (vLLM)."""
+        role = [
+            ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
             for i in range(n)
         ]
+        echo = [ChatChunkChoice(index=i, delta=ChatDelta(content=self._echo)) for i in range(n)]
+        return [event(self._dump([c])) for c in role + (echo if self._echo else [])]
 
     def chunk(self, sub: SubRequest, out: RequestOutput) -> str:
         # The finishing chunk carries an empty delta unless the last step produced text.
@@ -154,14 +173,22 @@ class _ChatView:
         choices = [
             ChatChoice(
                 index=i,
-                message=ChatMessageOut(content="".join(r.text)),
+                message=ChatMessageOut(content=self._echo + "".join(r.text)),
                 logprobs=self._logprobs(r.logprobs) if self._want_logprobs else None,
                 finish_reason=r.finish_reason,
             )
             for i, r in sorted(results.items())
         ]
+        scored = next(iter(results.values())).prompt_logprobs
         return ChatCompletionResponse(
-            id=self.request_id, created=self.created, model=self.model, choices=choices, usage=usage
+            id=self.request_id,
+            created=self.created,
+            model=self.model,
+            choices=choices,
+            usage=usage,
+            prompt_logprobs=None
+            if scored is None or self._prompt_k is None
+            else prompt_logprobs(self._tok, self._prompt_ids, scored, self._prompt_k),
         )
 
     def _logprobs(self, logprobs: Sequence[TokenLogprob]) -> ChatLogprobs:

@@ -92,6 +92,25 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-model-len", type=int, help="context length (default: the model's)")
     add("--max-num-seqs", type=int, help="most requests in one batch")
     add("--max-num-batched-tokens", type=int, help="most tokens in one engine step")
+    add(
+        "--long-prefill-token-threshold",
+        type=int,
+        metavar="N",
+        help="a prompt with more than N tokens left to prefill is long: while other requests "
+        "wait it gets at most N tokens a step (default: max-num-batched-tokens / 2; 0: off)",
+    )
+    add(
+        "--max-num-partial-prefills",
+        type=int,
+        metavar="N",
+        help="most requests partially prefilled at once (default: 2)",
+    )
+    add(
+        "--max-long-partial-prefills",
+        type=int,
+        metavar="N",
+        help="most long prompts partially prefilled at once; shorter ones go first (default: 1)",
+    )
     add("--block-size", type=int, help="tokens per KV-cache block")
     add("--kv-cache-memory", type=byte_size, metavar="BYTES", help="KV-cache budget on CPU")
     add("--gpu-memory-utilization", type=float, metavar="F", help="GPU memory share (0, 1]")
@@ -161,6 +180,9 @@ ENGINE_FLAGS = (
     "max_model_len",
     "max_num_seqs",
     "max_num_batched_tokens",
+    "long_prefill_token_threshold",
+    "max_num_partial_prefills",
+    "max_long_partial_prefills",
     "block_size",
     "kv_cache_memory",
     "gpu_memory_utilization",

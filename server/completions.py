@@ -8,10 +8,10 @@ max_tokens 0 nothing is generated (the engine samples one token, which is droppe
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Sequence
 
 from gemma_serve.server.engine.outputs import RequestOutput, TokenLogprob
+from gemma_serve.server.engine.structured_spec import StructuredGrammar
 from gemma_serve.server.engine_client import EngineClient, TokenizerLike
 from gemma_serve.server.errors import bad_request
 from gemma_serve.server.generation import (
@@ -21,6 +21,7 @@ from gemma_serve.server.generation import (
     respond,
     stream_events,
 )
+from gemma_serve.server.middleware import request_id_of
 from gemma_serve.server.params import (
     COMPLETION_DEFAULT_MAX_TOKENS,
     check_choices,
@@ -30,18 +31,22 @@ from gemma_serve.server.params import (
     encode_prompt,
     resolve_max_tokens,
     sampling_params,
+    truncate_prompt,
 )
 from gemma_serve.server.prompt_bound import refuse_hopeless_prompt
+from gemma_serve.server.prompt_logprobs import prompt_logprobs
 from gemma_serve.server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    PromptLogprobs,
     Usage,
     parse_request,
 )
 from gemma_serve.server.sse import event
 from gemma_serve.server.state import server_state
+from gemma_serve.server.structured_request import compile_constraint, structured_spec
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -53,15 +58,18 @@ async def create_completion(request: Request) -> Response:
     req = await state.off_loop(parse_request, CompletionRequest, await request.body())
     check_model(req.model, engine.model_name)
     _reject_unsupported(req)
+    structured = await compile_constraint(engine, state.metrics, structured_spec(req))
     prompts = req.prompts()
     check_choices(len(prompts), req.n or 1)
-    for prompt in prompts:  # cheap, before any tokenization
-        if isinstance(prompt, str):
+    for prompt in prompts:  # cheap, before any tokenization (truncation may shorten it)
+        if isinstance(prompt, str) and req.truncate_prompt_tokens is None:
             refuse_hopeless_prompt(
                 len(prompt), state.max_token_bytes, engine.max_model_len, "prompt"
             )
-    request_id = f"cmpl-{uuid.uuid4().hex}"
-    subs, echo, prompt_ids = await state.off_loop(_sub_requests, req, engine, request_id)
+    request_id = f"cmpl-{request_id_of(request)}"
+    subs, echo, prompt_ids = await state.off_loop(
+        _sub_requests, req, engine, request_id, structured
+    )
     group = GenerationGroup(engine, state.metrics, subs)
     view = _CompletionView(request_id, engine.model_name, engine.tokenizer, echo, prompt_ids, req)
     return await respond(
@@ -79,7 +87,10 @@ async def create_completion(request: Request) -> Response:
 
 
 def _sub_requests(
-    req: CompletionRequest, engine: EngineClient, request_id: str
+    req: CompletionRequest,
+    engine: EngineClient,
+    request_id: str,
+    structured: StructuredGrammar | None,
 ) -> tuple[list[SubRequest], dict[int, str], dict[int, list[int]]]:
     """The engine requests (prompts x n), the echoed text and the prompt ids by choice index.
     Tokenizes: runs on a worker thread."""
@@ -89,8 +100,13 @@ def _sub_requests(
     echo: dict[int, str] = {}
     prompt_ids: dict[int, list[int]] = {}
     score_prompt = bool(req.echo) and req.logprobs is not None
+    # Echo + logprobs and vLLM's prompt_logprobs share one scoring of the prompt.
+    scored = [
+        k for k in (req.logprobs if score_prompt else None, req.prompt_logprobs) if k is not None
+    ]
     for p, prompt in enumerate(req.prompts()):
-        ids = encode_prompt(tok, prompt)
+        ids = encode_prompt(tok, prompt, req.add_special_tokens is not False)
+        ids = truncate_prompt(ids, req.truncate_prompt_tokens, engine.max_model_len)
         max_tokens = resolve_max_tokens(
             1 if req.max_tokens == 0 else req.max_tokens,
             len(ids),
@@ -104,15 +120,16 @@ def _sub_requests(
                 req,
                 max_tokens=max_tokens,
                 logprobs=req.logprobs,
-                prompt_logprobs=req.logprobs if score_prompt else None,
+                prompt_logprobs=max(scored, default=None),
                 stop_token_ids=frozenset(),
                 seed=child_seed(req.seed, i),
                 vocab_size=tok.vocab_size,
+                structured=structured,
             )
             subs.append(SubRequest(index, f"{request_id}-{index}", ids, params, i == 0))
             if req.echo:
                 echo[index] = prompt if isinstance(prompt, str) else tok.decode(ids)
-                prompt_ids[index] = ids
+            prompt_ids[index] = ids
     return subs, echo, prompt_ids
 
 
@@ -144,6 +161,8 @@ class _CompletionView:
         self._include_usage = req.include_usage
         self._prompt_ids = prompt_ids
         self._want_logprobs = req.logprobs is not None
+        self._k = req.logprobs or 0
+        self._prompt_k = req.prompt_logprobs
         # echo + logprobs: the echo goes out with the prompt's logprobs, once they are computed
         self._score_prompt = bool(echo) and self._want_logprobs
         self._generate = req.max_tokens != 0  # max_tokens 0: the sampled token is dropped
@@ -177,8 +196,17 @@ class _CompletionView:
             text=self._echo[i] + text if echoed else text,
             logprobs=self._choice_logprobs(i, out.new_logprobs or (), out.prompt_logprobs),
             finish_reason=self._finish_reason(out.finish_reason) if out.finished else None,
+            prompt_logprobs=self._prompt_logprobs(i, out.prompt_logprobs),
         )
         return self._dump(self._wrap([choice]))
+
+    def _prompt_logprobs(
+        self, index: int, scored: Sequence[TokenLogprob | None] | None
+    ) -> PromptLogprobs | None:
+        """vLLM's prompt_logprobs field, once the prompt is scored and when asked for."""
+        if scored is None or self._prompt_k is None:
+            return None
+        return prompt_logprobs(self._tok, self._prompt_ids[index], scored, self._prompt_k)
 
     def usage_chunk(self, usage: Usage) -> str:
         return self._wrap([], self.usage(usage)).model_dump_json()
@@ -200,6 +228,7 @@ class _CompletionView:
                 text=self._echo.get(i, "") + ("".join(r.text) if self._generate else ""),
                 logprobs=self._choice_logprobs(i, r.logprobs, r.prompt_logprobs),
                 finish_reason=self._finish_reason(r.finish_reason),
+                prompt_logprobs=self._prompt_logprobs(i, r.prompt_logprobs),
             )
             for i, r in sorted(results.items())
         ]
@@ -229,12 +258,6 @@ class _CompletionView:
         self._offsets[index] = offset
         return out
 
-    def _top(self, lp: TokenLogprob, text: str) -> dict[str, float]:
-        """The alternatives by token text; OpenAI's dict holds the chosen token too."""
-        top = {self._tok.token_text(t): v for t, v in lp.top}
-        top.setdefault(text, lp.logprob)
-        return top
-
     def _add_prompt(
         self, out: CompletionLogprobs, ids: list[int], scored: Sequence[TokenLogprob | None]
     ) -> None:
@@ -248,3 +271,9 @@ class _CompletionView:
             offset += 0 if token == self._tok.bos_id else len(text)
             out.token_logprobs.append(None if lp is None else lp.logprob)
             out.top_logprobs.append(None if lp is None else self._top(lp, text))
+
+    def _top(self, lp: TokenLogprob, text: str) -> dict[str, float]:
+        """The alternatives by token text; OpenAI's dict holds the chosen token too."""
+        top = {self._tok.token_text(t): v for t, v in lp.top[: self._k]}
+        top.setdefault(text, lp.logprob)
+        return top

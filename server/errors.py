@@ -108,6 +108,9 @@ def validation_error(errors: list[Any]) -> APIError:
     return bad_request(message, param=param)
 
 
+RETRY_AFTER_S = 1  # a 429's Retry-After: the queue moves on within about a second
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Maps every exception a route can raise to its status and the OpenAI error body."""
 
@@ -125,7 +128,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_queue_full(_: Request, exc: Exception) -> Response:
         message = f"Server busy: {exc or 'the request queue is full'}; retry later"
-        return APIError(429, message, code="queue_full").response()
+        response = APIError(429, message, code="queue_full").response()
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return response
 
     async def on_too_long(_: Request, exc: Exception) -> Response:
         return APIError(400, str(exc), code="context_length_exceeded").response()

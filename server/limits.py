@@ -22,6 +22,8 @@ MAX_CHOICES = 128  # engine requests one HTTP request may start: prompts x n
 MAX_STOP = 16  # stop strings per request (OpenAI allows 4; vLLM users send more)
 MAX_STOP_LEN = 256  # characters per stop string
 MAX_LOGIT_BIAS = 300  # logit_bias entries (OpenAI's limit)
+MAX_STOP_TOKEN_IDS = 64  # stop_token_ids entries (vLLM's extra)
+STRUCTURED_COMPILE_TIMEOUT_S = 10.0  # compiling one output constraint (structured_request.py)
 # MAX_LOGPROBS, MIN_TEMPERATURE and the repetition-penalty bounds are the engine's own
 # (server/engine/sampling_params.py), re-exported here so that every input limit has one name.
 
@@ -35,6 +37,8 @@ __all__ = [
     "MAX_REPETITION_PENALTY",
     "MAX_STOP",
     "MAX_STOP_LEN",
+    "MAX_STOP_TOKEN_IDS",
     "MIN_REPETITION_PENALTY",
     "MIN_TEMPERATURE",
+    "STRUCTURED_COMPILE_TIMEOUT_S",
 ]

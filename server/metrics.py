@@ -36,6 +36,7 @@ LATENCY_BUCKETS = (
     1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0,
 )  # fmt: skip
 BATCH_TOKEN_BUCKETS = tuple(float(2**i) for i in range(14))  # 1 .. 8192
+COMPILE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
@@ -85,6 +86,17 @@ class Metrics:
             buckets=BATCH_TOKEN_BUCKETS,
             registry=r,
         )
+        self.structured_compile = Histogram(
+            PREFIX + "structured_output_compile_seconds",
+            "Time to compile an output constraint (cache misses only).",
+            buckets=COMPILE_BUCKETS,
+            registry=r,
+        )
+        self.structured_cache_hits = Counter(
+            PREFIX + "structured_output_compile_cache_hits",
+            "Output constraints served from the compiled-grammar cache.",
+            registry=r,
+        )
         # Expose every label value from the start, so dashboards see zeros, not gaps.
         for pool in ("global", "local"):
             self.kv_cache_usage.labels(pool=pool)
@@ -95,6 +107,13 @@ class Metrics:
 
     def _latency(self, name: str, doc: str) -> Histogram:
         return Histogram(PREFIX + name, doc, buckets=LATENCY_BUCKETS, registry=self.registry)
+
+    def on_structured_compile(self, seconds: float, cache_hit: bool) -> None:
+        """After an output constraint is compiled or found in the cache."""
+        if cache_hit:
+            self.structured_cache_hits.inc()
+        else:
+            self.structured_compile.observe(seconds)
 
     def on_step(self, stats: StepStats) -> None:
         """After every engine step (called from the engine thread)."""

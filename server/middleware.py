@@ -1,4 +1,5 @@
-"""Request gates that run before any route: the body-size limit and the API key.
+"""Request gates that run before any route: the request id, the body-size limit and the API
+key.
 
 Both are plain ASGI middleware (not BaseHTTPMiddleware), so streaming responses and client
 disconnects pass through untouched.
@@ -8,8 +9,10 @@ from __future__ import annotations
 
 import hmac
 import logging
+import uuid
 
 from gemma_serve.server.errors import APIError, BodyTooLargeError
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Everything else needs the key (when one is set): deny by default, so a new route, a trailing
@@ -33,6 +36,40 @@ def clean_api_key(key: str) -> str:
             "could never carry it intact"
         )
     return stripped
+
+
+MAX_REQUEST_ID_LEN = 128
+
+
+class RequestIdMiddleware:
+    """x-request-id: the client's (printable ASCII, at most MAX_REQUEST_ID_LEN characters) or a
+    fresh one; echoed on every response and used as the log's request id (vLLM's behaviour)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = (_header(scope, b"x-request-id") or "").strip()
+        ok = 0 < len(given) <= MAX_REQUEST_ID_LEN and given.isascii() and given.isprintable()
+        request_id = given if ok else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def request_id_of(request: Request) -> str:
+    """The request's id (RequestIdMiddleware), or a fresh one where the middleware is absent."""
+    return str(request.scope.get("state", {}).get("request_id") or uuid.uuid4().hex)
 
 
 class BodyLimitMiddleware:

@@ -52,6 +52,7 @@ class TokenizeResponse(BaseModel):
     tokens: list[int]
     count: int
     max_model_len: int
+    token_strs: list[str] | None = None  # with return_token_strs
 
 
 class DetokenizeResponse(BaseModel):

@@ -7,10 +7,16 @@ naming its parameter.
 from __future__ import annotations
 
 from gemma_serve.server.engine.sampling_params import SamplingParams
+from gemma_serve.server.engine.structured_spec import StructuredGrammar
 from gemma_serve.server.engine_client import TokenizerLike
 from gemma_serve.server.errors import APIError, bad_request
 from gemma_serve.server.limits import MAX_CHOICES, MIN_TEMPERATURE
-from gemma_serve.server.protocol import INT64_MIN, ChatMessage, SamplingRequest
+from gemma_serve.server.protocol import (
+    INT64_MIN,
+    ChatMessage,
+    SamplingRequest,
+    VllmTemplateExtras,
+)
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -30,6 +36,10 @@ def check_stream_options(req: SamplingRequest) -> None:
     """stream_options only makes sense with stream: true (OpenAI rejects it otherwise)."""
     if req.stream_options is not None and not req.stream:
         raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+    if req.prompt_logprobs is not None and req.stream:  # vLLM's rule too
+        raise bad_request(
+            "prompt_logprobs are not available when stream is true", param="prompt_logprobs"
+        )
 
 
 def check_choices(num_prompts: int, n: int) -> None:
@@ -94,10 +104,12 @@ def sampling_params(
     seed: int | None,
     vocab_size: int,
     prompt_logprobs: int | None = None,
+    structured: StructuredGrammar | None = None,
 ) -> SamplingParams:
     """The engine's SamplingParams for one choice; unset fields take OpenAI's defaults."""
     bias = req.logit_bias or {}
     check_token_ids(sorted(bias), vocab_size, "logit_bias")
+    extra_stops = frozenset(check_token_ids(req.stop_token_ids or [], vocab_size, "stop_token_ids"))
 
     def given(value: float | int | None, default: float | int) -> float | int:
         return default if value is None else value
@@ -116,12 +128,16 @@ def sampling_params(
             frequency_penalty=given(req.frequency_penalty, 0.0),
             repetition_penalty=given(req.repetition_penalty, 1.0),
             stop=tuple(req.stop or ()),
-            stop_token_ids=stop_token_ids,
+            stop_token_ids=stop_token_ids | extra_stops,
             ignore_eos=bool(req.ignore_eos),
             min_tokens=int(given(req.min_tokens, 0)),
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             logit_bias=tuple(sorted(bias.items())),
+            include_stop_str_in_output=bool(req.include_stop_str_in_output),
+            skip_special_tokens=req.skip_special_tokens is not False,
+            priority=req.priority or 0,
+            structured=structured,
         )
     except ValueError as exc:
         # SamplingParams names the parameter first: "min_tokens must be in [0, max_tokens]..."
@@ -129,21 +145,55 @@ def sampling_params(
         raise bad_request(message, param=message.split(" ", 1)[0]) from exc
 
 
-def encode_prompt(tokenizer: TokenizerLike, prompt: str | list[int]) -> list[int]:
-    """A completion prompt as ids: text is encoded with BOS; ids are checked against the vocab."""
+def encode_prompt(
+    tokenizer: TokenizerLike, prompt: str | list[int], add_special_tokens: bool = True
+) -> list[int]:
+    """A completion prompt as ids. The caller owns the whole text: control-token strings
+    ("<start_of_turn>", "<bos>") become their ids, as in vLLM, and BOS comes first unless
+    add_special_tokens is false. Token ids are checked against the vocab."""
     if isinstance(prompt, str):
-        return tokenizer.encode(prompt, add_bos=True)
+        return tokenizer.encode_with_control(prompt, add_bos=add_special_tokens)
     return check_token_ids(list(prompt), tokenizer.vocab_size, "prompt")
 
 
-def chat_prompt(tokenizer: TokenizerLike, messages: list[ChatMessage]) -> list[int]:
-    """The Gemma chat template applied to the messages (the tokenizer rejects bad turns)."""
+def chat_prompt(
+    tokenizer: TokenizerLike,
+    messages: list[ChatMessage],
+    options: VllmTemplateExtras | None = None,
+    add_special_tokens: bool = False,
+) -> list[int]:
+    """The Gemma chat template applied to the messages (the tokenizer rejects bad turns).
+    Message content is text, never control tokens. add_special_tokens puts a BOS before the
+    template's own one (as vLLM does when asked)."""
     # Gemma has no developer role: it is the newer name of the system role.
     turns = [
         {"role": "system" if m.role == "developer" else m.role, "content": m.content or ""}
         for m in messages
     ]
+    generation_prompt, continue_final = (
+        options.template_flags() if options is not None else (True, False)
+    )
     try:
-        return tokenizer.apply_chat_template(turns)
+        ids = tokenizer.apply_chat_template(
+            turns,
+            add_generation_prompt=generation_prompt,
+            continue_final_message=continue_final,
+        )
     except ValueError as exc:
         raise bad_request(f"Invalid messages: {exc}", param="messages") from exc
+    return [tokenizer.bos_id, *ids] if add_special_tokens else ids
+
+
+def truncate_prompt(ids: list[int], keep: int | None, max_model_len: int) -> list[int]:
+    """vLLM's truncate_prompt_tokens: the last `keep` tokens (-1: max_model_len of them)."""
+    if keep is None:
+        return ids
+    if keep == -1:
+        keep = max_model_len
+    if keep == 0 or keep > max_model_len:
+        raise bad_request(
+            f"truncate_prompt_tokens must be -1 or in [1, {max_model_len}] (the maximum "
+            f"context length), got {keep}",
+            param="truncate_prompt_tokens",
+        )
+    return ids[-keep:]

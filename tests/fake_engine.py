@@ -11,6 +11,7 @@ character or a partial stop string.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
@@ -25,6 +26,11 @@ from gemma_serve.server.engine.outputs import (
 )
 from gemma_serve.server.engine.request import Request, RequestStatus
 from gemma_serve.server.engine.sampling_params import SamplingParams
+from gemma_serve.server.engine.structured_spec import (
+    CompileResult,
+    StructuredOutputError,
+    StructuredSpec,
+)
 
 PAD, EOS, BOS, START_TURN, END_TURN = range(5)
 OFFSET = 5
@@ -44,6 +50,15 @@ class FakeTokenizer:
         ids = [OFFSET + b for b in text.encode()]
         return [BOS, *ids] if add_bos else ids
 
+    def encode_with_control(self, text: str, add_bos: bool = True) -> list[int]:
+        """Control-token strings ("<bos>", "<start_of_turn>"...) become their ids."""
+        ids = [BOS] if add_bos else []
+        pieces = re.split("(" + "|".join(map(re.escape, SPECIAL_TEXT.values())) + ")", text)
+        by_text = {v: k for k, v in SPECIAL_TEXT.items()}
+        for piece in pieces:
+            ids += [by_text[piece]] if piece in by_text else self.encode(piece, add_bos=False)
+        return ids
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return b"".join(self.token_bytes(t) for t in ids if t >= OFFSET).decode(errors="replace")
 
@@ -61,7 +76,12 @@ class FakeTokenizer:
     def stop_token_ids(self, chat: bool) -> frozenset[int]:
         return frozenset({EOS, END_TURN}) if chat else frozenset({EOS})
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> list[int]:
         """<bos><start_of_turn>user\\n{text}<end_of_turn>\\n ... <start_of_turn>model\\n"""
         prefix, turns = "", list(messages)
         if turns and turns[0]["role"] == "system":
@@ -75,7 +95,9 @@ class FakeTokenizer:
                 raise ValueError(f"messages[{i}]: roles must alternate user/assistant")
             text = (prefix if i == 0 else "") + m["content"].strip()
             ids += [START_TURN, *self.encode(f"{role}\n{text}", False), END_TURN, OFFSET + 10]
-        return [*ids, START_TURN, *self.encode("model\n", False)]
+        if continue_final_message:
+            return ids[:-2]
+        return [*ids, START_TURN, *self.encode("model\n", False)] if add_generation_prompt else ids
 
 
 class FakeEngine:
@@ -114,6 +136,9 @@ class FakeEngine:
 
     def add_step_listener(self, fn: Callable[[StepStats], None]) -> None:
         self._listeners.append(fn)
+
+    def compile_structured(self, spec: StructuredSpec) -> CompileResult:
+        raise StructuredOutputError("the fake engine has no grammar compiler", spec.param)
 
     def abort(self, request_id: str) -> None:
         if request_id in self.active:

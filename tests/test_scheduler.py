@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 from gemma_serve.server.engine.block_pool import BlockKey, BlockPool
@@ -346,3 +347,20 @@ def test_any_interleaving_keeps_blocks_consistent(
         assert steps < 2000
     assert s.kv.pools[GLOBAL].pool.num_used == 0
     assert s.kv.pools[LOCAL].pool.num_used == 0
+
+
+def test_waiting_queue_orders_by_priority_then_arrival() -> None:
+    """vLLM's priority: lower first, first-come first-served within a priority; a preempted
+    request goes back to the head whatever its priority (it already holds its place)."""
+    s = make_scheduler(max_seqs=1)
+    reqs = {}
+    for rid, priority in [("a", 0), ("b", 5), ("c", -1), ("d", 5), ("e", 0)]:
+        r = request(rid, 2, 4)
+        reqs[rid] = Request(rid, r.prompt_ids, replace(r.params, priority=priority))
+        s.add(reqs[rid])
+    assert [r.request_id for r in s.waiting] == ["c", "a", "e", "b", "d"]
+    out = s.schedule()
+    assert [c.request.request_id for c in out.chunks] == ["c"]
+    s._preempt(reqs["c"])
+    s.add(Request("f", [3, 4], SamplingParams(max_tokens=4, priority=-9)))
+    assert [r.request_id for r in s.waiting] == ["f", "c", "a", "e", "b", "d"]

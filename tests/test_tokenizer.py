@@ -246,3 +246,32 @@ def test_detokenizer_matches_decode_for_random_ids(tok: Tokenizer, data: st.Data
     chunks = [ids[a:b] for a, b in itertools.pairwise([0, *cuts, len(ids)])]
     skip = data.draw(st.booleans())
     assert _stream(tok, chunks, skip)[1] == tok.decode(ids, skip_special_tokens=skip)
+
+
+def test_encode_with_control_parses_the_markers_a_prompt_writes(
+    tok: Tokenizer, ref: spm.SentencePieceProcessor
+):
+    """A completions prompt is the caller's: each control piece's text becomes its id (the
+    reference is SentencePiece's own piece table), the text between is plain text."""
+    text = "<bos><start_of_turn>user\nHi<end_of_turn>\n<eos><mask>x<table>"
+    expected = [ref.piece_to_id(p) for p in ("<bos>", "<start_of_turn>")]
+    expected += ref.encode("user\nHi") + [ref.piece_to_id("<end_of_turn>")] + ref.encode("\n")
+    expected += [ref.piece_to_id("<eos>"), ref.piece_to_id("<mask>")] + ref.encode("x<table>")
+    assert tok.encode_with_control(text, add_bos=False) == expected
+    assert tok.encode_with_control(text)[:2] == [ref.bos_id(), ref.bos_id()]  # as vLLM/HF
+    assert tok.encode_with_control("plain text") == tok.encode("plain text")
+
+
+def test_continue_final_message_leaves_the_last_turn_open(tok: Tokenizer):
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hel"}]
+    closed = tok.apply_chat_template(messages, add_generation_prompt=False)
+    opened = tok.apply_chat_template(
+        messages, add_generation_prompt=False, continue_final_message=True
+    )
+    written = "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHel"
+    assert opened == tok.encode_with_control(written, add_bos=False)
+    assert closed == opened + tok.encode_with_control("<end_of_turn>\n", add_bos=False)
+    with pytest.raises(ValueError, match="continue_final_message"):
+        tok.apply_chat_template(messages, continue_final_message=True)  # generation prompt on
+    with pytest.raises(ValueError, match="continue_final_message"):
+        tok.apply_chat_template(messages[:1], False, continue_final_message=True)  # user's turn

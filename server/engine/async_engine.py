@@ -20,6 +20,7 @@ from gemma_serve.server.engine.errors import EngineDeadError, QueueFullError
 from gemma_serve.server.engine.llm_engine import LLMEngine
 from gemma_serve.server.engine.outputs import FINISH_ERROR, RequestOutput, StepStats
 from gemma_serve.server.engine.sampling_params import SamplingParams
+from gemma_serve.server.engine.structured_spec import CompileResult, StructuredSpec
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,10 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._commands.put(_Abort(request_id))
 
+    def compile_structured(self, spec: StructuredSpec) -> CompileResult:
+        """Compile an output constraint; thread-safe, slow: call it on a worker thread."""
+        return self.engine.compile_structured(spec)
+
     async def generate(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
@@ -93,7 +98,11 @@ class AsyncEngine:
         if request_id in self._queues:
             raise ValueError(f"duplicate request id {request_id!r}")
         self.engine.check_request(prompt_ids, params)  # read-only: safe off the engine thread
-        waiting = len(self.engine.scheduler.waiting) + self._commands.qsize()
+        # Waiting means queued behind others: requests that free sequence slots will take at
+        # once (in the scheduler's queue or still in the command queue) do not count.
+        scheduler = self.engine.scheduler
+        free_slots = max(0, scheduler.max_num_seqs - len(scheduler.running))
+        waiting = max(0, len(scheduler.waiting) + self._commands.qsize() - free_slots)
         if waiting >= self.max_queued_requests:
             raise QueueFullError(
                 f"{waiting} requests are waiting (--max-queued-requests {self.max_queued_requests})"

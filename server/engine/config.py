@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gemma_serve.model.config import QUANTIZATIONS
+from gemma_serve.server.engine.prefill_policy import PrefillLimits
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16")
+DEFAULT_LONG_PREFILL_SHARE = 2  # default long-prefill threshold: max_num_batched_tokens / this
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True  # share cached prompt-prefix blocks (kv_manager.py)
     # None: int8 for the embedded model and GGUF checkpoints on CPU, else "none" (deploy.py)
     quantization: str | None = None
+    # Fair prefill (prefill_policy.py). None: half of max_num_batched_tokens; 0: off.
+    long_prefill_token_threshold: int | None = None
+    max_num_partial_prefills: int = 2
+    max_long_partial_prefills: int = 1
 
     def __post_init__(self) -> None:
         checks = [
@@ -64,7 +70,28 @@ class EngineConfig:
                 self.max_model_len is None or self.max_model_len >= 1,
                 "must be >= 1",
             ),
+            (
+                "long_prefill_token_threshold",
+                self.long_prefill_token_threshold is None or self.long_prefill_token_threshold >= 0,
+                "must be >= 0 (0: off)",
+            ),
+            ("max_num_partial_prefills", self.max_num_partial_prefills >= 1, "must be >= 1"),
+            (
+                "max_long_partial_prefills",
+                1 <= self.max_long_partial_prefills <= self.max_num_partial_prefills,
+                "must be >= 1 and <= --max-num-partial-prefills",
+            ),
         ]
         for name, ok, why in checks:
             if not ok:
                 raise ValueError(f"--{name.replace('_', '-')} {why}, got {getattr(self, name)!r}")
+
+    def prefill_limits(self) -> PrefillLimits:
+        """The fair-prefill limits; by default a long prompt takes at most half of a
+        contended step's budget, so the default server admits new requests beside it."""
+        threshold = self.long_prefill_token_threshold
+        if threshold is None:
+            threshold = max(1, self.max_num_batched_tokens // DEFAULT_LONG_PREFILL_SHARE)
+        return PrefillLimits(
+            threshold, self.max_num_partial_prefills, self.max_long_partial_prefills
+        )

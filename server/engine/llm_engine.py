@@ -21,6 +21,7 @@ from gemma_serve.server.engine.output_processor import OutputProcessor
 from gemma_serve.server.engine.outputs import (
     FINISH_ABORT,
     FINISH_ERROR,
+    FINISH_STOP,
     RequestOutput,
     StepStats,
     TokenLogprob,
@@ -31,6 +32,9 @@ from gemma_serve.server.engine.runner import Runner
 from gemma_serve.server.engine.sampler import Sampler, sample_isolating_faults
 from gemma_serve.server.engine.sampling_params import SamplingParams
 from gemma_serve.server.engine.scheduler import Scheduler
+from gemma_serve.server.engine.structured import StructuredDecoding
+from gemma_serve.server.engine.structured_compiler import StructuredCompiler
+from gemma_serve.server.engine.structured_spec import CompileResult, StructuredSpec
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +92,11 @@ class LLMEngine:
             )
         cache = KVCache(mcfg, self.layout, loaded.dtype, loaded.device)
         self.scheduler = Scheduler(
-            self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len
+            self.kv,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            self.max_model_len,
+            config.prefill_limits(),
         )
         self.runner = Runner(loaded.model, cache, self.kv, self.ops, loaded.device)
         if self.use_graphs:
@@ -96,13 +104,18 @@ class LLMEngine:
         self.sampler = Sampler(loaded.device, config.seed)
         self.outputs = OutputProcessor(self.tokenizer)
         self.eos_token_ids = frozenset(mcfg.eos_token_ids) | {self.tokenizer.eos_id}
+        self.structured = StructuredDecoding(mcfg.vocab_size)
+        self.grammar_compiler = StructuredCompiler(
+            self.tokenizer, mcfg.vocab_size, self.eos_token_ids
+        )
         self._last_preemptions = 0
         self._last_batch_tokens = 0
         self._last_cached_tokens = 0
         self._cached_tokens_seen = 0  # kv.num_cached_tokens at the previous step
         log.info(
             "engine: %s, kernels %s, max_model_len %d, KV blocks global %d / local %d "
-            "(block %d, ring %d blocks), max_num_seqs %d, max_num_batched_tokens %d",
+            "(block %d, ring %d blocks), max_num_seqs %d, max_num_batched_tokens %d, "
+            "long prefills above %d tokens (%d partial / %d long at once)",
             self.model_name,
             self.ops.name,
             self.max_model_len,
@@ -112,6 +125,9 @@ class LLMEngine:
             self.layout.ring_blocks,
             config.max_num_seqs,
             config.max_num_batched_tokens,
+            self.scheduler.prefill.long_threshold,
+            config.max_num_partial_prefills,
+            config.max_long_partial_prefills,
         )
 
     def _capture_graphs(self) -> DecodeGraphs | None:
@@ -194,6 +210,11 @@ class LLMEngine:
             raise ValueError(f"logit_bias token ids out of range [0, {vocab}): {bad[:5]}")
         self.scheduler.check(len(prompt_ids), params.max_tokens)
 
+    def compile_structured(self, spec: StructuredSpec) -> CompileResult:
+        """Compile an output constraint (thread-safe; call it off the engine thread).
+        Raises StructuredOutputError for one that cannot be honoured."""
+        return self.grammar_compiler.compile(spec)
+
     def add_request(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams):
         """Queue a request; raises RequestTooLongError / ValueError for one it cannot serve."""
         self.check_request(prompt_ids, params)
@@ -204,6 +225,7 @@ class LLMEngine:
             req.prompt_logprobs.append(None)  # the first token has nothing before it
         self.scheduler.add(req)
         self.outputs.add(req)
+        self.structured.add(req)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """End a request in flight (its final output), or None if there is none by that id."""
@@ -239,6 +261,7 @@ class LLMEngine:
         try:
             batch = self.runner.build(sched)
             forward = self.runner.forward(batch)
+            self.structured.apply(forward.logits, batch.sampling_requests)
         except Exception as e:  # a fault in the forward pass: isolate it, keep serving
             log.exception("engine step failed; its requests retry alone")
             culprits = self.scheduler.recover(sched)
@@ -259,7 +282,11 @@ class LLMEngine:
         """Stop conditions and the output delta; an error here ends only this request."""
         new_logprobs = [lp] if lp is not None else None
         try:
+            if not self.structured.accept(req):
+                return self._finish(req, FINISH_ERROR, "the output constraint rejected a token")
             reason = self.outputs.finish_reason(req)
+            if reason is None and self.structured.terminated(req.request_id):
+                reason = FINISH_STOP  # the grammar took its stop token
             if reason is None:
                 return self.outputs.output(req, [token], new_logprobs)
         except Exception as e:
@@ -291,6 +318,7 @@ class LLMEngine:
         """
         self.scheduler.finish(req, reason, error)
         self.sampler.release(req.request_id)
+        self.structured.release(req.request_id)
         try:
             return self.outputs.output(req, new_ids or [], new_logprobs)
         except Exception as e:

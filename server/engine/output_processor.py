@@ -27,7 +27,7 @@ class TextState:
 
     def __init__(self, tokenizer: Tokenizer, request: Request) -> None:
         self.request = request
-        self.detok = IncrementalDetokenizer(tokenizer)
+        self.detok = IncrementalDetokenizer(tokenizer, request.params.skip_special_tokens)
         self.text = ""
         self.emitted = 0
         self.num_ids_seen = 0
@@ -79,12 +79,17 @@ class OutputProcessor:
         """Feed the request's new tokens to its detokenizer; why it ends now, or None.
 
         A stop string wins over the token-level reason of the same step: the text ends at the
-        stop string and the reason is "stop", even when the token also reached max_tokens.
+        stop string and the reason is "stop", even when the token also reached max_tokens. As
+        in vLLM, the text of the stop token (EOS or a stop_token_ids id) is left out unless
+        include_stop_str_in_output.
         """
         st = self._states[request.request_id]
         new = request.output_ids[st.num_ids_seen :]
         st.num_ids_seen = len(request.output_ids)
-        return FINISH_STOP if st.add_tokens(new) else token_stop_reason(request)
+        token_reason = token_stop_reason(request)
+        if token_reason == FINISH_STOP and not request.params.include_stop_str_in_output:
+            new = new[:-1]
+        return FINISH_STOP if st.add_tokens(new) else token_reason
 
     def output(
         self,

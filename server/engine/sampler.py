@@ -3,7 +3,8 @@
 Sampling uses the exponential race (argmax of p / E, E ~ Exp(1)), which draws exactly from p;
 each seeded request draws its noise from its own generator, so its tokens do not depend on what
 else is in the batch. Logprobs are of the model's distribution (log_softmax of the capped
-logits), before any sampling transform.
+logits; for a structured-output request, after its grammar's mask, structured.py), before
+any sampling transform.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from gemma_serve.server.engine.request import Request
 log = logging.getLogger(__name__)
 
 NEG_INF = float("-inf")
+LOGPROB_FLOOR = -9999.0
 
 
 @dataclass(frozen=True)
@@ -223,7 +225,8 @@ def token_logprobs(
     idx = torch.tensor(rows, device=logprobs.device)
     lp, tok = logprobs[idx], tokens[idx]
     vals, ids = lp.topk(max(tops), dim=-1)  # k may be 0: empty [n, 0] results
-    floats = torch.cat([lp.gather(1, tok[:, None]), vals], dim=1).tolist()
+    # Tokens a grammar masked off have -inf, which JSON cannot carry: vLLM's floor instead.
+    floats = torch.cat([lp.gather(1, tok[:, None]), vals], dim=1).clamp(min=LOGPROB_FLOOR).tolist()
     longs = torch.cat([tok[:, None], ids], dim=1).tolist()
     return [
         TokenLogprob(t[0], f[0], tuple(zip(t[1 : n + 1], f[1 : n + 1], strict=True)))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from gemma_serve.server.engine.structured_spec import StructuredGrammar
+
 MAX_LOGPROBS = 20
 # Below these, float32 sampling overflows (logits / T or logits / penalty become inf and the
 # softmax NaN): temperatures under MIN_TEMPERATURE are served greedily (vLLM does the same), and
@@ -37,7 +39,12 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k: the sampled token plus the top-k alternatives
     prompt_logprobs: int | None = None  # the same for each prompt token (after the first)
     logit_bias: tuple[tuple[int, float], ...] = ()
-    include_stop_str_in_output: bool = False
+    include_stop_str_in_output: bool = False  # keep the stop string / stop token's text
+    skip_special_tokens: bool = True  # drop control tokens (<eos>, <end_of_turn>...) from text
+    # Lower is served first from the waiting queue, FCFS within a priority (vLLM's `priority`;
+    # kept here so that it travels with the request through every engine interface).
+    priority: int = 0
+    structured: StructuredGrammar | None = None  # the output constraint, compiled (structured.py)
 
     def __post_init__(self) -> None:
         checks = [
@@ -65,6 +72,12 @@ class SamplingParams:
                 f"must be in [0, {MAX_LOGPROBS}]",
             ),
             ("stop", all(self.stop), "stop strings must be non-empty"),
+            # A finished grammar allows only its stop tokens, which min_tokens would ban.
+            (
+                "min_tokens",
+                self.structured is None or self.min_tokens == 0,
+                "must be 0 with structured outputs",
+            ),
         ]
         for name, ok, why in checks:
             if not ok:

@@ -1,9 +1,12 @@
 """Iteration-level scheduling: which requests run this step, and how many tokens each (torch-free).
 
 Each step: running decodes first, then running prefills (chunked to the token budget), then
-waiting requests in arrival order while both KV pools and max_num_seqs allow. When the cache
-cannot grow a running request, the most recently admitted request is preempted by recompute:
-its blocks are freed and it re-enters the front of the waiting queue.
+waiting requests in queue order (priority, then arrival) while both KV pools and max_num_seqs
+allow. How prefills share the budget (a long prompt capped so that waiting requests start
+beside it; the partial and long prefill limits, which may skip a waiting request for a step)
+is decided by `prefill_policy.py`. When the cache cannot grow a running request, the most
+recently admitted request is preempted by recompute: its blocks are freed and it re-enters
+the front of the waiting queue.
 
 When a step fails (the forward pass raised), `recover` restarts the batch's requests by
 recompute and each then runs alone up to the point that failed: a request that breaks the
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 
 from gemma_serve.server.engine.errors import RequestTooLongError
 from gemma_serve.server.engine.kv_manager import KVCacheManager
+from gemma_serve.server.engine.prefill_policy import PrefillLimits, PrefillSlots
 from gemma_serve.server.engine.request import Request, RequestStatus
 
 MAX_FAULTS = 3  # failed steps a request may be part of before it is failed itself
@@ -82,19 +86,27 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_model_len: int,
+        prefill: PrefillLimits | None = None,
     ) -> None:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
+        self.prefill = prefill or PrefillLimits()  # none given: the budget filled in order
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order
         self.retrying: deque[Request] = deque()  # after a failed step; finished ones linger
         self.num_preemptions = 0
 
     def add(self, request: Request) -> None:
-        """Queue a request that `check` accepted (the engine checks before it adds)."""
-        self.waiting.append(request)
+        """Queue a request that `check` accepted (the engine checks before it adds): behind
+        every waiting request of the same or a lower `priority` value (lower runs first, FCFS
+        within a priority)."""
+        priority = request.params.priority
+        index = len(self.waiting)
+        while index and self.waiting[index - 1].params.priority > priority:
+            index -= 1
+        self.waiting.insert(index, request)
 
     def check(self, num_prompt_tokens: int, max_tokens: int) -> None:
         """Raise RequestTooLongError if such a request could never be served. Reads only fixed
@@ -134,32 +146,63 @@ class Scheduler:
         preempted: list[str] = []
         # Decodes first: one token each, cheap and latency-critical; then running prefills.
         order = sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1)
+        slots = PrefillSlots(self.prefill, self._contended(order))
         for req in order:
             if budget == 0:
                 break
             if req.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            remaining = req.num_tokens - req.num_computed_tokens
+            n = min(remaining, slots.chunk_budget(remaining, budget))
             chunk = ScheduledChunk(req, req.num_computed_tokens, n)
             if self._grow_or_preempt(chunk, preempted):
                 chunks.append(chunk)
                 budget -= n
+                if remaining > 1:
+                    slots.take(remaining, n)
         if preempted:  # a victim may have been scheduled before the request that evicted it
             chunks = [c for c in chunks if c.request.status == RequestStatus.RUNNING]
-        # New requests only when nothing had to be preempted (no thrashing), in arrival order.
-        while not preempted and self.waiting and budget > 0:
-            if len(self.running) >= self.max_num_seqs:
+        # New requests only when nothing had to be preempted (no thrashing), in queue order.
+        if not preempted:
+            chunks += self._admit(budget, slots)
+        return SchedulerOutput.of(chunks, preempted)
+
+    def _contended(self, running: list[Request]) -> bool:
+        """Whether another prefill could run beside a long one this step (then a long prefill
+        is capped): two or more prefills among the running ones and the waiting ones that a
+        free seat and the long-prefill limit would let start."""
+        limits = self.prefill
+        if not limits.long_threshold:
+            return False
+        prefills = [n for r in running if (n := r.num_tokens - r.num_computed_tokens) > 1]
+        longs = sum(limits.is_long(n) for n in prefills)
+        if len(self.running) < self.max_num_seqs:
+            for req in self.waiting:
+                if len(prefills) > 1:
+                    break
+                if not limits.is_long(req.num_tokens) or longs < limits.max_long:
+                    prefills.append(req.num_tokens)
+                    longs += limits.is_long(req.num_tokens)
+        return len(prefills) > 1
+
+    def _admit(self, budget: int, slots: PrefillSlots) -> list[ScheduledChunk]:
+        """Start waiting requests in queue order with what is left of the budget. One the
+        prefill limits hold back is skipped for this step (those behind it may start); one
+        the KV cache cannot take stops admission (no overtaking for memory)."""
+        chunks: list[ScheduledChunk] = []
+        for req in list(self.waiting):
+            if budget == 0 or len(self.running) >= self.max_num_seqs:
                 break
-            req = self.waiting[0]
+            if not slots.admits(req.num_tokens, budget):
+                continue
             # Prompt logprobs need every prompt position computed: no cached prefix for them.
             reuse = req.params.prompt_logprobs is None
-            admitted = self.kv.try_admit(
-                req.request_id, req.prompt_ids, req.num_tokens, budget, reuse
-            )
+            cap = slots.chunk_budget(req.num_tokens, budget)
+            admitted = self.kv.try_admit(req.request_id, req.prompt_ids, req.num_tokens, cap, reuse)
             if admitted is None:
                 break
             start, n = admitted
-            self.waiting.popleft()
+            self.waiting.remove(req)
             req.num_computed_tokens = start
             req.status = RequestStatus.RUNNING
             if req.first_scheduled_time is None:
@@ -168,7 +211,8 @@ class Scheduler:
             self.running.append(req)
             chunks.append(ScheduledChunk(req, start, n))
             budget -= n
-        return SchedulerOutput.of(chunks, preempted)
+            slots.take(req.num_tokens - start, n)
+        return chunks
 
     def _schedule_alone(self, req: Request) -> SchedulerOutput:
         """A step with `req` only (a request retrying after a failed step)."""

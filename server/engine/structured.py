@@ -1,0 +1,99 @@
+"""Constrained decoding in the engine step: one grammar matcher per constrained request, and
+the token bitmask that restricts its row of logits before sampling.
+
+A matcher always stands for the request's accepted output tokens: `accept` feeds it the tokens
+appended since the last call, so a preemption (recompute keeps the output tokens) needs
+nothing, and a request whose output got shorter gets a fresh matcher replayed over what
+remains. Masks for the whole batch are filled in one pass on CPU, then applied to the
+constrained rows only; unconstrained rows are never touched. Logprobs are then those of the
+masked distribution, as vLLM reports them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from gemma_serve.server.engine.request import Request
+from gemma_serve.server.engine.structured_spec import StructuredGrammar
+
+if TYPE_CHECKING:  # imported on first use: a server that never constrains never loads it
+    import xgrammar as xgr
+
+MAX_FILL_THREADS = 4
+
+
+@dataclass
+class _Tracked:
+    matcher: xgr.GrammarMatcher
+    grammar: StructuredGrammar
+    num_accepted: int = 0
+
+
+class StructuredDecoding:
+    """The matchers of the constrained requests in flight (engine thread only)."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        self._tracked: dict[str, _Tracked] = {}
+        self._filler: xgr.BatchGrammarMatcher | None = None
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._tracked
+
+    def add(self, req: Request) -> None:
+        """Start tracking a request whose params carry a compiled grammar."""
+        if req.params.structured is not None:
+            grammar = req.params.structured
+            self._tracked[req.request_id] = _Tracked(_matcher(req, grammar), grammar)
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished (stopped, aborted, failed) request."""
+        self._tracked.pop(request_id, None)
+
+    def apply(self, logits: torch.Tensor, requests: tuple[Request, ...]) -> None:
+        """Mask, in place, the rows of `logits` whose requests are constrained."""
+        rows = [i for i, r in enumerate(requests) if r.request_id in self._tracked]
+        if not rows:
+            return
+        import xgrammar as xgr
+
+        matchers = [self._tracked[requests[i].request_id].matcher for i in rows]
+        bitmask = xgr.allocate_token_bitmask(len(requests), self.vocab_size)
+        if self._filler is None:
+            threads = max(1, min(MAX_FILL_THREADS, os.cpu_count() or 1))
+            self._filler = xgr.BatchGrammarMatcher(max_threads=threads)
+        self._filler.batch_fill_next_token_bitmask(matchers, bitmask, indices=rows)
+        xgr.apply_token_bitmask_inplace(
+            logits, bitmask.to(logits.device), vocab_size=self.vocab_size, indices=rows
+        )
+
+    def accept(self, req: Request) -> bool:
+        """Feed the matcher the request's new output tokens; False if the grammar rejects one
+        (it cannot when the token was sampled from the masked row)."""
+        tracked = self._tracked.get(req.request_id)
+        if tracked is None:
+            return True
+        if len(req.output_ids) < tracked.num_accepted:  # output rolled back: replay it
+            fresh = _matcher(req, tracked.grammar)
+            tracked = self._tracked[req.request_id] = _Tracked(fresh, tracked.grammar)
+        for token in req.output_ids[tracked.num_accepted :]:
+            if not tracked.matcher.accept_token(token):
+                return False
+            tracked.num_accepted += 1
+        return True
+
+    def terminated(self, request_id: str) -> bool:
+        """Whether the grammar is complete and has accepted its stop token."""
+        tracked = self._tracked.get(request_id)
+        return tracked is not None and tracked.matcher.is_terminated()
+
+
+def _matcher(req: Request, grammar: StructuredGrammar) -> xgr.GrammarMatcher:
+    """A fresh matcher: the request's EOS and stop tokens end the constrained text."""
+    import xgrammar as xgr
+
+    stops = sorted(req.eos_token_ids | req.params.stop_token_ids)
+    return xgr.GrammarMatcher(grammar.compiled, override_stop_tokens=stops or None)

@@ -146,8 +146,10 @@ def test_sigterm_while_the_model_loads_exits_0() -> None:
     runs = []
     for delay in delays:
         port = free_port()
+        # The exact fp32 path: its load (1 GB of weights, then packing) is the longer one, so
+        # each signal lands while loading (the int8 cache loads in about a second).
         argv = [sys.executable, "-m", "gemma_serve.server.cli", "--device", "cpu"]
-        argv += ["--port", str(port), "--log-level", "warning"]
+        argv += ["--port", str(port), "--log-level", "warning", "--quantization", "none"]
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
         runs.append((delay, f"http://127.0.0.1:{port}", proc))
     try:

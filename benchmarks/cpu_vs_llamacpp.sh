@@ -2,9 +2,12 @@
 # Side by side on one CPU machine: llama-cpp-python's OpenAI server vs gemma-serve, both on the
 # embedded default model's GGUF (Gemma 3 270M Q4_K_M), same workload, one server at a time
 # (llama.cpp's idle threads spin and would slow the other). With LLAMA_SERVER set, llama.cpp's
-# own llama-server (continuous batching, 8 slots, flash attention) runs the workload too.
+# own llama-server (continuous batching, one slot per concurrent request, flash attention) runs
+# the workload too. Every server is started fresh for each concurrency and warmed (8 short
+# unmeasured requests) before the measured run. GEMMA_ARGS adds gemma-serve flags (e.g.
+# "--quantization none" for the exact fp32 path).
 #
-#   LLAMA_PY=/tmp/llama-venv/bin/python [LLAMA_SERVER=.../llama-server] \
+#   LLAMA_PY=/tmp/llama-venv/bin/python [LLAMA_SERVER=.../llama-server] [GEMMA_ARGS=...] \
 #       benchmarks/cpu_vs_llamacpp.sh OUT_DIR [CONCURRENCY...]
 #
 # LLAMA_PY: a Python with `pip install 'llama-cpp-python[server]'` (not a project dependency).
@@ -50,35 +53,34 @@ wait_ready() {  # url
     return 1
 }
 
-bench() {  # name port
-    for c in "${CONCURRENCIES[@]}"; do
-        "$PY" -m benchmarks.serve --base-url "http://127.0.0.1:$2" \
-            --prompts-file "$OUT/prompts.jsonl" --concurrency "$c" --no-progress \
-            --extra-body '{"logit_bias": {"1": -100, "106": -100}}' \
-            --out "$OUT/$1-c$c.json" | tee "$OUT/$1-c$c.txt"
-    done
-}
-
-serve_and_bench() {  # name port ready-path command...: start a server, run the workload, stop it
-    local name=$1 port=$2 ready=$3
-    shift 3
-    "$@" >"$OUT/$name.log" 2>&1 &
+serve_and_bench() {  # name concurrency port ready-path command...: fresh server, warm, measure
+    local name=$1 c=$2 port=$3 ready=$4
+    shift 4
+    "$@" >"$OUT/$name-c$c.log" 2>&1 &
     local pid=$!
     wait_ready "http://127.0.0.1:$port$ready"
-    bench "$name" "$port"
+    "$PY" -m benchmarks.serve --base-url "http://127.0.0.1:$port" \
+        --prompts-file "$OUT/prompts.jsonl" --concurrency "$c" --no-progress \
+        --warmup-requests 8 --extra-body '{"logit_bias": {"1": -100, "106": -100}}' \
+        --out "$OUT/$name-c$c.json" | tee "$OUT/$name-c$c.txt"
     kill "$pid"
     wait "$pid" 2>/dev/null || true
 }
 
+"$PY" -m benchmarks.cpu_info | tee "$OUT/cpu.txt"
 SYSTEMS=(llama-cpp-python gemma-serve)
-if [ -n "${LLAMA_SERVER:-}" ]; then
-    SYSTEMS=(llama-cpp-python llama-server gemma-serve)
-    serve_and_bench llama-server 8103 /v1/models "$LLAMA_SERVER" -m "$GGUF" --host 127.0.0.1 \
-        --port 8103 -t "$(nproc)" -np 8 -c 8192 -fa on
-fi
-serve_and_bench llama-cpp-python 8101 /v1/models "$LLAMA_PY" -m llama_cpp.server --model "$GGUF" \
-    --host 127.0.0.1 --port 8101 --n_ctx 4096 --n_threads "$(nproc)" --interrupt_requests False
-serve_and_bench gemma-serve 8102 /health .venv/bin/gemma-serve --port 8102
+[ -n "${LLAMA_SERVER:-}" ] && SYSTEMS=(llama-cpp-python llama-server gemma-serve)
+for c in "${CONCURRENCIES[@]}"; do
+    if [ -n "${LLAMA_SERVER:-}" ]; then  # one slot per request, 512 tokens of context each
+        serve_and_bench llama-server "$c" 8103 /v1/models "$LLAMA_SERVER" -m "$GGUF" \
+            --host 127.0.0.1 --port 8103 -t "$(nproc)" -np "$c" -c $((512 * c)) -fa on
+    fi
+    serve_and_bench llama-cpp-python "$c" 8101 /v1/models "$LLAMA_PY" -m llama_cpp.server \
+        --model "$GGUF" --host 127.0.0.1 --port 8101 --n_ctx 4096 --n_threads "$(nproc)" \
+        --interrupt_requests False
+    # shellcheck disable=SC2086
+    serve_and_bench gemma-serve "$c" 8102 /health .venv/bin/gemma-serve --port 8102 ${GEMMA_ARGS:-}
+done
 
 "$PY" - "$OUT" "${SYSTEMS[*]}" "${CONCURRENCIES[@]}" <<'EOF'
 import json, sys
@@ -86,9 +88,16 @@ out, systems, concs = sys.argv[1], sys.argv[2].split(), sys.argv[3:]
 peers = systems[:-1]
 print(f"output tok/s; ratio = gemma-serve / peer\n{'concurrency':>11}", *(f"{n:>17}" for n in systems),
       *(f"{'vs ' + n:>21}" for n in peers))
+summary = {c: {n: json.load(open(f"{out}/{n}-c{c}.json"))["runs"][0]["summary"] for n in systems}
+           for c in concs}
 for c in concs:
-    tput = {n: json.load(open(f"{out}/{n}-c{c}.json"))["runs"][0]["summary"]["output_throughput"]
-            for n in systems}
+    tput = {n: summary[c][n]["output_throughput"] for n in systems}
     print(f"{c:>11}", *(f"{tput[n]:>17.1f}" for n in systems),
           *(f"{tput['gemma-serve'] / tput[n]:>21.2f}" for n in peers))
+print("\nlatency ms: TTFT p50 / p99, TPOT p50 / p99")
+for c in concs:
+    for n in systems:
+        s = summary[c][n]
+        print(f"{c:>11} {n:>17}", *(f"{s[k][p]:>9.1f}" for k in ("ttft_ms", "tpot_ms")
+                                       for p in ("p50", "p99")))
 EOF

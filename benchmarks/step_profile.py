@@ -26,6 +26,7 @@ def main() -> None:
         "--no-pack", action="store_true", help="torch's CPU GEMMs, not oneDNN's (before/after)"
     )
     ap.add_argument("--model", default=None)
+    ap.add_argument("--quantization", default=None, help="none or int8 (default: the engine's)")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--min-prompt", type=int, default=20)
     ap.add_argument("--max-prompt", type=int, default=300)
@@ -38,6 +39,7 @@ def main() -> None:
             max_num_seqs=args.requests,
             max_num_batched_tokens=2048,
             pack_cpu_weights=not args.no_pack,
+            quantization=args.quantization,
         )
     )
     g = torch.Generator().manual_seed(0)
@@ -77,6 +79,7 @@ def main() -> None:
         "outside_forward_fraction": round(1 - phases["forward"] / total, 4),
         "decode_tokens_per_s": round(len(batch.sampling_requests) * args.steps / total, 1),
         "threads": torch.get_num_threads(),
+        "linear": engine.loaded.deployment.linear,
     }
     print(json.dumps(report))
 

@@ -13,6 +13,8 @@ FULL = "full_attention"
 SUPPORTED_MODEL_TYPES = ("gemma2", "gemma3_text")
 # The one activation Gemma uses; HF configs name it, and anything else is refused, not ignored.
 SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh",)
+# --quantization modes (model/deploy.py): "none" is the exact fp32 path, "int8" W8A8 on CPUs.
+QUANTIZATIONS = ("none", "int8")
 
 # transformers' defaults (Gemma2Config, Gemma3TextConfig) for the keys a config.json leaves out.
 # Saved configs omit values equal to the default: the nested text_config of a multimodal Gemma 3

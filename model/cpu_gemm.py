@@ -41,3 +41,15 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """x [T, in] @ weight^T -> [T, out], with `packed` from `pack(weight)`."""
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
+class PackedLinear(torch.nn.Module):
+    """A bias-free fp32 linear layer over a packed weight; the plain weight is not kept."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.packed = pack(weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return packed_linear(x, self.packed)

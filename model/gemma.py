@@ -13,44 +13,33 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from gemma_serve.model import cpu_gemm
 from gemma_serve.model.attention import AttentionBackend
 from gemma_serve.model.config import ModelConfig
 from torch import nn
 
 
-def linear(
-    x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None = None
-) -> torch.Tensor:
-    """x [T, in] @ weight[out, in]^T, through oneDNN when `packed` (cpu_gemm.pack(weight)) is set.
-
-    Unpacked on CPUs, the BLAS runs the same product 1.5-2x faster with the weight as the left
-    operand when T is small (decode batches), and no slower for large T.
-    """
-    if packed is not None:
-        return cpu_gemm.packed_linear(x, packed)
-    if x.device.type == "cpu" and x.dim() == 2:
-        return torch.mm(weight, x.t()).t().contiguous()
-    return F.linear(x, weight)
-
-
 class Linear(nn.Module):
-    """A bias-free linear layer (weight [out, in]) that computes through `linear`, or through
-    oneDNN once `pack()` has replaced the weight by its packed form (model/cpu_gemm.py)."""
+    """A bias-free linear layer, weight [out, in]. Deployment may swap it after load for a
+    packed or quantized equivalent with the same call (model/deploy.py)."""
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        self.packed: torch.Tensor | None = None
-
-    def pack(self) -> None:
-        """Inference only from here on: the plain weight is released."""
-        if self.packed is None:
-            self.packed = cpu_gemm.pack(self.weight)
-            self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.packed)
+        return F.linear(x, self.weight)
+
+
+class Embedding(nn.Module):
+    """A token embedding table [vocab, hidden]. Unlike nn.Embedding it runs no initialiser, so
+    building the model on the meta device stays cheap (weights always come from a loader)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
 
 
 class RMSNorm(nn.Module):
@@ -157,7 +146,7 @@ class GemmaModel(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rope_global = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor)
@@ -171,21 +160,12 @@ class GemmaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = GemmaModel(cfg)
-        # Gemma ties the LM head to the embedding; an untied checkpoint brings its own.
-        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
-        self.lm_head_packed: torch.Tensor | None = None
-
-    def pack_for_cpu(self) -> None:
-        """Pack every projection and the LM head for oneDNN's fp32 GEMMs (model/cpu_gemm.py).
-
-        The tied LM head gets a packed copy (the embedding lookup still reads the plain table):
-        vocab x hidden more memory, for the step's biggest GEMM.
-        """
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.pack()
-        if self.lm_head is None and self.lm_head_packed is None:
-            self.lm_head_packed = cpu_gemm.pack(self.model.embed_tokens.weight)
+        # Gemma ties the LM head to the embedding (None: logits read the embedding table); an
+        # untied checkpoint brings its own. Deployment may give a tied model a head module
+        # built from the embedding (a packed or quantized copy, model/deploy.py).
+        self.lm_head: nn.Module | None = (
+            None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
+        )
 
     def forward(
         self,
@@ -226,7 +206,7 @@ class GemmaForCausalLM(nn.Module):
         if self.lm_head is not None:
             logits = self.lm_head(x).float()
         else:
-            logits = linear(x, m.embed_tokens.weight, self.lm_head_packed).float()
+            logits = F.linear(x, m.embed_tokens.weight).float()
         cap = cfg.final_logit_softcapping
         if cap is not None and cap > 0:  # in place: [N, vocab] is the biggest activation
             logits = logits.div_(cap).tanh_().mul_(cap)

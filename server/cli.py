@@ -32,7 +32,13 @@ from gemma_serve.server.connections import (
     ConnectionLimits,
     GuardedH11Protocol,
 )
-from gemma_serve.server.engine.config import DEVICES, DTYPES, LOAD_FORMATS, EngineConfig
+from gemma_serve.server.engine.config import (
+    DEVICES,
+    DTYPES,
+    LOAD_FORMATS,
+    QUANTIZATIONS,
+    EngineConfig,
+)
 from gemma_serve.server.engine_client import EngineClient, EngineProvider
 from gemma_serve.server.log_throttle import throttled_logs
 from gemma_serve.server.middleware import clean_api_key
@@ -112,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--api-key", default=os.environ.get(API_KEY_ENV), help=f"required key (or ${API_KEY_ENV})")
     add("--seed", type=int, help="engine seed for unseeded sampling")
     add("--load-format", choices=LOAD_FORMATS, help="dummy: random weights of a preset's shape")
+    add(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        help="weights on CPU: none (exact fp32) or int8 (int8 weights x int8 activations); "
+        "default: int8 for the embedded model and GGUF files on CPU, none otherwise",
+    )
     add("--force-reference-kernels", action="store_true", help="pure-torch kernels, no Triton")
     add("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     add(
@@ -180,6 +192,7 @@ ENGINE_FLAGS = (
     "force_reference_kernels",
     "enforce_eager",
     "enable_prefix_caching",
+    "quantization",
 )
 
 

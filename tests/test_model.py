@@ -11,6 +11,7 @@ import torch
 from gemma_serve.model import cpu_gemm
 from gemma_serve.model.attention import VarlenAttention
 from gemma_serve.model.config import ConfigError, ModelConfig, preset
+from gemma_serve.model.deploy import Deployment, deploy
 from gemma_serve.model.gemma import GemmaForCausalLM
 from gemma_serve.model.loader import CheckpointError, load_safetensors
 from safetensors.torch import load_file, save_file
@@ -52,6 +53,10 @@ def random_seqs(lengths: list[int], vocab: int, seed: int) -> list[list[int]]:
     return [[2] + torch.randint(3, vocab, (n - 1,), generator=g).tolist() for n in lengths]
 
 
+def _pack(model: GemmaForCausalLM) -> Deployment:
+    return deploy(model, torch.device("cpu"), torch.float32, "none", pack=True)
+
+
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp(request.param)
@@ -61,10 +66,10 @@ def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 @pytest.mark.parametrize("packed", [False, True], ids=["torch-gemm", "onednn-packed"])
 def test_logits_match_transformers_in_a_flat_batch(checkpoint: Path, packed: bool) -> None:
     model, cfg = load(checkpoint)
-    if packed:  # what the engine serves on CPU (model/cpu_gemm.py)
+    if packed:  # what the engine serves on CPU (model/cpu_gemm.py, model/deploy.py)
         assert cpu_gemm.available(), "this torch build lacks oneDNN's packed linear ops"
-        model.pack_for_cpu()
-        assert model.lm_head_packed is not None
+        assert _pack(model).linear == "onednn-fp32-packed"
+        assert isinstance(model.lm_head, cpu_gemm.PackedLinear)
     ref = hf_model(checkpoint)
     # Lengths around and beyond the window (positions window-1, window, window+1 included).
     w = cfg.sliding_window
@@ -122,7 +127,7 @@ def test_gemma3_logits_match_transformers(tmp_path: Path, packed: bool) -> None:
     path = make_gemma3(tmp_path, seed=7, qk_scale=3.0, embed_scale=10.0)
     model, cfg = load(path)
     if packed:
-        model.pack_for_cpu()
+        _pack(model)
     assert cfg.use_qk_norm and cfg.attn_logit_softcapping is None
     assert cfg.full_layers == (5,) and cfg.rope_theta != cfg.rope_local_theta
     ref = hf_model(path)

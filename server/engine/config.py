@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gemma_serve.model.config import QUANTIZATIONS
 from gemma_serve.server.engine.prefill_policy import PrefillLimits
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
@@ -33,6 +34,8 @@ class EngineConfig:
     pack_cpu_weights: bool = True  # fp32 on CPU: oneDNN GEMMs on packed weights (cpu_gemm.py)
     enforce_eager: bool = False  # on CUDA: no CUDA graphs for decode steps (cuda_graphs.py)
     enable_prefix_caching: bool = True  # share cached prompt-prefix blocks (kv_manager.py)
+    # None: int8 for the embedded model and GGUF checkpoints on CPU, else "none" (deploy.py)
+    quantization: str | None = None
     # Fair prefill (prefill_policy.py). None: half of max_num_batched_tokens; 0: off.
     long_prefill_token_threshold: int | None = None
     max_num_partial_prefills: int = 2
@@ -43,6 +46,11 @@ class EngineConfig:
             ("device", self.device in DEVICES, f"must be one of {DEVICES}"),
             ("dtype", self.dtype in DTYPES, f"must be one of {DTYPES}"),
             ("load_format", self.load_format in LOAD_FORMATS, f"must be one of {LOAD_FORMATS}"),
+            (
+                "quantization",
+                self.quantization is None or self.quantization in QUANTIZATIONS,
+                f"must be one of {QUANTIZATIONS}",
+            ),
             ("max_num_seqs", self.max_num_seqs >= 1, "must be >= 1"),
             ("max_num_batched_tokens", self.max_num_batched_tokens >= 1, "must be >= 1"),
             ("block_size", self.block_size in (1, 2, 4, 8, 16, 32, 64), "must be a power of 2"),

@@ -7,9 +7,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from gemma_serve.model import cpu_gemm
+from gemma_serve.model import int8_cache
 from gemma_serve.model.config import PRESETS, ModelConfig, preset
+from gemma_serve.model.deploy import (
+    Deployment,
+    check,
+    deploy,
+    install_int8,
+    int8_skeleton,
+    int8_state,
+)
 from gemma_serve.model.gemma import GemmaForCausalLM
+from gemma_serve.model.int8_gemm import Int8Linear
 from gemma_serve.model.loader import load_safetensors, random_model
 from gemma_serve.model.tokenizer import Tokenizer
 from gemma_serve.server.engine.config import EngineConfig
@@ -25,6 +34,7 @@ class LoadedModel:
     name: str
     device: torch.device
     dtype: torch.dtype
+    deployment: Deployment
 
 
 def resolve_device(name: str) -> torch.device:
@@ -42,25 +52,64 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
-def _model_dir(cfg: EngineConfig) -> tuple[Path, str]:
-    """A HF-style directory to load, and the default served name."""
+def resolve_quantization(cfg: EngineConfig, device: torch.device, dtype: torch.dtype) -> str:
+    """--quantization, or by default int8 where it is the fast mode that meets the fidelity
+    bound (the embedded model and GGUF checkpoints, already quantised, on CPU in fp32)."""
+    if cfg.quantization is not None:
+        check(cfg.quantization, device, dtype)
+        return cfg.quantization
+    gguf = cfg.model is None or Path(cfg.model).suffix == ".gguf" or cfg.load_format == "gguf"
+    try:
+        check("int8", device, dtype)
+    except ValueError:
+        return "none"
+    return "int8" if gguf else "none"
+
+
+def _model_dir(cfg: EngineConfig) -> tuple[Path, str, bool]:
+    """A HF-style directory to load, the default served name, and whether the directory is
+    our own conversion cache (where a derived int8 layout may be cached too)."""
     if cfg.model is None:
         from gemma_serve.model.default_model import DEFAULT_MODEL_NAME, default_model_dir
 
-        return default_model_dir(), DEFAULT_MODEL_NAME
+        return default_model_dir(), DEFAULT_MODEL_NAME, True
     path = Path(cfg.model)
     if path.suffix == ".gguf" or cfg.load_format == "gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {path} does not exist")
         from gemma_serve.model.gguf_convert import cached_conversion
 
-        return cached_conversion(path), path.stem
+        return cached_conversion(path), path.stem, True
     if not path.is_dir():
         raise FileNotFoundError(
             f"--model {cfg.model!r} is neither a directory, a .gguf file nor a preset "
             f"({', '.join(PRESETS)})"
         )
-    return path, path.name
+    return path, path.name, False
+
+
+def _load_int8(model_dir: Path, mcfg: ModelConfig, cache: bool) -> tuple[GemmaForCausalLM, bool]:
+    """The int8 model, from the conversion cache's int8 layout when there is one (no fp32
+    weights are read), else quantised from the fp32 checkpoint (and cached when `cache`).
+    The flag says which."""
+    path = model_dir / int8_cache.FILE_NAME
+    state = int8_cache.load(path) if cache else None
+    if state is not None:
+        model = int8_skeleton(mcfg)
+        try:
+            install_int8(model, state)
+            return model, True
+        except (KeyError, RuntimeError) as exc:
+            log.warning("int8 cache %s does not fit the model (%s): rebuilding it", path, exc)
+    model = load_safetensors(model_dir, mcfg, torch.float32, torch.device("cpu"))
+    state = int8_state(model)
+    if cache:
+        try:
+            int8_cache.save(path, state)
+        except OSError as exc:  # a read-only cache still serves, only slower to start
+            log.warning("could not write the int8 cache %s: %s", path, exc)
+    install_int8(model, state)
+    return model, False
 
 
 def _default_tokenizer() -> Tokenizer:
@@ -72,6 +121,8 @@ def _default_tokenizer() -> Tokenizer:
 def load(cfg: EngineConfig) -> LoadedModel:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    quantization = resolve_quantization(cfg, device, dtype)
+    from_cache = False
     if cfg.model in PRESETS:
         if cfg.load_format != "dummy":
             raise ValueError(
@@ -84,14 +135,24 @@ def load(cfg: EngineConfig) -> LoadedModel:
         tokenizer = _default_tokenizer()
         name = cfg.model
     else:
-        model_dir, name = _model_dir(cfg)
+        model_dir, name, converted = _model_dir(cfg)
         mcfg = ModelConfig.from_file(model_dir)
-        if cfg.load_format == "dummy":
+        tokenizer = Tokenizer.from_file(model_dir / "tokenizer.model")
+        if cfg.load_format != "dummy" and quantization == "int8":
+            model, from_cache = _load_int8(model_dir, mcfg, cache=converted)
+        elif cfg.load_format == "dummy":
             model = random_model(mcfg, dtype, device, cfg.seed)
         else:
             model = load_safetensors(model_dir, mcfg, dtype, device)
-        tokenizer = Tokenizer.from_file(model_dir / "tokenizer.model")
-    if cfg.pack_cpu_weights and cpu_gemm.should_pack(device, dtype):
-        model.pack_for_cpu()
-    log.info("loaded %s (%s) on %s in %s", name, mcfg.model_type, device, dtype)
-    return LoadedModel(model, mcfg, tokenizer, cfg.served_model_name or name, device, dtype)
+    if isinstance(model.lm_head, Int8Linear):  # installed by _load_int8
+        deployment = Deployment("int8", "onednn-w8a8", from_cache)
+    else:
+        deployment = deploy(model, device, dtype, quantization, cfg.pack_cpu_weights)
+    log.info(
+        "loaded %s (%s) on %s in %s, quantization %s (linear layers: %s%s)",
+        name, mcfg.model_type, device, dtype, deployment.quantization, deployment.linear,
+        ", from the int8 cache" if deployment.from_cache else "",
+    )  # fmt: skip
+    return LoadedModel(
+        model, mcfg, tokenizer, cfg.served_model_name or name, device, dtype, deployment
+    )

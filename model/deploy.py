@@ -1,0 +1,115 @@
+"""Deployment swaps applied once after load: the network (model/gemma.py) stays plain torch.
+
+On CPUs the projections and the LM head are replaced by modules with the same call:
+- quantization "none": fp32 GEMMs through oneDNN on packed weights (model/cpu_gemm.py), exact;
+- quantization "int8": int8 weights x per-token int8 activations (model/int8_gemm.py): two
+  activation passes everywhere, the LM head's input smoothed by the final norm's scale; the
+  embedding table is stored in int8 too.
+A swapped-out float weight is released: no fp32 copy is kept.
+The int8 layout is a plain dict of tensors (`int8_state`), so it can be cached beside a
+converted checkpoint (model/int8_cache.py) and installed into a model that never had fp32
+weights (`int8_skeleton`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from gemma_serve.model import cpu_gemm, int8_gemm
+from gemma_serve.model.config import QUANTIZATIONS, ModelConfig
+from gemma_serve.model.gemma import GemmaForCausalLM, Linear
+from torch import nn
+
+EMBED = "model.embed_tokens"
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """What `deploy` did, for logs and benchmark records."""
+
+    quantization: str  # "none" or "int8"
+    linear: str  # the kernel the projections run: "torch", "onednn-fp32-packed", "onednn-w8a8"
+    from_cache: bool = False  # int8 weights read from the conversion cache
+
+
+def check(quantization: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Raise ValueError for a quantization mode this device/dtype cannot run."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"--quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    if quantization == "int8":
+        if device.type != "cpu" or dtype != torch.float32:
+            raise ValueError(
+                "--quantization int8 is a CPU mode (fp32 activations): use --device cpu"
+            )
+        if not int8_gemm.available():
+            raise ValueError("--quantization int8 needs a torch build with oneDNN (x86 CPUs)")
+
+
+def _linears(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(full name, parent, attribute) of every `Linear` but an untied LM head."""
+    return [
+        (f"{prefix}.{name}" if prefix else name, parent, name)
+        for prefix, parent in model.named_modules()
+        for name, child in parent.named_children()
+        if isinstance(child, Linear) and not (parent is model and name == "lm_head")
+    ]
+
+
+def int8_state(model: GemmaForCausalLM) -> dict[str, torch.Tensor]:
+    """The int8 layout of a float model (module docstring of model/int8_gemm.py)."""
+    state: dict[str, torch.Tensor] = {}
+    table = model.model.embed_tokens.weight
+    head = table if model.lm_head is None else model.lm_head.weight
+    smooth = (1.0 + model.model.norm.weight.detach().float()).abs().sqrt().clamp_(min=1e-3)
+    q, scale = int8_gemm.quantize_rows(head.detach().float() * smooth[None, :])
+    state.update({"lm_head.q": q, "lm_head.scale": scale, "lm_head.smooth": smooth})
+    for name, parent, attr in _linears(model):
+        q, scale = int8_gemm.quantize_rows(getattr(parent, attr).weight)
+        state.update({f"{name}.q": q, f"{name}.scale": scale})
+    state[f"{EMBED}.q"], state[f"{EMBED}.scale"] = int8_gemm.quantize_rows(table)
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            state[name] = p.detach().float().clone()
+    return state
+
+
+def install_int8(model: GemmaForCausalLM, state: dict[str, torch.Tensor]) -> None:
+    """Swap the int8 modules of `state` in; the model's norms take its float tensors."""
+    model.lm_head = int8_gemm.Int8Linear(
+        state["lm_head.q"], state["lm_head.scale"], smooth=state["lm_head.smooth"]
+    )
+    for name, parent, attr in _linears(model):
+        setattr(parent, attr, int8_gemm.Int8Linear(state[f"{name}.q"], state[f"{name}.scale"]))
+    model.model.embed_tokens = int8_gemm.Int8Embedding(
+        state[f"{EMBED}.q"].clone(), state[f"{EMBED}.scale"]
+    )
+    model.to_empty(device=torch.device("cpu"))  # only the norms are left to allocate
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(state[name])
+
+
+def int8_skeleton(cfg: ModelConfig) -> GemmaForCausalLM:
+    """A model with no weights (meta tensors), for `install_int8`."""
+    with torch.device("meta"):
+        model = GemmaForCausalLM(cfg)
+    return model.eval().requires_grad_(False)
+
+
+def deploy(
+    model: GemmaForCausalLM, device: torch.device, dtype: torch.dtype, quantization: str, pack: bool
+) -> Deployment:
+    """Apply the swaps for `quantization` (and fp32 packing when `pack`) in place."""
+    check(quantization, device, dtype)
+    if quantization == "int8":
+        install_int8(model, int8_state(model))
+        return Deployment("int8", "onednn-w8a8")
+    if pack and cpu_gemm.should_pack(device, dtype):
+        for _, parent, attr in _linears(model):
+            setattr(parent, attr, cpu_gemm.PackedLinear(getattr(parent, attr).weight))
+        # The step's biggest GEMM: a packed copy of the tied table (or the untied head).
+        head = model.model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+        model.lm_head = cpu_gemm.PackedLinear(head)
+        return Deployment("none", "onednn-fp32-packed")
+    return Deployment("none", "torch")

@@ -1,0 +1,167 @@
+"""int8 weights x dynamically quantised int8 activations, int32 accumulation, on CPUs.
+
+Weights: symmetric per output channel, w ~ q_w * s_w[n], q_w in [-127, 127]. Activations:
+symmetric per token (row), quantised on every call, x ~ q_x * s_x[t]. The product is exact in
+integers, y[t, n] = s_x[t] s_w[n] sum_k q_x[t, k] q_w[n, k], through oneDNN's u8 x s8 GEMM
+(q_x + zero point as u8: the VNNI instruction multiplies u8 by s8).
+
+One 8-bit pass over the activations costs the default model 4-5% perplexity (Gemma's RMSNorm
+weights reach 300 and make outlier channels), so the projections take two passes: the
+residual x - q_x s_x, at most half a step, is quantised again on a grid 2 * qmax = 254 times
+finer, and both go through one GEMM as stacked rows (the weights are read once):
+    x ~ s_x (q_hi + q_lo / 254)
+That leaves the weights' rounding as the only real error (RESULTS.md). The LM head also takes
+SmoothQuant's migration, made static: its input is divided per channel by
+g = sqrt|1 + w_final_norm| and its weight columns multiplied by g, so the norm's outliers (up
+to 301 on the default model) are split between activations and weights. One pass would do for
+the head's perplexity, but a value within fp32 noise of a rounding boundary then moves a
+logit by ~0.01; two passes keep that ~100x smaller.
+
+Per-token scales make each GEMM row independent of the other rows in the batch, and the
+integer accumulation is exact whatever the blocking: a row's result is bit-identical alone or
+in a crowd. The attention's fp32 rounding still varies with the batch (~1e-7), and the
+activation rounding can turn that into ~1e-3 differences in logprobs (fp32: ~1e-6); greedy
+tokens differ only where two candidates are that close.
+
+Error bound per output element, rounding to nearest (`quantisation_bound` computes it):
+    |y - x.w| <= (s_w / 2) ||x||_1 + e_x ||w||_1 + k e_x s_w / 2
+with e_x = s_x / 2 for one pass and s_x / 254 for two (twice the rounding, for safety).
+
+CPUs without VNNI multiply u8 by s8 through 16-bit pair sums that saturate past 32767, so
+there activations use 7 bits (q in [-63, 63], zero point 64): 127 * 127 * 2 < 32768.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+WEIGHT_QMAX = 127
+
+
+def available() -> bool:
+    """Whether this torch build has oneDNN's quantised linear (x86 CPUs)."""
+    ops = torch.ops.onednn
+    return hasattr(ops, "qlinear_prepack") and hasattr(ops, "qlinear_pointwise")
+
+
+def has_vnni() -> bool:
+    """Whether the CPU multiplies u8 x s8 without 16-bit saturation (AVX-512 or AVX VNNI)."""
+    info = Path("/proc/cpuinfo")
+    if not info.is_file():
+        return False
+    flags = next((ln for ln in info.read_text().splitlines() if ln.startswith("flags")), "")
+    return any(f in flags.split() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [rows, k] (float) -> (q int8 [rows, k], fp32 scale [rows]), symmetric per row."""
+    w = w.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / WEIGHT_QMAX
+    q = torch.round(w / scale[:, None]).clamp_(-WEIGHT_QMAX, WEIGHT_QMAX).to(torch.int8)
+    return q, scale
+
+
+class ActivationQuantizer:
+    """Per-token symmetric quantisation of activations to u8 with a zero point."""
+
+    def __init__(self, vnni: bool) -> None:
+        self.qmax = 127 if vnni else 63
+        self.zero = 128 if vnni else 64
+        self.grid = 2 * self.qmax  # second-pass steps per first-pass step: |residual| <= s / 2
+
+    def __call__(self, x: torch.Tensor, passes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, k] fp32 -> (u8 rows [passes * T, k], scale [T, 1]): the first pass, then the
+        residual on the finer grid (module docstring). Few ops: a decode step runs this for
+        every projection."""
+        scale = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True)
+        scale.clamp_(min=torch.finfo(torch.float32).tiny).div_(self.qmax)
+        y = x * scale.reciprocal()
+        hi = torch.round(y)
+        if passes == 1:
+            return hi.add_(self.zero).to(torch.uint8), scale
+        lo = y.sub_(hi).mul_(self.grid).round_().clamp_(-self.qmax, self.qmax)
+        return torch.cat([hi, lo]).add_(self.zero).to(torch.uint8), scale
+
+    def dequantize(self, q: torch.Tensor, scale: torch.Tensor, passes: int) -> torch.Tensor:
+        """What the GEMM sees: the activations as the int8 rows represent them."""
+        t = scale.shape[0]
+        x = (q[:t].double() - self.zero) * scale.double()
+        if passes == 2:
+            x += (q[t:].double() - self.zero) * scale.double() / self.grid
+        return x
+
+
+def quantisation_bound(
+    x: torch.Tensor, w: torch.Tensor, passes: int, vnni: bool = True
+) -> torch.Tensor:
+    """The worst-case |int8 result - x @ w.T| per element (module docstring)."""
+    _, s_w = quantize_rows(w)
+    quantizer = ActivationQuantizer(vnni)
+    _, s_x = quantizer(x.float(), 1)
+    e_x = s_x / 2 if passes == 1 else s_x / quantizer.grid
+    k = x.shape[1]
+    return (
+        s_w[None, :] / 2 * x.abs().sum(1, keepdim=True)
+        + e_x * w.abs().sum(1)[None, :]
+        + k * e_x * s_w[None, :] / 2
+    )
+
+
+class Int8Linear(torch.nn.Module):
+    """A bias-free linear layer with int8 weights and per-token int8 activations.
+
+    passes 2 quantises each activation row twice (value and residual), 1 once; `smooth` (g,
+    per input channel) divides the input, its product already being in the weight columns.
+    """
+
+    def __init__(
+        self,
+        q: torch.Tensor,
+        scale: torch.Tensor,
+        passes: int = 2,
+        smooth: torch.Tensor | None = None,
+        vnni: bool | None = None,
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.passes = passes
+        self.quantizer = ActivationQuantizer(has_vnni() if vnni is None else vnni)
+        self.packed = torch.ops.onednn.qlinear_prepack(q, None)
+        self.scale = scale.float().contiguous()
+        self.zero_points = torch.zeros(self.out_features, dtype=torch.int64)
+        self.inv_smooth = None if smooth is None else (1.0 / smooth.float()).contiguous()
+
+    @classmethod
+    def from_float(
+        cls, weight: torch.Tensor, passes: int = 2, smooth: torch.Tensor | None = None
+    ) -> Int8Linear:
+        w = weight.detach().float()
+        return cls(*quantize_rows(w if smooth is None else w * smooth[None, :]), passes, smooth)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.in_features).float()
+        if self.inv_smooth is not None:
+            x = x * self.inv_smooth
+        t = x.shape[0]
+        q, s_x = self.quantizer(x, self.passes)
+        y = torch.ops.onednn.qlinear_pointwise(
+            q, 1.0, self.quantizer.zero, self.packed, self.scale, self.zero_points,
+            None, 1.0, 0, torch.float32, "none", [], "",
+        )  # fmt: skip
+        if self.passes == 2:
+            y = y[:t].add_(y[t:], alpha=1.0 / self.quantizer.grid)
+        return y.mul_(s_x).reshape(*lead, self.out_features)
+
+
+class Int8Embedding(torch.nn.Module):
+    """An embedding table stored as int8 rows with a scale each; lookups return fp32 rows."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.q, self.scale = q, scale.float()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.q[ids].float().mul_(self.scale[ids, None])

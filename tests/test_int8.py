@@ -1,0 +1,201 @@
+"""--quantization int8 (model/int8_gemm.py, model/deploy.py): each quantised layer against its
+fp32 reference within the stated bound, batch invariance, and the engine served alone vs in a
+crowd."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from gemma_serve.model import int8_gemm
+from gemma_serve.model.deploy import Deployment
+from gemma_serve.model.gemma import Linear
+from gemma_serve.server.engine.sampling_params import SamplingParams
+
+from benchmarks.quant_fidelity import prompt_logprobs
+from tests.engine_helpers import tiny_checkpoint, tiny_engine
+
+pytestmark = pytest.mark.skipif(not int8_gemm.available(), reason="no oneDNN int8 in this torch")
+
+CPU = torch.device("cpu")
+
+
+def _weights(out: int, k: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, k, generator=g) * 0.05
+    w[::7, :3] *= 40  # outlier channels: per-row scales must absorb them
+    return w
+
+
+@pytest.mark.parametrize("passes", [1, 2])
+@pytest.mark.parametrize("vnni", [True, False], ids=["vnni", "7-bit"])
+@pytest.mark.parametrize("rows", [1, 5, 33, 130])
+@pytest.mark.parametrize(("k", "out"), [(64, 48), (640, 1536), (2048, 640)])
+def test_int8_linear_within_its_bound_of_the_fp32_product(rows, k, out, vnni, passes) -> None:
+    w = _weights(out, k, seed=k + out)
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, k, generator=g)
+    x[:, 1] *= 30  # an outlier feature, as Gemma's residual stream has
+    x[0] = 0.0 if rows > 1 else x[0]  # an all-zero row quantises without NaN
+    layer = int8_gemm.Int8Linear(*int8_gemm.quantize_rows(w), passes=passes, vnni=vnni)
+    y = layer(x)
+    ref = x.double() @ w.double().t()
+    bound = int8_gemm.quantisation_bound(x, w, passes, vnni).double()
+    assert torch.all((y.double() - ref).abs() <= bound + 1e-4), "outside the stated bound"
+    # ... and it is the exact integer product of what the rows represent, up to fp32 rounding.
+    q_w, s_w = int8_gemm.quantize_rows(w)
+    q_x, s_x = layer.quantizer(x, passes)
+    exact = (
+        layer.quantizer.dequantize(q_x, s_x, passes) @ (q_w.double() * s_w.double()[:, None]).t()
+    )
+    assert torch.allclose(y.double(), exact, rtol=1e-5, atol=1e-5)
+    rel = ((y.double() - ref).norm() / ref.norm()).item()
+    assert rel < (0.03 if passes == 1 else 0.01), rel  # typical errors: far inside the bound
+
+
+def test_two_passes_leave_the_weights_as_the_only_real_error() -> None:
+    """Against the product with quantised weights and exact activations, the second pass cuts
+    the activations' error by two orders of magnitude."""
+    w, x = torch.randn(256, 512) * 0.05, torch.randn(16, 512) * torch.linspace(0.1, 30, 512)
+    q, s = int8_gemm.quantize_rows(w)
+    weights_only = x.double() @ (q.double() * s.double()[:, None]).t()
+    one, two = (int8_gemm.Int8Linear.from_float(w, passes=p)(x).double() for p in (1, 2))
+    err_one, err_two = ((y - weights_only).norm() / weights_only.norm() for y in (one, two))
+    assert err_two < err_one / 100, (err_one, err_two)
+    assert err_one < 0.02
+
+
+def test_smoothing_splits_a_norms_channel_scale_between_activations_and_weights() -> None:
+    """Activations scaled per channel by a norm weight up to 300 (Gemma's final norm): one pass
+    loses the small channels; dividing by sqrt(scale), folded into the weights, keeps them."""
+    g = torch.Generator().manual_seed(5)
+    norm = torch.ones(256)
+    norm[torch.randperm(256, generator=g)[:6]] = torch.tensor([300.0, 250, 120, 80, 40, 20])
+    x = torch.randn(16, 256, generator=g) * norm
+    w = torch.randn(512, 256, generator=g) * 0.05
+    ref = x.double() @ w.double().t()
+    plain = int8_gemm.Int8Linear.from_float(w, passes=1)(x).double()
+    smoothed = int8_gemm.Int8Linear.from_float(w, passes=1, smooth=norm.sqrt())(x).double()
+    err_plain, err_smoothed = ((y - ref).norm() / ref.norm() for y in (plain, smoothed))
+    assert err_smoothed < err_plain / 2, (err_plain, err_smoothed)
+
+
+def test_int8_embedding_rows_are_the_lm_heads_rows() -> None:
+    table = _weights(50, 32, seed=2)
+    q, scale = int8_gemm.quantize_rows(table)
+    emb = int8_gemm.Int8Embedding(q, scale)
+    ids = torch.tensor([0, 7, 49, 7])
+    rows = emb(ids)
+    assert torch.equal(rows, q[ids].float() * scale[ids, None])
+    assert (rows - table[ids]).abs().max() <= scale[ids].max() / 2 + 1e-7
+
+
+def test_deploy_int8_keeps_no_float_weight(tmp_path: Path) -> None:
+    engine = tiny_engine(tiny_checkpoint(tmp_path), quantization="int8")
+    model = engine.loaded.model
+    assert engine.loaded.deployment.quantization == "int8"
+    assert not any(isinstance(m, Linear) for m in model.modules())
+    assert isinstance(model.model.embed_tokens, int8_gemm.Int8Embedding)
+    assert model.lm_head.passes == 2 and model.lm_head.inv_smooth is not None
+    floats = sum(p.numel() for p in model.parameters() if p.is_floating_point())
+    norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
+    assert floats == norms  # only the RMSNorm weights stay in fp32
+
+
+def test_quantization_is_refused_where_it_cannot_run(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="quantization"):
+        tiny_engine(tiny_checkpoint(tmp_path), quantization="int8", dtype="bfloat16")
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        tiny_engine(tmp_path, quantization="int4")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny-int8"), seed=11)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"max_num_batched_tokens": 5},  # chunks shorter than the window
+        {"max_num_batched_tokens": 13, "block_size": 2},  # chunks longer than the ring
+        {"kv_cache_memory": 96 << 10},  # preemptions
+    ],
+    ids=["budget64", "chunk5", "chunk13-block2", "preempting"],
+)
+def test_int8_engine_in_a_crowd_equals_each_request_alone(checkpoint: Path, overrides) -> None:
+    """Greedy tokens and logprobs of int8 requests served together (chunked, preempted, with
+    prefix-cache hits on a shared prefix) equal each served alone."""
+    alone_engine = tiny_engine(checkpoint, quantization="int8", enable_prefix_caching=False)
+    vocab = alone_engine.loaded.config.vocab_size
+    g = torch.Generator().manual_seed(3)
+    shared = [2] + torch.randint(4, vocab, (30,), generator=g).tolist()
+    prompts = [[2] + torch.randint(4, vocab, (n,), generator=g).tolist() for n in (1, 6, 40, 75)]
+    prompts += [shared + torch.randint(4, vocab, (n,), generator=g).tolist() for n in (2, 9)]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=1)
+    alone = [alone_engine.generate([p], params)[0] for p in prompts]
+    crowd_engine = tiny_engine(checkpoint, quantization="int8", **overrides)
+    for results in (crowd_engine.generate(prompts, params), crowd_engine.generate(prompts, params)):
+        for r, a in zip(results, alone, strict=True):
+            assert r.token_ids == a.token_ids
+            assert [lp.logprob for lp in r.logprobs] == pytest.approx(
+                [lp.logprob for lp in a.logprobs], abs=1e-3
+            )
+    if "kv_cache_memory" in overrides:
+        assert crowd_engine.scheduler.num_preemptions > 0
+    assert crowd_engine.kv.num_cached_tokens > 0
+
+
+def test_int8_prompt_logprobs_stay_close_to_fp32(checkpoint: Path) -> None:
+    """The whole path on a random model: int8 and fp32 prompt logprobs stay close."""
+    prompts = [list(range(2, 40)), list(range(50, 9, -1))]
+    fp32 = prompt_logprobs(tiny_engine(checkpoint, quantization="none"), prompts)
+    int8 = prompt_logprobs(tiny_engine(checkpoint, quantization="int8"), prompts)
+    a, b = torch.tensor(sum(fp32, [])), torch.tensor(sum(int8, []))
+    assert len(a) == 37 + 40
+    assert (a - b).abs().mean() < 0.02 * a.abs().mean()
+
+
+def test_deploy_none_leaves_the_exact_path(tmp_path: Path) -> None:
+    engine = tiny_engine(tiny_checkpoint(tmp_path), quantization="none")
+    assert engine.loaded.deployment.quantization == "none"
+    model = engine.loaded.model
+    assert not any(isinstance(m, int8_gemm.Int8Linear) for m in model.modules())
+
+
+def test_a_gguf_defaults_to_int8_and_starts_from_its_int8_cache(tmp_path, monkeypatch) -> None:
+    """The first start quantises the converted fp32 weights and caches the int8 layout; the
+    second reads only that cache and serves the same tokens and logprobs."""
+    from gemma_serve.model import int8_cache
+    from gemma_serve.model.gguf_convert import cached_conversion
+
+    from tests.test_gguf import write_tiny_gguf
+
+    monkeypatch.setenv("GEMMA_SERVE_CACHE", str(tmp_path / "cache"))
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf", seed=3)
+    prompts = [[2, 270, 271, 272, 275, 280], [2, 260, 281]]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=2)
+    first = tiny_engine(gguf, kv_cache_memory=16 << 20)
+    assert first.loaded.deployment == Deployment("int8", "onednn-w8a8", from_cache=False)
+    cache = cached_conversion(gguf, progress=False) / int8_cache.FILE_NAME
+    assert cache.is_file()
+    second = tiny_engine(gguf, kv_cache_memory=16 << 20)
+    assert second.loaded.deployment.from_cache
+    a, b = first.generate(prompts, params), second.generate(prompts, params)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    assert [lp.logprob for r in a for lp in r.logprobs] == [
+        lp.logprob for r in b for lp in r.logprobs
+    ]
+    # A cache of another format is rebuilt, not trusted.
+    state = int8_cache.load(cache)
+    int8_cache.save(cache, state)
+    raw = cache.read_bytes().replace(int8_cache.FORMAT.encode(), b"gemma-serve-int8-v0")
+    cache.write_bytes(raw)
+    third = tiny_engine(gguf, kv_cache_memory=16 << 20)
+    assert not third.loaded.deployment.from_cache
+    assert int8_cache.load(cache) is not None  # rewritten in the current format
+    assert [r.token_ids for r in third.generate(prompts, params)] == [r.token_ids for r in a]
+    exact = tiny_engine(gguf, kv_cache_memory=16 << 20, quantization="none")
+    assert exact.loaded.deployment.quantization == "none"

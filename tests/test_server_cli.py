@@ -17,8 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 from gemma_serve.server.app import Settings
-from gemma_serve.server.cli import ServeOptions, byte_size, parse_args, serve
+from gemma_serve.server.cli import ServeOptions, parse_args, serve
 from gemma_serve.server.engine.config import EngineConfig
+from gemma_serve.server.flags import byte_size
 
 from tests.server_helpers import sse_payloads, wait_until_ready
 

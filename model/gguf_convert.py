@@ -23,8 +23,8 @@ from gemma_serve.model.gguf import (
     iter_rows,
     norm_shift,
     read_gguf,
-    sentencepiece_model,
 )
+from gemma_serve.model.gguf_tokenizer import sentencepiece_model
 from gguf.constants import GGMLQuantizationType
 from gguf.quants import quantize
 from tqdm import tqdm

@@ -1,5 +1,6 @@
 """The installed project is one import name: the wheel holds gemma_serve/... and nothing else."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -9,9 +10,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_wheel_installs_only_under_gemma_serve(tmp_path: Path) -> None:
+    # Built from a copy: setuptools would otherwise leave a build/ folder in the checkout, whose
+    # stale copies of removed modules later wheels would pick up.
+    src = tmp_path / "src"
+    for name in ("model", "kernels", "server"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
-        + ["-w", str(tmp_path), str(ROOT)],
+        + ["-w", str(tmp_path), str(src)],
         check=True,
         cwd=tmp_path,
     )

@@ -13,7 +13,7 @@ from gemma_serve.server.engine.errors import RequestTooLongError
 from gemma_serve.server.engine.kv_manager import KVCacheManager, KVUsage
 from gemma_serve.server.engine.output_processor import token_stop_reason
 from gemma_serve.server.engine.outputs import FINISH_ABORT, FINISH_ERROR, FINISH_LENGTH
-from gemma_serve.server.engine.request import Request
+from gemma_serve.server.engine.request import Request, RequestStatus
 from gemma_serve.server.engine.sampling_params import SamplingParams
 from gemma_serve.server.engine.scheduler import MAX_FAULTS, Scheduler, SchedulerOutput
 from hypothesis import given, settings
@@ -236,6 +236,34 @@ def test_a_request_in_too_many_failed_steps_is_failed() -> None:
         assert (a.faults, b.faults, a.retry_until, b.retry_until) == (fault, fault, 0, 0)
     assert failed_step(s) == [a, b]
     assert not s.has_work and s.kv.pools[GLOBAL].pool.num_used == 0
+
+
+def test_failed_steps_explained_by_a_culprit_do_not_count_against_the_others() -> None:
+    """Culprits arriving one by one, each failing a step shared with `x` and then failing
+    alone: x's faults are explained each time, so x is never failed (it would be by the
+    third shared failure if every failed step counted)."""
+    s = make_scheduler(budget=64)
+    x = request("x", 6, 40)
+    s.add(x)
+    fake_step(s)  # x prefilled, now decoding
+    for i in range(MAX_FAULTS + 1):
+        culprit = request(f"c{i}", 4, 4)
+        s.add(culprit)
+        assert failed_step(s) == []  # shared: both restart, neither blamed yet
+        blamed = []
+        while not blamed:
+            out = s.schedule()
+            assert len(out.chunks) == 1
+            if out.chunks[0].request is culprit:  # the culprit's retry fails alone
+                blamed = s.recover(out)
+                for r in blamed:
+                    s.finish(r, FINISH_ERROR, "injected")
+            else:
+                record(s, out)
+        assert blamed == [culprit] and x.faults == 0
+        while x.retry_until:
+            fake_step(s)
+    assert not x.finished and x.status == RequestStatus.RUNNING
 
 
 def test_block_pool_refcounts() -> None:

@@ -40,7 +40,10 @@ class Request:
     finish_reason: str | None = None
     error: str | None = None
     num_preemptions: int = 0
-    faults: int = 0  # engine steps that failed with this request in the batch
+    faults: int = 0  # failed engine steps with this request in the batch, not yet explained
+    # The other requests of each failed shared step this request was in: when one of them
+    # then fails alone, that step is explained and no longer counts against this one.
+    fault_peers: list[list[Request]] = field(default_factory=list, repr=False)
     retry_until: int = 0  # > 0: after a failed step, runs alone until this many are computed
     first_scheduled_time: float | None = None
     first_token_time: float | None = None

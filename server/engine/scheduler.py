@@ -24,7 +24,9 @@ from gemma_serve.server.engine.kv_manager import KVCacheManager
 from gemma_serve.server.engine.prefill_policy import PrefillLimits, PrefillSlots
 from gemma_serve.server.engine.request import Request, RequestStatus
 
-MAX_FAULTS = 3  # failed steps a request may be part of before it is failed itself
+# Unexplained failed steps a request may be part of before it is failed itself (a fault that
+# needs several requests together, none failing alone, ends after this many tries).
+MAX_FAULTS = 3
 
 
 @dataclass(frozen=True)
@@ -233,8 +235,14 @@ class Scheduler:
 
     def recover(self, output: SchedulerOutput) -> list[Request]:
         """The step `output` failed. Returns the requests to fail: one that ran alone, or that
-        has been in MAX_FAULTS failed steps. The others restart by recompute and retry alone."""
+        has been in MAX_FAULTS failed steps not explained by a culprit (a request of the step
+        that then failed alone). The others restart by recompute and retry alone."""
         chunks = [c for c in output.chunks if c.request.status == RequestStatus.RUNNING]
+        if len(chunks) == 1:  # failed alone: the shared failures it was in are explained
+            for peers in chunks[0].request.fault_peers:
+                for peer in peers:
+                    peer.faults = max(0, peer.faults - 1)
+        members = [c.request for c in chunks]
         culprits = []
         for chunk in reversed(chunks):  # reversed: appendleft keeps their order at the head
             req = chunk.request
@@ -242,6 +250,7 @@ class Scheduler:
             if len(chunks) == 1 or req.faults >= MAX_FAULTS:
                 culprits.append(req)
                 continue
+            req.fault_peers.append([r for r in members if r is not req])
             req.retry_until = max(req.retry_until, chunk.end)
             self._restart(req)
             if req not in self.retrying:

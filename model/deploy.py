@@ -8,7 +8,7 @@ On CPUs the projections and the LM head are replaced by modules with the same ca
 A swapped-out float weight is released: no fp32 copy is kept.
 The int8 layout is a plain dict of tensors (`int8_state`), so it can be cached beside a
 converted checkpoint (model/int8_cache.py) and installed into a model that never had fp32
-weights (`int8_skeleton`).
+weights (`loader.meta_model`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from gemma_serve.model import cpu_gemm, int8_gemm
-from gemma_serve.model.config import QUANTIZATIONS, ModelConfig
+from gemma_serve.model.config import QUANTIZATIONS
 from gemma_serve.model.gemma import GemmaForCausalLM, Linear
 from torch import nn
 
@@ -76,11 +76,13 @@ def int8_state(model: GemmaForCausalLM) -> dict[str, torch.Tensor]:
 
 def install_int8(model: GemmaForCausalLM, state: dict[str, torch.Tensor]) -> None:
     """Swap the int8 modules of `state` in; the model's norms take its float tensors."""
+    vnni = int8_gemm.has_vnni()  # read /proc/cpuinfo once, not per layer
     model.lm_head = int8_gemm.Int8Linear(
-        state["lm_head.q"], state["lm_head.scale"], smooth=state["lm_head.smooth"]
+        state["lm_head.q"], state["lm_head.scale"], smooth=state["lm_head.smooth"], vnni=vnni
     )
     for name, parent, attr in _linears(model):
-        setattr(parent, attr, int8_gemm.Int8Linear(state[f"{name}.q"], state[f"{name}.scale"]))
+        q, scale = state[f"{name}.q"], state[f"{name}.scale"]
+        setattr(parent, attr, int8_gemm.Int8Linear(q, scale, vnni=vnni))
     model.model.embed_tokens = int8_gemm.Int8Embedding(
         state[f"{EMBED}.q"].clone(), state[f"{EMBED}.scale"]
     )
@@ -88,13 +90,6 @@ def install_int8(model: GemmaForCausalLM, state: dict[str, torch.Tensor]) -> Non
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(state[name])
-
-
-def int8_skeleton(cfg: ModelConfig) -> GemmaForCausalLM:
-    """A model with no weights (meta tensors), for `install_int8`."""
-    with torch.device("meta"):
-        model = GemmaForCausalLM(cfg)
-    return model.eval().requires_grad_(False)
 
 
 def deploy(

@@ -102,11 +102,16 @@ def _targets(cfg: ModelConfig) -> dict[str, _Target]:
     return out
 
 
-def empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> GemmaForCausalLM:
-    """A model with uninitialised storage, allocated once, directly in dtype on device."""
+def meta_model(cfg: ModelConfig) -> GemmaForCausalLM:
+    """A model without storage (meta tensors): nothing is allocated until to_empty."""
     with torch.device("meta"):
         model = GemmaForCausalLM(cfg)
-    return model.to(dtype=dtype).to_empty(device=device).eval().requires_grad_(False)
+    return model.eval().requires_grad_(False)
+
+
+def empty_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> GemmaForCausalLM:
+    """A model with uninitialised storage, allocated once, directly in dtype on device."""
+    return meta_model(cfg).to(dtype=dtype).to_empty(device=device)
 
 
 def load_safetensors(

@@ -9,17 +9,9 @@ from pathlib import Path
 import torch
 from gemma_serve.model import int8_cache
 from gemma_serve.model.config import PRESETS, ModelConfig, preset
-from gemma_serve.model.deploy import (
-    Deployment,
-    check,
-    deploy,
-    install_int8,
-    int8_skeleton,
-    int8_state,
-)
+from gemma_serve.model.deploy import Deployment, check, deploy, install_int8, int8_state
 from gemma_serve.model.gemma import GemmaForCausalLM
-from gemma_serve.model.int8_gemm import Int8Linear
-from gemma_serve.model.loader import load_safetensors, random_model
+from gemma_serve.model.loader import load_safetensors, meta_model, random_model
 from gemma_serve.model.tokenizer import Tokenizer
 from gemma_serve.server.engine.config import EngineConfig
 
@@ -88,17 +80,18 @@ def _model_dir(cfg: EngineConfig) -> tuple[Path, str, bool]:
     return path, path.name, False
 
 
-def _load_int8(model_dir: Path, mcfg: ModelConfig, cache: bool) -> tuple[GemmaForCausalLM, bool]:
+def _load_int8(
+    model_dir: Path, mcfg: ModelConfig, cache: bool
+) -> tuple[GemmaForCausalLM, Deployment]:
     """The int8 model, from the conversion cache's int8 layout when there is one (no fp32
-    weights are read), else quantised from the fp32 checkpoint (and cached when `cache`).
-    The flag says which."""
+    weights are read), else quantised from the fp32 checkpoint (and cached when `cache`)."""
     path = model_dir / int8_cache.FILE_NAME
     state = int8_cache.load(path) if cache else None
     if state is not None:
-        model = int8_skeleton(mcfg)
+        model = meta_model(mcfg)
         try:
             install_int8(model, state)
-            return model, True
+            return model, Deployment("int8", "onednn-w8a8", from_cache=True)
         except (KeyError, RuntimeError) as exc:
             log.warning("int8 cache %s does not fit the model (%s): rebuilding it", path, exc)
     model = load_safetensors(model_dir, mcfg, torch.float32, torch.device("cpu"))
@@ -109,7 +102,7 @@ def _load_int8(model_dir: Path, mcfg: ModelConfig, cache: bool) -> tuple[GemmaFo
         except OSError as exc:  # a read-only cache still serves, only slower to start
             log.warning("could not write the int8 cache %s: %s", path, exc)
     install_int8(model, state)
-    return model, False
+    return model, Deployment("int8", "onednn-w8a8")
 
 
 def _default_tokenizer() -> Tokenizer:
@@ -122,7 +115,7 @@ def load(cfg: EngineConfig) -> LoadedModel:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     quantization = resolve_quantization(cfg, device, dtype)
-    from_cache = False
+    deployment: Deployment | None = None  # set when loading already deployed the model
     if cfg.model in PRESETS:
         if cfg.load_format != "dummy":
             raise ValueError(
@@ -139,14 +132,12 @@ def load(cfg: EngineConfig) -> LoadedModel:
         mcfg = ModelConfig.from_file(model_dir)
         tokenizer = Tokenizer.from_file(model_dir / "tokenizer.model")
         if cfg.load_format != "dummy" and quantization == "int8":
-            model, from_cache = _load_int8(model_dir, mcfg, cache=converted)
+            model, deployment = _load_int8(model_dir, mcfg, cache=converted)
         elif cfg.load_format == "dummy":
             model = random_model(mcfg, dtype, device, cfg.seed)
         else:
             model = load_safetensors(model_dir, mcfg, dtype, device)
-    if isinstance(model.lm_head, Int8Linear):  # installed by _load_int8
-        deployment = Deployment("int8", "onednn-w8a8", from_cache)
-    else:
+    if deployment is None:
         deployment = deploy(model, device, dtype, quantization, cfg.pack_cpu_weights)
     log.info(
         "loaded %s (%s) on %s in %s, quantization %s (linear layers: %s%s)",

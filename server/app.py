@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import threading
 import time
@@ -204,11 +203,11 @@ async def tokenize(request: Request) -> Response:
     check_model(req.model, engine.model_name)
     if (req.prompt is None) == (req.messages is None):
         raise APIError(400, "Give exactly one of prompt and messages", param="prompt")
-    body = await state.off_loop(_tokenize_json, engine, req)
-    return Response(body, media_type="application/json")
+    # JSONResponse renders its body when built: building it off the loop keeps that there.
+    return await state.off_loop(_tokenize_response, engine, req)
 
 
-def _tokenize_json(engine: EngineClient, req: TokenizeRequest) -> bytes:
+def _tokenize_response(engine: EngineClient, req: TokenizeRequest) -> JSONResponse:
     """The rules of the generation endpoints: a prompt's control-token strings are parsed
     (BOS first unless add_special_tokens is false); message content never is."""
     tok = engine.tokenizer
@@ -223,12 +222,7 @@ def _tokenize_json(engine: EngineClient, req: TokenizeRequest) -> bytes:
     }
     if req.return_token_strs:
         answer["token_strs"] = [tok.token_text(t) for t in tokens]
-    return _json(answer)
-
-
-def _json(content: object) -> bytes:
-    """What JSONResponse would send, made here so that it can run off the loop."""
-    return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    return JSONResponse(answer)
 
 
 async def detokenize(request: Request) -> Response:
@@ -238,8 +232,8 @@ async def detokenize(request: Request) -> Response:
     req = await state.off_loop(parse_request, DetokenizeRequest, await request.body())
     check_model(req.model, engine.model_name)
 
-    def decode() -> bytes:
+    def decode() -> JSONResponse:
         tokens = check_token_ids(req.tokens, engine.tokenizer.vocab_size, "tokens")
-        return _json({"prompt": engine.tokenizer.decode(tokens)})
+        return JSONResponse({"prompt": engine.tokenizer.decode(tokens)})
 
-    return Response(await state.off_loop(decode), media_type="application/json")
+    return await state.off_loop(decode)

@@ -92,7 +92,7 @@ async def create_chat_completion(request: Request) -> Response:
                 stop_token_ids=stop_ids,
                 seed=child_seed(req.seed, i),
                 vocab_size=tok.vocab_size,
-                prompt_logprobs=req.prompt_logprobs,
+                prompt_logprobs=req.prompt_logprobs if i == 0 else None,  # one scoring
                 structured=structured,
             ),
             counts_prompt=i == 0,
@@ -179,7 +179,7 @@ class _ChatView:
             )
             for i, r in sorted(results.items())
         ]
-        scored = next(iter(results.values())).prompt_logprobs
+        scored = results[0].prompt_logprobs  # only choice 0 scores the prompt
         return ChatCompletionResponse(
             id=self.request_id,
             created=self.created,

@@ -68,7 +68,7 @@ async def create_completion(request: Request) -> Response:
             )
     request_id = f"cmpl-{request_id_of(request)}"
     subs, echo, prompt_ids = await state.off_loop(
-        _sub_requests, req, engine, request_id, structured
+        _sub_requests, req, prompts, engine, request_id, structured
     )
     group = GenerationGroup(engine, state.metrics, subs)
     view = _CompletionView(request_id, engine.model_name, engine.tokenizer, echo, prompt_ids, req)
@@ -88,6 +88,7 @@ async def create_completion(request: Request) -> Response:
 
 def _sub_requests(
     req: CompletionRequest,
+    prompts: list[str | list[int]],
     engine: EngineClient,
     request_id: str,
     structured: StructuredGrammar | None,
@@ -104,7 +105,7 @@ def _sub_requests(
     scored = [
         k for k in (req.logprobs if score_prompt else None, req.prompt_logprobs) if k is not None
     ]
-    for p, prompt in enumerate(req.prompts()):
+    for p, prompt in enumerate(prompts):
         ids = encode_prompt(tok, prompt, req.add_special_tokens is not False)
         ids = truncate_prompt(ids, req.truncate_prompt_tokens, engine.max_model_len)
         max_tokens = resolve_max_tokens(

@@ -38,7 +38,11 @@ class PagedTable(BlockTable):
 
     def slots(self, request_id: str, start: int, end: int) -> list[int]:
         table, b = self._allocs[request_id].table, self.block_size
-        return [table[p // b] * b + p % b for p in range(start, end)]
+        out: list[int] = []
+        for index in range(start // b, -(-end // b)):  # one lookup per block, not per position
+            base = table[index] * b
+            out.extend(range(base + max(start - index * b, 0), base + min(end - index * b, b)))
+        return out
 
     def block_at(self, request_id: str, index: int) -> int | None:
         alloc = self._alloc(request_id)

@@ -135,10 +135,13 @@ class RingTable(BlockTable):
         """-1 for the early positions of a chunk longer than the ring that got no transient
         block."""
         alloc, b = self._allocs[request_id], self.block_size
-        out = []
-        for p in range(start, end):
-            block = self._held(alloc, p // b)
-            out.append(block * b + p % b if block is not None else -1)
+        out: list[int] = []
+        for index in range(start // b, -(-end // b)):  # one lookup per block, not per position
+            lo, hi = max(start, index * b) - index * b, min(end, (index + 1) * b) - index * b
+            block = self._held(alloc, index)
+            out.extend(
+                range(block * b + lo, block * b + hi) if block is not None else [-1] * (hi - lo)
+            )
         return out
 
     def block_at(self, request_id: str, index: int) -> int | None:

@@ -160,8 +160,7 @@ class Scheduler:
             if self._grow_or_preempt(chunk, preempted):
                 chunks.append(chunk)
                 budget -= n
-                if remaining > 1:
-                    slots.take(remaining, n)
+                slots.take(remaining, n)
         if preempted:  # a victim may have been scheduled before the request that evicted it
             chunks = [c for c in chunks if c.request.status == RequestStatus.RUNNING]
         # New requests only when nothing had to be preempted (no thrashing), in queue order.
@@ -192,6 +191,8 @@ class Scheduler:
         prefill limits hold back is skipped for this step (those behind it may start); one
         the KV cache cannot take stops admission (no overtaking for memory)."""
         chunks: list[ScheduledChunk] = []
+        if budget == 0 or len(self.running) >= self.max_num_seqs:
+            return chunks  # nothing can start: no copy of the queue
         for req in list(self.waiting):
             if budget == 0 or len(self.running) >= self.max_num_seqs:
                 break

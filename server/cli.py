@@ -227,8 +227,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     def provider() -> EngineClient:
         # Imported here: the engine pulls in torch, which `--help` should not wait for.
         from gemma_serve.server.engine.async_engine import AsyncEngine
+        from gemma_serve.server.engine.llm_engine import LLMEngine
 
-        return AsyncEngine.from_config(config)
+        engine = LLMEngine(config)
+        engine.warm_up()
+        return AsyncEngine(engine)
 
     return serve(provider, options)
 

@@ -54,6 +54,13 @@ class CacheLayout:
         n_loc = local_bytes // (n_local * per_layer_block) if n_local else 0
         return cls(int(n_global), int(n_loc), block_size, ring)
 
+    def nbytes(self, cfg: ModelConfig, dtype: torch.dtype) -> int:
+        """The bytes both pools take, keys and values of every layer."""
+        per_layer_block = 2 * self.block_size * cfg.num_key_value_heads * cfg.head_dim
+        per_layer_block *= torch.finfo(dtype).bits // 8
+        local = self.num_local_blocks * len(cfg.sliding_layers)
+        return per_layer_block * (self.num_global_blocks * len(cfg.full_layers) + local)
+
 
 class KVCache:
     """One [slots, Hkv, D] key and value tensor per layer, from its pool's storage."""
@@ -64,10 +71,11 @@ class KVCache:
         shape = (cfg.num_key_value_heads, cfg.head_dim)
         b = layout.block_size
         n_full, n_local = len(cfg.full_layers), len(cfg.sliding_layers)
-        # Uninitialised on purpose: attention only reads slots written earlier (the kernels
-        # mask every other load), and untouched pages cost no memory or start-up time.
-        g = torch.empty(n_full, 2, layout.num_global_blocks * b, *shape, dtype=dtype, device=device)
-        loc = torch.empty(
+        # Zeroed, so every page is touched now: the process's memory after start-up is what it
+        # will be (a lazily touched cache grows RSS for hours and passes a container limit at
+        # start only to be OOM-killed later). Attention never reads a slot before it is written.
+        g = torch.zeros(n_full, 2, layout.num_global_blocks * b, *shape, dtype=dtype, device=device)
+        loc = torch.zeros(
             n_local, 2, layout.num_local_blocks * b, *shape, dtype=dtype, device=device
         )
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from gemma_serve.kernels.dispatch import select_ops
-from gemma_serve.server.engine import model_source
+from gemma_serve.server.engine import host_memory, model_source
 from gemma_serve.server.engine.block_table import cdiv
 from gemma_serve.server.engine.config import EngineConfig
 from gemma_serve.server.engine.cuda_graphs import DecodeGraphs
@@ -38,7 +38,12 @@ from gemma_serve.server.engine.structured_spec import CompileResult, StructuredS
 
 log = logging.getLogger(__name__)
 
-CPU_KV_BUDGET = 2 << 30  # bytes, when --kv-cache-memory is not given
+# Without --kv-cache-memory on CPU: KV for this many tokens at every layer, at most 2 GiB.
+# The cache is zeroed at start-up, so this is resident memory from the first second.
+CPU_KV_TOKENS = 16384
+CPU_KV_BUDGET = 2 << 30
+# Host memory left free beside a CPU KV cache (activations, Python, the HTTP side).
+CPU_KV_RESERVE = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,8 @@ class LLMEngine:
                 config.max_num_batched_tokens,
                 config.max_num_seqs,
             )
+        if loaded.device.type == "cpu":
+            self._check_host_memory(self.layout.nbytes(mcfg, loaded.dtype))
         cache = KVCache(mcfg, self.layout, loaded.dtype, loaded.device)
         self.scheduler = Scheduler(
             self.kv,
@@ -154,12 +161,22 @@ class LLMEngine:
         per_token *= torch.finfo(loaded.dtype).bits // 8
         worst = cfg.max_num_seqs * (cfg.max_model_len or mcfg.max_position_embeddings) * per_token
         if loaded.device.type != "cuda":
-            return min(CPU_KV_BUDGET, worst)
+            return min(CPU_KV_BUDGET, CPU_KV_TOKENS * per_token, worst)
         free, total = torch.cuda.mem_get_info(loaded.device)
         reserve = (1 << 30) + cfg.max_num_batched_tokens * mcfg.intermediate_size * 16
         if self.use_graphs:  # the decode graphs' fp32 logits, all buckets together
             reserve += 2 * cfg.max_num_seqs * mcfg.vocab_size * 4
         return max(0, int(total * cfg.gpu_memory_utilization) - (total - free) - reserve)
+
+    def _check_host_memory(self, kv_bytes: int) -> None:
+        """Refuses a CPU KV cache the host cannot back (it is zeroed, so all resident)."""
+        available = host_memory.available_bytes()
+        if available is not None and kv_bytes + CPU_KV_RESERVE > available:
+            raise ValueError(
+                f"the KV cache needs {kv_bytes / 2**20:.0f} MiB (+{CPU_KV_RESERVE >> 20} MiB "
+                f"headroom) but only {available / 2**20:.0f} MiB of host memory is available: "
+                "lower --kv-cache-memory"
+            )
 
     # -- requests -------------------------------------------------------------------------
 
@@ -331,6 +348,21 @@ class LLMEngine:
             )
 
     # -- offline helper -------------------------------------------------------------------
+
+    def warm_up(self) -> None:
+        """A full-size step before serving: max_num_seqs requests whose prompts fill the token
+        budget, then a decode step of as many rows. The runtime's first-use allocations and
+        its allocator's high-water marks (the widest logits, the longest prefill) then land in
+        the memory measured after start-up, not in the first clients' latency or a later RSS
+        rise. A prompt and the token computed after it fill less than a block, so nothing
+        stays in the prefix cache."""
+        cfg = self.config
+        n = min(cfg.block_size - 2, cfg.max_num_batched_tokens // cfg.max_num_seqs)
+        n = max(1, min(n, self.max_model_len - 2))
+        if n + 2 > self.max_model_len:
+            return
+        prompts = [[self.tokenizer.bos_id] * n] * cfg.max_num_seqs
+        self.generate(prompts, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
 
     def generate(
         self, prompts: Sequence[str | Sequence[int]], params: SamplingParams

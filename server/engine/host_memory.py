@@ -1,0 +1,52 @@
+"""How much host memory this process may still take: the tighter of the machine's
+MemAvailable and the cgroup's limit (a container's --memory). Torch-free.
+
+Used before the KV cache is allocated on CPU: the cache is zeroed at start-up, so an
+allocation that cannot be backed would otherwise end in the kernel's OOM killer, not in an
+error that names the flag to lower.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_UNLIMITED = 1 << 62
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def mem_available(meminfo: str) -> int | None:
+    """MemAvailable from a /proc/meminfo text, in bytes."""
+    for line in meminfo.splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def cgroup_headroom(root: Path) -> int | None:
+    """Bytes left under this process's cgroup limit (v2 memory.max, else v1), None if none."""
+    pairs = (("memory.max", "memory.current"), ("memory.limit_in_bytes", "memory.usage_in_bytes"))
+    for limit_name, usage_name in pairs:
+        limit, usage = _read(root / limit_name), _read(root / usage_name)
+        if limit is None or usage is None:
+            continue
+        limit = limit.strip()
+        if limit == "max" or int(limit) >= _UNLIMITED:
+            return None
+        return max(0, int(limit) - int(usage.strip()))
+    return None
+
+
+def available_bytes(
+    proc: Path = Path("/proc/meminfo"), cgroup: Path = Path("/sys/fs/cgroup")
+) -> int | None:
+    """What the process may still allocate, None where neither source can be read."""
+    meminfo = _read(proc)
+    sources = (mem_available(meminfo) if meminfo else None, cgroup_headroom(cgroup))
+    found = [v for v in sources if v is not None]
+    return min(found) if found else None

@@ -1,0 +1,83 @@
+"""The KV cache is resident from start-up (zeroed), and a budget the host cannot back is
+refused at start with a message naming the flag, not OOM-killed later."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from gemma_serve.server.engine import host_memory
+from gemma_serve.server.engine.kv_manager import KVUsage
+from gemma_serve.server.engine.sampling_params import SamplingParams
+
+from tests.engine_helpers import tiny_checkpoint, tiny_engine
+from tests.stress.clients import rss_bytes
+
+
+def test_mem_available_parses_meminfo() -> None:
+    text = "MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:   22000000 kB\n"
+    assert host_memory.mem_available(text) == 22000000 * 1024
+    assert host_memory.mem_available("MemTotal: 1 kB\n") is None
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"memory.max": "max\n", "memory.current": "100\n"}, None),
+        ({"memory.max": "1000\n", "memory.current": "300\n"}, 700),
+        ({"memory.max": "1000\n", "memory.current": "1300\n"}, 0),
+        ({"memory.limit_in_bytes": "9223372036854771712\n", "memory.usage_in_bytes": "5\n"}, None),
+        ({"memory.limit_in_bytes": "4096\n", "memory.usage_in_bytes": "96\n"}, 4000),
+        ({}, None),
+    ],
+)
+def test_cgroup_headroom(tmp_path: Path, files: dict[str, str], expected: int | None) -> None:
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    assert host_memory.cgroup_headroom(tmp_path) == expected
+
+
+def test_available_bytes_is_the_tighter_source(tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemAvailable: 2000 kB\n")
+    cgroup = tmp_path / "cg"
+    cgroup.mkdir()
+    assert host_memory.available_bytes(meminfo, cgroup) == 2000 * 1024
+    (cgroup / "memory.max").write_text("1000000\n")
+    (cgroup / "memory.current").write_text("0\n")
+    assert host_memory.available_bytes(meminfo, cgroup) == 1000000
+    assert host_memory.available_bytes(tmp_path / "absent", tmp_path / "absent") is None
+
+
+def test_kv_budget_beyond_host_memory_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ckpt = tiny_checkpoint(tmp_path / "m")
+    monkeypatch.setattr(host_memory, "available_bytes", lambda: 300 << 20)
+    with pytest.raises(ValueError, match=r"needs \d+ MiB .* lower --kv-cache-memory"):
+        tiny_engine(ckpt, kv_cache_memory=100 << 20)
+    tiny_engine(ckpt, kv_cache_memory=8 << 20)  # fits beside the headroom: starts
+
+
+def test_kv_cache_is_resident_from_start(tmp_path: Path) -> None:
+    ckpt = tiny_checkpoint(tmp_path / "m")
+    budget = 192 << 20
+    before = rss_bytes()
+    engine = tiny_engine(ckpt, kv_cache_memory=budget)
+    kv = engine.layout.nbytes(engine.loaded.config, engine.loaded.dtype)
+    assert kv > 0.95 * budget
+    assert rss_bytes() - before > 0.95 * kv, (rss_bytes() - before, kv)
+
+
+def test_warm_up_leaves_no_trace(tmp_path: Path) -> None:
+    """The start-up step ends clean: no request, no used or cached block, and the next
+    request is served as on a fresh engine."""
+    ckpt = tiny_checkpoint(tmp_path / "m")
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    fresh = tiny_engine(ckpt).generate([[2, 7, 9, 11, 13]], params)[0].token_ids
+    engine = tiny_engine(ckpt)
+    engine.warm_up()
+    assert not engine.has_work
+    assert engine.kv.usage() == KVUsage(0.0, 0.0)
+    assert [t.pool.num_cached for t in engine.kv.pools.values()] == [0, 0]
+    assert engine.generate([[2, 7, 9, 11, 13]], params)[0].token_ids == fresh

@@ -156,9 +156,11 @@ class _ChatView:
         return chunk.model_dump_json(exclude=None if self._include_usage else {"usage"})
 
     def prelude(self, n: int) -> list[str]:
-        """The role of each choice first, as OpenAI streams it; then the echo (vLLM)."""
+        """The role of each choice first, as OpenAI streams it; then the echo (vLLM). A reply
+        that can only be tool calls starts with no content (null, as OpenAI's)."""
+        content = None if self._tools is not None and self._tools.calls_only else ""
         role = [
-            ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
+            ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=content))
             for i in range(n)
         ]
         echo = [ChatChunkChoice(index=i, delta=ChatDelta(content=self._echo)) for i in range(n)]

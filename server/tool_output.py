@@ -39,6 +39,11 @@ class ChoiceTools:
         self._plan = plan
         self._parsers: dict[int, FencedCallParser | JsonCallParser] = {}
 
+    @property
+    def calls_only(self) -> bool:
+        """The grammar allows nothing but calls ("required" or named)."""
+        return self._plan.constrained
+
     def delta(self, index: int, text: str, finished: bool) -> ChatDelta | None:
         """The next streamed delta of choice `index`; None when there is nothing to send."""
         parser = self._parsers.setdefault(index, make_parser(self._plan))

@@ -67,7 +67,7 @@ async def create_chat_completion(request: Request) -> Response:
     requested = (
         req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     )
-    # the template only adds tokens (and tools, their calls: counted in the body's bytes)
+    # the template, tools and tool calls only add tokens: content alone is a lower bound
     chars = sum(len(m.content or "") for m in req.messages)
     if req.truncate_prompt_tokens is None:  # truncation may shorten it
         refuse_hopeless_prompt(chars, state.max_token_bytes, engine.max_model_len, "messages")

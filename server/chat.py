@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
 
 from gemma_serve.server.engine.outputs import RequestOutput, TokenLogprob
 from gemma_serve.server.engine_client import TokenizerLike
@@ -187,14 +186,13 @@ class _ChatView:
         return self._dump([], usage)
 
     def response(self, results: dict[int, ChoiceResult], usage: Usage) -> ChatCompletionResponse:
-        choices = [
-            ChatChoice(
-                index=i,
-                logprobs=self._logprobs(r.logprobs) if self._want_logprobs else None,
-                **self._message(r),
+        choices = []
+        for i, r in sorted(results.items()):
+            message, reason = self._message(r)
+            logprobs = self._logprobs(r.logprobs) if self._want_logprobs else None
+            choices.append(
+                ChatChoice(index=i, message=message, logprobs=logprobs, finish_reason=reason)
             )
-            for i, r in sorted(results.items())
-        ]
         scored = results[0].prompt_logprobs  # only choice 0 scores the prompt
         return ChatCompletionResponse(
             id=self.request_id,
@@ -207,17 +205,15 @@ class _ChatView:
             else prompt_logprobs(self._tok, self._prompt_ids, scored, self._prompt_k),
         )
 
-    def _message(self, r: ChoiceResult) -> dict[str, Any]:
+    def _message(self, r: ChoiceResult) -> tuple[ChatMessageOut, str | None]:
+        """A choice's message (tool calls read out of its text) and finish reason."""
         text = "".join(r.text)
         if self._tools is None:
-            return {
-                "message": ChatMessageOut(content=self._echo + text),
-                "finish_reason": r.finish_reason,
-            }
+            return ChatMessageOut(content=self._echo + text), r.finish_reason
         message, reason = self._tools.message(text, r.finish_reason)
         if self._echo:
             message.content = self._echo + (message.content or "")
-        return {"message": message, "finish_reason": reason}
+        return message, reason
 
     def _logprobs(self, logprobs: Sequence[TokenLogprob]) -> ChatLogprobs:
         def top(token_id: int, logprob: float) -> TopLogprob:

@@ -21,7 +21,12 @@ from gemma_serve.server.limits import (
     MIN_REPETITION_PENALTY,
 )
 from gemma_serve.server.structured_request import StructuredOutputFields
-from gemma_serve.server.tools import AssistantToolCall, ToolFields
+from gemma_serve.server.tool_protocol import (
+    AssistantToolCall,
+    ToolCallDelta,
+    ToolCallOut,
+    ToolFields,
+)
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -291,17 +296,6 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None
 
 
-class FunctionCallOut(BaseModel):
-    name: str
-    arguments: str  # JSON text
-
-
-class ToolCallOut(BaseModel):
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCallOut
-
-
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
@@ -331,20 +325,6 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     prompt_logprobs: PromptLogprobs | None = None  # vLLM's extra
-
-
-class FunctionCallDelta(BaseModel):
-    name: str | None = None
-    arguments: str | None = None
-
-
-class ToolCallDelta(BaseModel):
-    """A streamed piece of a call: index, id, type and name first, then argument text."""
-
-    index: int
-    id: str | None = None
-    type: Literal["function"] | None = None
-    function: FunctionCallDelta
 
 
 class ChatDelta(BaseModel):

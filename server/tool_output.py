@@ -10,14 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from gemma_serve.server.engine.outputs import FINISH_STOP
-from gemma_serve.server.protocol import (
-    ChatDelta,
-    ChatMessageOut,
-    FunctionCallDelta,
-    FunctionCallOut,
-    ToolCallDelta,
-    ToolCallOut,
-)
+from gemma_serve.server.protocol import ChatDelta, ChatMessageOut
 from gemma_serve.server.tool_parser import (
     ArgumentsDelta,
     CallStart,
@@ -26,6 +19,12 @@ from gemma_serve.server.tool_parser import (
     FencedCallParser,
     JsonCallParser,
     make_parser,
+)
+from gemma_serve.server.tool_protocol import (
+    FunctionCallDelta,
+    FunctionCallOut,
+    ToolCallDelta,
+    ToolCallOut,
 )
 from gemma_serve.server.tools import ToolPlan
 

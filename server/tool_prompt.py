@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from gemma_serve.server.errors import bad_request
-from gemma_serve.server.tools import AssistantToolCall, ToolPlan, parameters_of
+from gemma_serve.server.tool_protocol import AssistantToolCall
+from gemma_serve.server.tools import ToolPlan, parameters_of
 
 CALL_FENCE = "```tool_call"
 RESPONSE_FENCE = "```tool_response"

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from gemma_serve.server.engine.schema_support import check_schema
 from gemma_serve.server.engine.structured_spec import StructuredOutputError, StructuredSpec
 from gemma_serve.server.errors import bad_request
-from pydantic import BaseModel, ConfigDict
+from gemma_serve.server.tool_protocol import FunctionDef, ToolDef, ToolFields
 
 ToolMode = Literal["auto", "required", "named"]
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
@@ -32,44 +32,6 @@ _EMPTY_PARAMETERS: dict[str, Any] = {
     "additionalProperties": False,
 }
 _DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples"})  # values, not schemas
-
-
-class _Lenient(BaseModel):
-    # Clients add keys of their own (e.g. "strict"): ignored, as OpenAI does.
-    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
-
-
-class FunctionDef(_Lenient):
-    name: str
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
-
-
-class ToolDef(_Lenient):
-    type: Literal["function"]
-    function: FunctionDef
-
-
-class FunctionCall(_Lenient):
-    name: str
-    arguments: str  # JSON text, as OpenAI sends it
-
-
-class AssistantToolCall(_Lenient):
-    """A call in the history (an assistant message's tool_calls)."""
-
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCall
-
-
-class ToolFields(BaseModel):
-    """The chat request fields of tool calling."""
-
-    tools: list[ToolDef] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -257,6 +257,36 @@ def test_auto_parses_calls_out_of_generated_text(url: str, case: str) -> None:
         assert choice.finish_reason == ("tool_calls" if calls else "stop")
 
 
+def test_streamed_auto_keeps_every_tokens_logprob_and_each_choice_apart(url: str) -> None:
+    # Text held back while a block may be a call still sends its tokens' logprobs.
+    text, content, calls = FORCED["calls"]
+    body = {
+        "messages": MESSAGES, "tools": TOOLS, "max_tokens": 100, "n": 2, "logprobs": True,
+        "stream": True, "stream_options": {"include_usage": True},
+        "structured_outputs": {"choice": [text]},
+    }  # fmt: skip
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
+        chunks = [json.loads(p) for p in sse_payloads(r.iter_lines()) if p != "[DONE]"]
+    usage = chunks[-1]["usage"]
+    per_choice: dict[int, dict[str, Any]] = {0: {}, 1: {}}
+    for ch in chunks[:-1]:
+        (choice,) = ch["choices"]
+        got = per_choice[choice["index"]]
+        got["content"] = got.get("content", "") + (choice["delta"].get("content") or "")
+        for piece in choice["delta"].get("tool_calls", []):
+            got.setdefault("calls", {}).setdefault(piece["index"], []).append(piece)
+        got["tokens"] = got.get("tokens", 0) + len(
+            (choice.get("logprobs") or {}).get("content") or []
+        )
+        got["finish"] = choice["finish_reason"] or got.get("finish")
+    for got in per_choice.values():
+        assert got["content"] == content and got["finish"] == "tool_calls"
+        (pieces,) = got["calls"].values()
+        assert pieces[0]["function"]["name"] == "add"
+        assert "".join(p["function"]["arguments"] for p in pieces) == calls[0][1]
+    assert sum(got["tokens"] for got in per_choice.values()) == usage["completion_tokens"]
+
+
 def test_tool_choice_none_renders_no_tools(url: str) -> None:
     c = client(url)
     bare = c.chat.completions.create(model=None, messages=MESSAGES, max_tokens=6, temperature=0)

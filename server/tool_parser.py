@@ -127,11 +127,8 @@ class FencedCallParser:
 
 def _parse_call(body: str, names: frozenset[str]) -> tuple[str, str] | None:
     """(name, arguments JSON) of a block's body, or None when it is not a call."""
-    head, _, rest = body.partition("\n")
-    if head.strip():  # the fence line holds nothing but the fence
-        return None
-    try:
-        call = json.loads(rest)
+    try:  # usually on the line after the fence; on the fence line is read as well
+        call = json.loads(body)
     except ValueError:
         return None
     if not isinstance(call, dict):

@@ -66,11 +66,11 @@ def test_fenced_calls_with_content_before(piece: int) -> None:
         + block({"name": "get_weather", "arguments": {"city": "Paris"}})
         + "\n"
         + block({"name": "noop", "parameters": {}})
-        + "\n"
+        + '\n```tool_call {"name": "noop", "arguments": {"x": 1}}```'
     )
     content, calls = summary(run(FencedCallParser(["get_weather", "noop"]), text, piece))
     assert content == "Let me look that up."
-    assert calls == [("get_weather", '{"city": "Paris"}'), ("noop", "{}")]
+    assert calls == [("get_weather", '{"city": "Paris"}'), ("noop", "{}"), ("noop", '{"x": 1}')]
 
 
 @pytest.mark.parametrize("piece", [1, 2, 1000])

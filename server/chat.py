@@ -44,6 +44,8 @@ from gemma_serve.server.protocol import (
 from gemma_serve.server.sse import event
 from gemma_serve.server.state import server_state
 from gemma_serve.server.structured_request import compile_constraint, structured_spec
+from gemma_serve.server.tool_output import ChoiceTools
+from gemma_serve.server.tools import ToolPlan, tool_constraint, tool_plan
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -55,18 +57,22 @@ async def create_chat_completion(request: Request) -> Response:
     req = await state.off_loop(parse_request, ChatCompletionRequest, await request.body())
     check_model(req.model, engine.model_name)
     check_stream_options(req)
-    req.refuse_tools()
-    structured = await compile_constraint(engine, state.metrics, structured_spec(req))
+    tools = tool_plan(req)
+    constraint = tool_constraint(tools, structured_spec(req))
+    structured = await compile_constraint(engine, state.metrics, constraint)
     if req.top_logprobs and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", param="top_logprobs")
     tok = engine.tokenizer
     requested = (
         req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     )
-    chars = sum(len(m.content or "") for m in req.messages)  # the template only adds tokens
+    # the template, tools and tool calls only add tokens: content alone is a lower bound
+    chars = sum(len(m.content or "") for m in req.messages)
     if req.truncate_prompt_tokens is None:  # truncation may shorten it
         refuse_hopeless_prompt(chars, state.max_token_bytes, engine.max_model_len, "messages")
-    ids = await state.off_loop(chat_prompt, tok, req.messages, req, bool(req.add_special_tokens))
+    ids = await state.off_loop(
+        chat_prompt, tok, req.messages, req, bool(req.add_special_tokens), tools
+    )
     ids = truncate_prompt(ids, req.truncate_prompt_tokens, engine.max_model_len)
     max_tokens = resolve_max_tokens(
         requested,
@@ -100,7 +106,7 @@ async def create_chat_completion(request: Request) -> Response:
         for i in range(req.n or 1)
     ]
     group = GenerationGroup(engine, state.metrics, subs)
-    view = _ChatView(request_id, engine.model_name, tok, req, ids)
+    view = _ChatView(request_id, engine.model_name, tok, req, ids, tools)
     return await respond(
         request,
         group,
@@ -125,6 +131,7 @@ class _ChatView:
         tokenizer: TokenizerLike,
         req: ChatCompletionRequest,
         prompt_ids: list[int],
+        tools: ToolPlan | None,
     ) -> None:
         self.request_id = request_id
         self.model = model
@@ -134,6 +141,7 @@ class _ChatView:
         self._want_logprobs = bool(req.logprobs)
         self._prompt_ids = prompt_ids
         self._prompt_k = req.prompt_logprobs
+        self._tools = ChoiceTools(tools) if tools is not None else None
         # vLLM's echo: the reply starts with the last message when it is the assistant's
         last = req.messages[-1]
         self._echo = (
@@ -147,22 +155,30 @@ class _ChatView:
         return chunk.model_dump_json(exclude=None if self._include_usage else {"usage"})
 
     def prelude(self, n: int) -> list[str]:
-        """The role of each choice first, as OpenAI streams it; then the echo (vLLM)."""
+        """The role of each choice first, as OpenAI streams it; then the echo (vLLM). A reply
+        that can only be tool calls starts with no content (null, as OpenAI's)."""
+        content = None if self._tools is not None and self._tools.calls_only else ""
         role = [
-            ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
+            ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=content))
             for i in range(n)
         ]
         echo = [ChatChunkChoice(index=i, delta=ChatDelta(content=self._echo)) for i in range(n)]
         return [event(self._dump([c])) for c in role + (echo if self._echo else [])]
 
-    def chunk(self, sub: SubRequest, out: RequestOutput) -> str:
+    def chunk(self, sub: SubRequest, out: RequestOutput) -> str | None:
         # The finishing chunk carries an empty delta unless the last step produced text.
         delta = ChatDelta(content=out.new_text) if out.new_text or not out.finished else ChatDelta()
+        reason = out.finish_reason if out.finished else None
+        if self._tools is not None:  # text held back (a call may be starting) sends nothing
+            delta = self._tools.delta(sub.index, out.new_text, out.finished) or ChatDelta()
+            reason = self._tools.finish_reason(sub.index, reason)
+            if delta == ChatDelta() and not (out.finished or self._want_logprobs):
+                return None
         choice = ChatChunkChoice(
             index=sub.index,
             delta=delta,
             logprobs=self._logprobs(out.new_logprobs or ()) if self._want_logprobs else None,
-            finish_reason=out.finish_reason if out.finished else None,
+            finish_reason=reason,
         )
         return self._dump([choice])
 
@@ -170,15 +186,13 @@ class _ChatView:
         return self._dump([], usage)
 
     def response(self, results: dict[int, ChoiceResult], usage: Usage) -> ChatCompletionResponse:
-        choices = [
-            ChatChoice(
-                index=i,
-                message=ChatMessageOut(content=self._echo + "".join(r.text)),
-                logprobs=self._logprobs(r.logprobs) if self._want_logprobs else None,
-                finish_reason=r.finish_reason,
+        choices = []
+        for i, r in sorted(results.items()):
+            message, reason = self._message(r)
+            logprobs = self._logprobs(r.logprobs) if self._want_logprobs else None
+            choices.append(
+                ChatChoice(index=i, message=message, logprobs=logprobs, finish_reason=reason)
             )
-            for i, r in sorted(results.items())
-        ]
         scored = results[0].prompt_logprobs  # only choice 0 scores the prompt
         return ChatCompletionResponse(
             id=self.request_id,
@@ -190,6 +204,16 @@ class _ChatView:
             if scored is None or self._prompt_k is None
             else prompt_logprobs(self._tok, self._prompt_ids, scored, self._prompt_k),
         )
+
+    def _message(self, r: ChoiceResult) -> tuple[ChatMessageOut, str | None]:
+        """A choice's message (tool calls read out of its text) and finish reason."""
+        text = "".join(r.text)
+        if self._tools is None:
+            return ChatMessageOut(content=self._echo + text), r.finish_reason
+        message, reason = self._tools.message(text, r.finish_reason)
+        if self._echo:
+            message.content = self._echo + (message.content or "")
+        return message, reason
 
     def _logprobs(self, logprobs: Sequence[TokenLogprob]) -> ChatLogprobs:
         def top(token_id: int, logprob: float) -> TopLogprob:

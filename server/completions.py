@@ -140,6 +140,9 @@ def _reject_unsupported(req: CompletionRequest) -> None:
         raise bad_request("suffix is not supported", param="suffix")
     if req.best_of is not None and req.best_of != (req.n or 1):
         raise bad_request("best_of must equal n: best-of sampling is not supported", "best_of")
+    for name in ("tools", "tool_choice"):
+        if getattr(req, name) is not None:
+            raise bad_request(f"{name} is a chat feature (POST /v1/chat/completions)", name)
 
 
 class _CompletionView:

@@ -275,10 +275,11 @@ async def stream_events(
     group: GenerationGroup,
     *,
     prelude: list[str],
-    chunk: Callable[[SubRequest, RequestOutput], str],
+    chunk: Callable[[SubRequest, RequestOutput], str | None],
     usage_chunk: Callable[[Usage], str] | None,
 ) -> AsyncIterator[str]:
-    """SSE frames: `prelude`, one chunk per engine output, the usage chunk, then [DONE].
+    """SSE frames: `prelude`, a chunk per engine output (unless `chunk` has nothing to send),
+    the usage chunk, then [DONE].
     A failure mid-stream becomes an error event (the 200 status is already sent)."""
     try:
         for frame in prelude:
@@ -288,7 +289,9 @@ async def stream_events(
                 error = APIError(500, f"Generation failed: {out.error or 'engine error'}", code=500)
                 yield sse.event(json.dumps(error.body()))
                 break
-            yield sse.event(chunk(sub, out))
+            frame = chunk(sub, out)
+            if frame is not None:  # None: nothing to send yet (text held back)
+                yield sse.event(frame)
         else:
             if usage_chunk is not None:
                 yield sse.event(usage_chunk(group.usage()))

@@ -17,6 +17,8 @@ from gemma_serve.server.protocol import (
     SamplingRequest,
     VllmTemplateExtras,
 )
+from gemma_serve.server.tool_prompt import render_turns
+from gemma_serve.server.tools import ToolPlan
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -161,15 +163,13 @@ def chat_prompt(
     messages: list[ChatMessage],
     options: VllmTemplateExtras | None = None,
     add_special_tokens: bool = False,
+    tools: ToolPlan | None = None,
 ) -> list[int]:
     """The Gemma chat template applied to the messages (the tokenizer rejects bad turns).
     Message content is text, never control tokens. add_special_tokens puts a BOS before the
-    template's own one (as vLLM does when asked)."""
-    # Gemma has no developer role: it is the newer name of the system role.
-    turns = [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.content or ""}
-        for m in messages
-    ]
+    template's own one (as vLLM does when asked). Tools, tool calls and tool results are
+    written into the turns as tool_prompt.py says."""
+    turns = render_turns(messages, tools)
     generation_prompt, continue_final = (
         options.template_flags() if options is not None else (True, False)
     )

@@ -20,8 +20,21 @@ from gemma_serve.server.limits import (
     MAX_STOP_TOKEN_IDS,
     MIN_REPETITION_PENALTY,
 )
-from gemma_serve.server.structured_request import StructuredOutputFields, ToolFields
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
+from gemma_serve.server.structured_request import StructuredOutputFields
+from gemma_serve.server.tool_protocol import (
+    AssistantToolCall,
+    ToolCallDelta,
+    ToolCallOut,
+    ToolFields,
+)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_serializer,
+    model_serializer,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 logger = logging.getLogger(__name__)
@@ -132,6 +145,9 @@ class CompletionRequest(SamplingRequest):
     echo: bool | None = None
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1, le=MAX_N)
+    # Chat-only fields, named here so that they are refused (400) rather than ignored.
+    tools: Any = None
+    tool_choice: Any = None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts of a (possibly batched) request, each a string or a token-id list."""
@@ -142,14 +158,23 @@ class CompletionRequest(SamplingRequest):
 
 
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant", "model"]
+    role: Literal["system", "developer", "user", "assistant", "model", "tool"]
     content: Content = None  # may be left out only by the assistant (OpenAI's rule)
+    tool_calls: list[AssistantToolCall] | None = None  # the assistant's calls
+    tool_call_id: str | None = None  # which call a tool message answers
 
     @model_validator(mode="after")
     def _content_given(self) -> ChatMessage:
-        if self.content is None and self.role not in ("assistant", "model"):
+        assistant = self.role in ("assistant", "model")
+        if self.content is None and not assistant:
             raise PydanticCustomError(
                 "missing", "a {role} message needs content", {"role": self.role}
+            )
+        if self.tool_calls is not None and not assistant:
+            raise PydanticCustomError("extra_forbidden", "only assistant messages make tool calls")
+        if (self.tool_call_id is None) == (self.role == "tool"):
+            raise PydanticCustomError(
+                "invalid_value", "tool_call_id belongs to (and is required by) tool messages"
             )
         return self
 
@@ -273,7 +298,16 @@ class ChatLogprobs(BaseModel):
 
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_calls(self, handler: Any) -> dict[str, Any]:
+        # Plain replies keep OpenAI's shape (no tool_calls key); content stays, null or not.
+        out = handler(self)
+        if self.tool_calls is None:
+            out.pop("tool_calls", None)
+        return out
 
 
 class ChatChoice(BaseModel):
@@ -296,6 +330,7 @@ class ChatCompletionResponse(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):

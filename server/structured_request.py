@@ -69,19 +69,6 @@ class StructuredOutputFields(BaseModel):
     guided_whitespace_pattern: str | None = None
 
 
-class ToolFields(BaseModel):
-    """Chat tool calling: not supported yet, and refused rather than silently ignored."""
-
-    tools: list[Any] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-
-    def refuse_tools(self) -> None:
-        if self.tools:
-            raise bad_request("tools are not supported yet", param="tools")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise bad_request("tool_choice is not supported yet (no tools)", param="tool_choice")
-
-
 def structured_spec(req: StructuredOutputFields) -> StructuredSpec | None:
     """The request's one output constraint, or None; a 400 naming the field otherwise."""
     so = req.structured_outputs or StructuredOutputsParams()

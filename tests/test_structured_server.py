@@ -149,7 +149,8 @@ BAD = [
     ({"guided_regex": "a", "guided_whitespace_pattern": ""}, "guided_whitespace_pattern"),
     ({"guided_choice": []}, "guided_choice"),
     ({"guided_regex": "a", "min_tokens": 2}, "min_tokens"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required",
+      "guided_regex": "a"}, "tool_choice"),
     ({"tool_choice": "required"}, "tool_choice"),
 ]  # fmt: skip
 

@@ -33,6 +33,7 @@ from gemma_serve.server.params import chat_prompt, check_model, check_token_ids,
 from gemma_serve.server.prompt_bound import longest_token_bytes
 from gemma_serve.server.protocol import DetokenizeRequest, TokenizeRequest, parse_request
 from gemma_serve.server.state import ServerState, Settings, server_state
+from gemma_serve.server.tokenizer_info import get_tokenizer_info
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -94,6 +95,8 @@ def create_app(
         app.add_api_route(path, endpoint, methods=["GET"])
         if path in ("/health", "/v1/models"):  # HEAD too: load balancers and uptime checks
             app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
+    if settings.enable_tokenizer_info_endpoint:  # vLLM's opt-in: off, the route is a 404
+        app.add_api_route("/tokenizer_info", get_tokenizer_info, methods=["GET"])
     # Added last = runs first: CORS preflights, then the size limit, then the key.
     api_key = settings.resolved_api_key()
     if api_key is not None:

@@ -31,6 +31,7 @@ class Settings:
     api_key: str | None = None  # None: $GEMMA_SERVE_API_KEY; neither: no authentication
     max_body_bytes: int = MAX_BODY_BYTES
     allowed_origins: tuple[str, ...] = ()  # CORS is off unless origins are given
+    enable_tokenizer_info_endpoint: bool = False  # GET /tokenizer_info (vLLM's flag)
 
     def __post_init__(self) -> None:
         if self.max_body_bytes < 1:

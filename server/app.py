@@ -32,6 +32,7 @@ from gemma_serve.server.openapi import install_openapi
 from gemma_serve.server.params import chat_prompt, check_model, check_token_ids, encode_prompt
 from gemma_serve.server.prompt_bound import longest_token_bytes
 from gemma_serve.server.protocol import DetokenizeRequest, TokenizeRequest, parse_request
+from gemma_serve.server.responses import create_response, get_response
 from gemma_serve.server.state import ServerState, Settings, server_state
 from gemma_serve.server.tokenizer_info import get_tokenizer_info
 from starlette.requests import Request
@@ -82,6 +83,7 @@ def create_app(
         ("/v1/chat/completions", create_chat_completion),
         ("/tokenize", tokenize),
         ("/detokenize", detokenize),
+        ("/v1/responses", create_response),
     ]:
         app.add_api_route(path, endpoint, methods=["POST"], include_in_schema=True)
         # Served with a trailing slash too: a redirect would turn some clients' POST into GET.
@@ -89,6 +91,7 @@ def create_app(
     for path, endpoint in [
         ("/v1/models", list_models),
         ("/v1/models/{model_id:path}", get_model),
+        ("/v1/responses/{response_id}", get_response),
         ("/health", health),
         ("/metrics", metrics),
     ]:

@@ -15,6 +15,7 @@ from gemma_serve.server.engine_client import EngineClient
 from gemma_serve.server.errors import APIError
 from gemma_serve.server.limits import MAX_BODY_BYTES
 from gemma_serve.server.metrics import Metrics
+from gemma_serve.server.response_store import ResponseStore
 from starlette.requests import Request
 
 API_KEY_ENV = "GEMMA_SERVE_API_KEY"
@@ -52,6 +53,7 @@ class ServerState:
         self.loader: threading.Thread | None = None  # builds the engine; see app._load_engine
         # Bytes of the longest token: len(text) / this bounds a prompt's token count from below.
         self.max_token_bytes: int | None = None
+        self.responses = ResponseStore()  # /v1/responses with store: true
         self._workers = ThreadPoolExecutor(CPU_WORKERS, thread_name_prefix="gemma-serve-cpu")
 
     async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:

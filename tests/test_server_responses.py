@@ -241,3 +241,14 @@ def test_the_store_is_bounded_and_least_recently_used_goes_first() -> None:
     assert len(store) == 1 and store.get("d") is not None
     store.put("e", entry(101))  # larger than the whole budget: not kept
     assert len(store) == 0
+
+
+def test_openapi_documents_the_route(server) -> None:
+    doc = httpx.get(f"{server[0]}/openapi.json").json()
+    post_op = doc["paths"]["/v1/responses"]["post"]
+    body = post_op["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/ResponsesRequest"}
+    ok = post_op["responses"]["200"]["content"]["application/json"]["schema"]
+    assert ok == {"$ref": "#/components/schemas/ResponseObject"}
+    assert "input" in doc["components"]["schemas"]["ResponsesRequest"]["required"]
+    assert "get" in doc["paths"]["/v1/responses/{response_id}"]

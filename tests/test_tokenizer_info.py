@@ -115,19 +115,23 @@ def test_the_chat_template_renders_what_the_tokenizer_builds(
 
 
 @pytest.fixture
-def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every TCP/UDP connection but to a loopback address fails (and the hubs are offline)."""
+def loopback_only(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every TCP/UDP connection but to a loopback address fails (and the hubs are offline);
+    the addresses refused are listed, so that a test can check nothing even tried."""
     connect = socket.socket.connect
+    refused: list[Any] = []
 
     def guarded(sock: socket.socket, address: Any) -> Any:
         inet = sock.family in (socket.AF_INET, socket.AF_INET6)
         if inet and not ipaddress.ip_address(address[0]).is_loopback:
+            refused.append(address)
             raise OSError(f"network access blocked in tests: {address}")
         return connect(sock, address)
 
     monkeypatch.setattr(socket.socket, "connect", guarded)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    return refused
 
 
 def write_tasks(root: Path, gen_targets: list[str]) -> Path:
@@ -210,7 +214,7 @@ def expected_scores(engine: LLMEngine) -> dict[str, Any]:
 
 
 def test_lm_eval_remote_tokenizer_scores_equal_the_engines(
-    server, checkpoint: Path, tmp_path: Path, loopback_only: None
+    server, checkpoint: Path, tmp_path: Path, loopback_only: list[Any]
 ) -> None:
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
@@ -254,3 +258,4 @@ def test_lm_eval_remote_tokenizer_scores_equal_the_engines(
     perplexity = math.exp(-sum(want["rolling"]) / words)
     got_perplexity = result["results"]["gemma_serve_roll"]["word_perplexity,none"]
     assert got_perplexity == pytest.approx(perplexity, rel=1e-3)
+    assert loopback_only == []  # lm-eval never tried to reach the network

@@ -62,26 +62,8 @@ async def create_response(request: Request) -> Response:
     chars = sum(len(m["content"]) for m in system + conversation)
     refuse_hopeless_prompt(chars, state.max_token_bytes, engine.max_model_len, "input")
     ids = await state.off_loop(_prompt_ids, engine, chat)
-    max_tokens = resolve_max_tokens(
-        req.max_output_tokens,
-        len(ids),
-        engine.max_model_len,
-        default=None,
-        prompt_param="input",
-        tokens_param="max_output_tokens",
-    )
-    tok = engine.tokenizer
-    params = sampling_params(
-        chat,
-        max_tokens=max_tokens,
-        logprobs=None,
-        stop_token_ids=tok.stop_token_ids(chat=True),
-        seed=None,
-        vocab_size=tok.vocab_size,
-    )
-    group = GenerationGroup(
-        engine, state.metrics, [SubRequest(0, f"resp-{request_id_of(request)}-0", ids, params)]
-    )
+    sub = _engine_request(engine, chat, ids, f"resp-{request_id_of(request)}-0")
+    group = GenerationGroup(engine, state.metrics, [sub])
     view = _ResponseView(state, engine, req, tuple(conversation))
     return await respond(
         request,
@@ -124,6 +106,30 @@ def _as_chat_request(
             "user": req.user,
         }
     )
+
+
+def _engine_request(
+    engine: EngineClient, chat: ChatCompletionRequest, ids: list[int], request_id: str
+) -> SubRequest:
+    """The one engine request, with the chat endpoint's parameters and stop tokens."""
+    max_tokens = resolve_max_tokens(
+        chat.max_completion_tokens,
+        len(ids),
+        engine.max_model_len,
+        default=None,
+        prompt_param="input",
+        tokens_param="max_output_tokens",
+    )
+    tok = engine.tokenizer
+    params = sampling_params(
+        chat,
+        max_tokens=max_tokens,
+        logprobs=None,
+        stop_token_ids=tok.stop_token_ids(chat=True),
+        seed=None,
+        vocab_size=tok.vocab_size,
+    )
+    return SubRequest(0, request_id, ids, params)
 
 
 def _prompt_ids(engine: EngineClient, chat: ChatCompletionRequest) -> list[int]:

@@ -148,6 +148,7 @@ def test_stream_events_parse_and_add_up(server, client: openai.OpenAI) -> None:
     assert final.output_text == plain.output_text and final.status == plain.status
     assert final.usage.output_tokens == plain.usage.output_tokens
     assert events[0].response.status == "in_progress" and events[0].response.output == []
+    assert client.responses.retrieve(final.id).model_dump() == final.model_dump()  # stored too
     # The raw frames: `event:` names the type, and each payload is a valid SDK event, strictly.
     with httpx.stream(
         "POST",

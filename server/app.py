@@ -32,7 +32,9 @@ from gemma_serve.server.openapi import install_openapi
 from gemma_serve.server.params import chat_prompt, check_model, check_token_ids, encode_prompt
 from gemma_serve.server.prompt_bound import longest_token_bytes
 from gemma_serve.server.protocol import DetokenizeRequest, TokenizeRequest, parse_request
+from gemma_serve.server.responses import create_response, get_response
 from gemma_serve.server.state import ServerState, Settings, server_state
+from gemma_serve.server.tokenizer_info import get_tokenizer_info
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -81,6 +83,7 @@ def create_app(
         ("/v1/chat/completions", create_chat_completion),
         ("/tokenize", tokenize),
         ("/detokenize", detokenize),
+        ("/v1/responses", create_response),
     ]:
         app.add_api_route(path, endpoint, methods=["POST"], include_in_schema=True)
         # Served with a trailing slash too: a redirect would turn some clients' POST into GET.
@@ -88,12 +91,15 @@ def create_app(
     for path, endpoint in [
         ("/v1/models", list_models),
         ("/v1/models/{model_id:path}", get_model),
+        ("/v1/responses/{response_id}", get_response),
         ("/health", health),
         ("/metrics", metrics),
     ]:
         app.add_api_route(path, endpoint, methods=["GET"])
         if path in ("/health", "/v1/models"):  # HEAD too: load balancers and uptime checks
             app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
+    if settings.enable_tokenizer_info_endpoint:  # vLLM's opt-in: off, the route is a 404
+        app.add_api_route("/tokenizer_info", get_tokenizer_info, methods=["GET"])
     # Added last = runs first: CORS preflights, then the size limit, then the key.
     api_key = settings.resolved_api_key()
     if api_key is not None:

@@ -66,7 +66,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[EngineConfig, ServeOp
         config = EngineConfig(**{k: v for k, v in given.items() if v is not None})
         origins = tuple(o for item in args.allowed_origins for o in item.split(",") if o)
         api_key = clean_api_key(args.api_key) if args.api_key is not None else None
-        settings = Settings(api_key=api_key, allowed_origins=origins)
+        settings = Settings(
+            api_key=api_key,
+            allowed_origins=origins,
+            enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
+        )
         limits = ConnectionLimits(args.limit_concurrency, args.timeout_request_read)
     except ValueError as exc:
         parser.error(str(exc))

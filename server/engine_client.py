@@ -18,6 +18,7 @@ class TokenizerLike(Protocol):
     vocab_size: int
     bos_id: int
     eos_id: int
+    pad_id: int | None
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]: ...
 

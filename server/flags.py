@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="reuse the KV of prompt prefixes computed before (default: on)",
     )
     add("--allowed-origins", nargs="+", default=[], help="CORS origins (off when not given)")
+    add(
+        "--enable-tokenizer-info-endpoint",
+        action="store_true",
+        help="serve GET /tokenizer_info (tokenizer config and chat template, as vLLM)",
+    )
     add("--log-level", choices=LOG_LEVELS, default="info", help="(default: %(default)s)")
     _add_connection_flags(p)
     return p

@@ -20,6 +20,7 @@ from gemma_serve.server.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
+from gemma_serve.server.responses_protocol import ResponseObject, ResponsesRequest
 from pydantic import BaseModel
 
 REF = "#/components/schemas/{model}"
@@ -65,6 +66,8 @@ POST_ROUTES: dict[str, tuple[type[BaseModel], type[BaseModel], type[BaseModel] |
     "/v1/chat/completions": (ChatCompletionRequest, ChatCompletionResponse, ChatCompletionChunk),
     "/tokenize": (TokenizeRequest, TokenizeResponse, None),
     "/detokenize": (DetokenizeRequest, DetokenizeResponse, None),
+    # Its stream is the Responses API's typed events (server/responses.py), not chunks + [DONE].
+    "/v1/responses": (ResponsesRequest, ResponseObject, None),
 }
 # OpenAPI 3.1 cannot type the events of a stream: `x-event-data` names each data line's schema.
 SSE_DESCRIPTION = (

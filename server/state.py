@@ -15,6 +15,7 @@ from gemma_serve.server.engine_client import EngineClient
 from gemma_serve.server.errors import APIError
 from gemma_serve.server.limits import MAX_BODY_BYTES
 from gemma_serve.server.metrics import Metrics
+from gemma_serve.server.response_store import ResponseStore
 from starlette.requests import Request
 
 API_KEY_ENV = "GEMMA_SERVE_API_KEY"
@@ -31,6 +32,7 @@ class Settings:
     api_key: str | None = None  # None: $GEMMA_SERVE_API_KEY; neither: no authentication
     max_body_bytes: int = MAX_BODY_BYTES
     allowed_origins: tuple[str, ...] = ()  # CORS is off unless origins are given
+    enable_tokenizer_info_endpoint: bool = False  # GET /tokenizer_info (vLLM's flag)
 
     def __post_init__(self) -> None:
         if self.max_body_bytes < 1:
@@ -51,6 +53,7 @@ class ServerState:
         self.loader: threading.Thread | None = None  # builds the engine; see app._load_engine
         # Bytes of the longest token: len(text) / this bounds a prompt's token count from below.
         self.max_token_bytes: int | None = None
+        self.responses = ResponseStore()  # /v1/responses with store: true
         self._workers = ThreadPoolExecutor(CPU_WORKERS, thread_name_prefix="gemma-serve-cpu")
 
     async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:

@@ -45,6 +45,7 @@ class FakeTokenizer:
     vocab_size = OFFSET + 256
     bos_id = BOS
     eos_id = EOS
+    pad_id: int | None = PAD
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         ids = [OFFSET + b for b in text.encode()]

@@ -1,0 +1,312 @@
+"""Tensor parallelism's processes: rank 0's handle on the other ranks, and their loop (torch).
+
+Rank 0 is the server process: it holds the scheduler, the KV bookkeeping and the sampler, and
+each step sends its ModelBatch to the other ranks (tp_wire.py) before running its own shard;
+the ranks meet in the model's all-reduces and the LM head's gather (model/parallel.py).
+
+- `launch(config)` (rank 0): starts this machine's other ranks as child processes, joins the
+  group, loads its own shard, and waits for every rank's start-up result; a rank that failed
+  is reported with its message. Returns rank 0's LoadedModel, whose `workers` is the
+  `WorkerGroup`.
+- `WorkerGroup` (the runner's executor on rank 0): sends each step, runs rank 0's forward, and
+  turns any failure of the group (a rank that died, hung past the timeout, or raised) into
+  EngineDeadError: the ranks can no longer be in step, so the engine stops (llm_engine.py).
+- `run_worker` (every other rank): load the shard, build the KV cache rank 0 sized, then run
+  each step it is sent until told to stop. Any error ends the process (non-zero), which fails
+  rank 0's next collective at once.
+Child processes exit when their parent is gone, so no rank outlives the process that
+started it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from gemma_serve.kernels.dispatch import select_ops
+from gemma_serve.server.engine import model_source, tp_wire
+from gemma_serve.server.engine.config import EngineConfig
+from gemma_serve.server.engine.errors import EngineDeadError
+from gemma_serve.server.engine.kv_cache import CacheLayout, KVCache
+from gemma_serve.server.engine.runner import ForwardOutput, ModelBatch, Runner
+from gemma_serve.server.engine.tp_group import STATUS_KEY, DistributedInit, Groups, connect
+
+log = logging.getLogger(__name__)
+
+STOP_JOIN_S = 10.0  # a rank still running this long after the stop message is killed
+STATUS_POLL_S = 0.05
+PARENT_POLL_S = 0.5
+PARENT_ENV = "GEMMA_SERVE_PARENT_PID"  # a child rank checks its parent is still this one
+THREADS_ENV = "GEMMA_SERVE_RANK_THREADS"
+# Not `-m`: the messages must unpickle as this module's classes, not as __main__'s.
+CHILD_MAIN = "import sys; from gemma_serve.server.engine.tp_workers import main; sys.exit(main())"
+
+
+@dataclass(frozen=True)
+class _Start:
+    layout: CacheLayout
+
+
+@dataclass(frozen=True)
+class _Stop:
+    pass
+
+
+class WorkerGroup:
+    """Rank 0's executor: every step goes to all ranks; a failure of any stops the engine."""
+
+    def __init__(self, groups: Groups, children: dict[int, subprocess.Popen], threads: int) -> None:
+        self.groups, self.children = groups, children
+        self._threads = threads  # rank 0's thread count before it took its share
+        self.failure: str | None = None
+        self._stopped = False
+
+    def start(self, layout: CacheLayout) -> None:
+        """The other ranks build their KV caches (rank 0 sized them) and start serving."""
+        self._send(_Start(layout))
+
+    def run(
+        self, batch: ModelBatch, forward: Callable[[ModelBatch], ForwardOutput]
+    ) -> ForwardOutput:
+        self.check()
+        self._send(tp_wire.encode(batch))
+        try:
+            return forward(batch)
+        except Exception as exc:
+            raise self._fail(f"the forward pass failed: {exc}") from exc
+
+    def check(self) -> None:
+        """EngineDeadError if the group failed or one of this machine's ranks has exited."""
+        if self.failure is None:
+            for rank, proc in self.children.items():
+                code = proc.poll()
+                if code is not None:
+                    self._fail(f"tensor-parallel rank {rank} exited with status {code}")
+        if self.failure is not None:
+            raise EngineDeadError(self.failure)
+
+    def stop(self) -> None:
+        """Tell every rank to exit, then make sure this machine's do (killed past a grace)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.failure is None:
+            try:
+                self.groups.control.send(_Stop())
+            except Exception:
+                log.warning("could not send the stop message to the other ranks")
+        stop_children(self.children)
+        torch.set_num_threads(self._threads)
+
+    def _send(self, obj: object) -> None:
+        self.check()
+        try:
+            self.groups.control.send(obj)
+        except Exception as exc:
+            raise self._fail(f"sending the step to the other ranks failed: {exc}") from exc
+
+    def _fail(self, why: str) -> EngineDeadError:
+        if self.failure is None:
+            self.failure = f"tensor parallelism failed: {why}"
+            log.error("%s", self.failure)
+        return EngineDeadError(self.failure)
+
+
+def stop_children(children: dict[int, subprocess.Popen]) -> None:
+    deadline = time.monotonic() + STOP_JOIN_S
+    for proc in children.values():
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _free_init_method() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def local_inits(config: EngineConfig, first: DistributedInit | None) -> list[DistributedInit]:
+    """This machine's ranks: node_rank * local ... (node_rank + 1) * local - 1, or the one
+    torchrun gave this process."""
+    if first is not None:
+        return [first]
+    size, nodes = config.tensor_parallel_size, config.nnodes
+    local = size // nodes
+    method = config.distributed_init_method or _free_init_method()
+    return [
+        DistributedInit(method, size, config.node_rank * local + i, i, local) for i in range(local)
+    ]
+
+
+def spawn(
+    config: EngineConfig, inits: list[DistributedInit], threads: int
+) -> dict[int, subprocess.Popen]:
+    """Start these ranks as child processes (`main` with the config and the rank as JSON)."""
+    children = {}
+    for init in inits:
+        args = [json.dumps(dataclasses.asdict(x)) for x in (config, init)]
+        cmd = [sys.executable, "-c", CHILD_MAIN, *args]
+        env = {**os.environ, PARENT_ENV: str(os.getpid()), THREADS_ENV: str(threads)}
+        children[init.rank] = subprocess.Popen(cmd, env=env)
+    return children
+
+
+def threads_per_rank(local_world_size: int) -> int:
+    """On CPU each of a machine's ranks gets its share of the threads."""
+    return max(1, torch.get_num_threads() // local_world_size)
+
+
+def _device(config: EngineConfig, init: DistributedInit) -> torch.device:
+    device = model_source.resolve_device(config.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(init.local_rank)
+        return torch.device("cuda", init.local_rank)
+    return device
+
+
+def join(config: EngineConfig, init: DistributedInit) -> tuple[Groups, model_source.LoadedModel]:
+    """Meet the group and load this rank's shard; the start-up result goes to the store (a
+    failure also raises here)."""
+    device = _device(config, init)
+    groups = connect(init, device, config.distributed_timeout)
+    try:
+        loaded = model_source.load(config, model_source.Shard(groups.tensor, device))
+    except Exception as exc:
+        groups.report_status(f"{type(exc).__name__}: {exc}")
+        raise
+    groups.report_status(None)
+    return groups, loaded
+
+
+def wait_ready(groups: Groups, children: dict[int, subprocess.Popen]) -> None:
+    """Wait for every rank's start-up result; RuntimeError naming the first that failed (or
+    that exited before it was ready)."""
+    store = groups.store
+    waiting = set(range(1, groups.init.world_size))
+    while waiting:
+        for rank in sorted(waiting):
+            key = STATUS_KEY.format(rank)
+            if store.check([key]):  # type: ignore[attr-defined]
+                waiting.discard(rank)
+                error = store.get(key).decode()  # type: ignore[attr-defined]
+                if error:
+                    raise RuntimeError(f"tensor-parallel rank {rank} failed to start: {error}")
+            elif rank in children and children[rank].poll() is not None:
+                code = children[rank].returncode
+                raise RuntimeError(f"tensor-parallel rank {rank} exited with status {code}")
+        time.sleep(STATUS_POLL_S if waiting else 0)
+
+
+def launch(config: EngineConfig) -> model_source.LoadedModel:
+    """Rank 0: start this machine's other ranks, load rank 0's shard, wait until all are
+    ready. Every failure stops the ranks this call started."""
+    torchrun = DistributedInit.from_torchrun()
+    inits = local_inits(config, torchrun)
+    previous = torch.get_num_threads()
+    threads = threads_per_rank(inits[0].local_world_size)
+    children = spawn(config, inits[1:], threads)
+    torch.set_num_threads(threads)
+    try:
+        groups, loaded = join(config, inits[0])
+        wait_ready(groups, children)
+    except BaseException:
+        torch.set_num_threads(previous)
+        stop_children_now(children)
+        raise
+    return dataclasses.replace(loaded, workers=WorkerGroup(groups, children, previous))
+
+
+def serve_node(config: EngineConfig) -> int:
+    """A process that is a non-zero rank (torchrun's, or the first rank of a machine other
+    than rank 0's, which starts that machine's other ranks): serve steps until stopped."""
+    torchrun = DistributedInit.from_torchrun()
+    inits = local_inits(config, torchrun)
+    threads = threads_per_rank(inits[0].local_world_size)
+    children = spawn(config, inits[1:], threads)
+    torch.set_num_threads(threads)
+    try:
+        return run_worker(config, inits[0])
+    except Exception:
+        log.exception("tensor-parallel rank %d failed", inits[0].rank)
+        return 1
+    finally:
+        stop_children(children)
+
+
+def stop_children_now(children: dict[int, subprocess.Popen]) -> None:
+    for proc in children.values():
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def serve_steps(config: EngineConfig, groups: Groups, loaded: model_source.LoadedModel) -> None:
+    """A non-zero rank's loop: build the KV cache when told, then run each step sent."""
+    msg = groups.control.recv()
+    if isinstance(msg, _Stop):
+        return
+    if not isinstance(msg, _Start):
+        raise RuntimeError(f"expected the start message, got {type(msg).__name__}")
+    model = loaded.model
+    cache = KVCache(model.config, msg.layout, loaded.dtype, loaded.device)
+    ops = select_ops(loaded.device, config.force_reference_kernels)
+    runner = Runner(model, cache, None, ops, loaded.device)
+    while not isinstance(msg := groups.control.recv(), _Stop):
+        if not isinstance(msg, tp_wire.StepMessage):
+            raise RuntimeError(f"expected a step, got {type(msg).__name__}")
+        runner.forward_local(tp_wire.decode(msg, loaded.device))
+
+
+def run_worker(config: EngineConfig, init: DistributedInit) -> int:
+    """One non-zero rank, start to finish; the process's exit status."""
+    groups, loaded = join(config, init)
+    serve_steps(config, groups, loaded)
+    return 0
+
+
+def _die_with_parent() -> None:
+    """Exit when the parent process is gone (no orphaned ranks). A watcher thread, not
+    PR_SET_PDEATHSIG: that fires when the spawning *thread* ends (the server's loader)."""
+    parent = int(os.environ.get(PARENT_ENV, "0"))
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    if parent:
+        threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry of a child rank: argv is the EngineConfig and its DistributedInit as JSON."""
+    argv = sys.argv[1:] if argv is None else argv
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches rank 0, which stops us
+    config = EngineConfig(**json.loads(argv[0]))
+    init = DistributedInit(**json.loads(argv[1]))
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s %(levelname)s rank {init.rank}: %(message)s"
+    )
+    threads = int(os.environ.get(THREADS_ENV, "0"))
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return run_worker(config, init)
+    except Exception:
+        log.exception("tensor-parallel rank %d failed", init.rank)
+        return 1

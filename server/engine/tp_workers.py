@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 STOP_JOIN_S = 10.0  # a rank still running this long after the stop message is killed
 STATUS_POLL_S = 0.05
+EXIT_WAIT_S = 1.0  # after a failed step: how long a dead local rank may take to be seen
 PARENT_POLL_S = 0.5
 PARENT_ENV = "GEMMA_SERVE_PARENT_PID"  # a child rank checks its parent is still this one
 THREADS_ENV = "GEMMA_SERVE_RANK_THREADS"
@@ -84,17 +85,28 @@ class WorkerGroup:
         try:
             return forward(batch)
         except Exception as exc:
-            raise self._fail(f"the forward pass failed: {exc}") from exc
+            raise self._fail(self._exited() or f"the forward pass failed: {exc}") from exc
 
     def check(self) -> None:
         """EngineDeadError if the group failed or one of this machine's ranks has exited."""
         if self.failure is None:
-            for rank, proc in self.children.items():
-                code = proc.poll()
-                if code is not None:
-                    self._fail(f"tensor-parallel rank {rank} exited with status {code}")
+            exited = self._exited(wait_s=0.0)
+            if exited:
+                self._fail(exited)
         if self.failure is not None:
             raise EngineDeadError(self.failure)
+
+    def _exited(self, wait_s: float = EXIT_WAIT_S) -> str | None:
+        """Which of this machine's ranks has exited (waiting up to wait_s for one: a failed
+        collective usually means a peer just died), or None."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            for rank, proc in self.children.items():
+                if proc.poll() is not None:
+                    return f"tensor-parallel rank {rank} exited with status {proc.returncode}"
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(STATUS_POLL_S)
 
     def stop(self) -> None:
         """Tell every rank to exit, then make sure this machine's do (killed past a grace)."""
@@ -114,7 +126,8 @@ class WorkerGroup:
         try:
             self.groups.control.send(obj)
         except Exception as exc:
-            raise self._fail(f"sending the step to the other ranks failed: {exc}") from exc
+            why = f"sending to the other ranks failed: {exc}"
+            raise self._fail(self._exited() or why) from exc
 
     def _fail(self, why: str) -> EngineDeadError:
         if self.failure is None:

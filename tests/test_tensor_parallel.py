@@ -9,6 +9,8 @@ the same products in another order). One TP=2 engine per model is spawned for th
 from __future__ import annotations
 
 import os
+import signal
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +19,7 @@ import pytest
 import torch
 from gemma_serve.model.config import ModelConfig
 from gemma_serve.model.shard_plan import ShardingError, ShardPlan
+from gemma_serve.server.engine.errors import EngineDeadError
 from gemma_serve.server.engine.llm_engine import GenerationResult, LLMEngine
 from gemma_serve.server.engine.sampling_params import SamplingParams
 
@@ -176,3 +179,22 @@ def test_models_that_do_not_split_are_refused(checkpoint: Path) -> None:
         ShardPlan.build(replace(cfg, num_attention_heads=12, num_key_value_heads=3), 0, 4)
     with pytest.raises(ValueError, match="--quantization int8 cannot be sharded"):
         tp_engine(checkpoint, quantization="int8")
+
+
+def test_a_hung_rank_fails_the_step_within_the_timeout(checkpoint: Path) -> None:
+    """Rank 1 stopped (SIGSTOP): rank 0's collective gives up after --distributed-timeout
+    and the engine is dead; closing it kills the hung rank."""
+    engine = tp_engine(checkpoint, distributed_timeout=2.0)
+    rank1 = engine.loaded.workers.children[1]  # type: ignore[union-attr]
+    try:
+        os.kill(rank1.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(EngineDeadError, match="tensor parallelism failed"):
+            engine.generate([[2, 5, 6]], GREEDY)
+        assert time.monotonic() - started < 2.0 + 5.0
+        with pytest.raises(EngineDeadError):
+            engine.check_alive()
+    finally:
+        os.kill(rank1.pid, signal.SIGCONT)
+        engine.close()
+    assert rank1.poll() is not None

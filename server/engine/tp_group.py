@@ -2,7 +2,8 @@
 
 - The model channel (`TensorGroup`): the forward pass's all-reduces and gathers. Gloo on CPU,
   NCCL on CUDA, with a bounded timeout (--distributed-timeout): a rank that hangs mid-step
-  fails the step on the others instead of blocking them forever.
+  fails the step on the others instead of blocking them forever. Joining the group has its
+  own, longer timeout (ranks on other machines start and load at their own pace).
 - The control channel (`ControlChannel`): rank 0 broadcasts each step's batch (a pickled
   `tp_wire.StepMessage`) over Gloo, whatever the device. Its timeout is long, because the
   other ranks wait on it while the server is idle; a rank that dies closes its connections,
@@ -16,6 +17,8 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -25,6 +28,9 @@ from gemma_serve.model.parallel import TensorGroup
 
 CONTROL_TIMEOUT = datetime.timedelta(days=30)
 STATUS_KEY = "gemma-serve/status/{}"  # each rank's start-up result, in the store
+JOINED_KEY = "gemma-serve/joined/{}"  # set by each rank once it reaches the store
+START_TIMEOUT_S = 600.0  # ranks on other machines may start (and load) minutes apart
+JOIN_POLL_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -64,24 +70,27 @@ class DistributedInit:
 
 
 class ControlChannel:
-    """Rank 0 -> every rank: one pickled object per call (its length, then its bytes)."""
+    """Rank 0 -> every rank: one pickled object per call (its length, then its bytes).
 
-    def __init__(self, pg: object) -> None:
-        self.pg = pg
+    Receiving waits as long as the server is idle; sending gives up after `send_timeout`
+    (a Gloo broadcast's root waits for the receivers: a hung rank would block it)."""
 
-    def _broadcast(self, t: torch.Tensor) -> None:
-        self.pg.broadcast(t, 0).wait()  # type: ignore[attr-defined]
+    def __init__(self, pg: object, send_timeout: datetime.timedelta) -> None:
+        self.pg, self.send_timeout = pg, send_timeout
 
     def send(self, obj: object) -> None:
         data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        self._broadcast(torch.tensor([len(data)], dtype=torch.int64))
-        self._broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        for t in (
+            torch.tensor([len(data)], dtype=torch.int64),
+            torch.frombuffer(bytearray(data), dtype=torch.uint8),
+        ):
+            self.pg.broadcast(t, 0, self.send_timeout).wait()  # type: ignore[attr-defined]
 
     def recv(self) -> object:
         size = torch.zeros(1, dtype=torch.int64)
-        self._broadcast(size)
+        self.pg.broadcast(size, 0).wait()  # type: ignore[attr-defined]
         buf = torch.empty(int(size.item()), dtype=torch.uint8)
-        self._broadcast(buf)
+        self.pg.broadcast(buf, 0).wait()  # type: ignore[attr-defined]
         return pickle.loads(buf.numpy().tobytes())
 
 
@@ -99,25 +108,48 @@ class Groups:
         self.store.set(STATUS_KEY.format(self.init.rank), error or "")  # type: ignore[attr-defined]
 
 
-def connect(init: DistributedInit, device: torch.device, timeout_s: float) -> Groups:
-    """Meet the other ranks (blocks until all have joined, at most timeout_s)."""
+def connect(
+    init: DistributedInit,
+    device: torch.device,
+    timeout_s: float,
+    check: Callable[[], str | None] | None = None,
+) -> Groups:
+    """Meet the other ranks. Rank 0 passes `check` (a local rank that has exited, or None):
+    until every rank has joined the store it polls, so that a rank dying at start-up is
+    reported at once instead of after the start-up timeout. Collectives then time out after
+    timeout_s."""
     host, port = init.address
-    timeout = datetime.timedelta(seconds=timeout_s)
     is_server = init.rank == 0 and init.host_store
+    start = datetime.timedelta(seconds=max(timeout_s, START_TIMEOUT_S))
     store = dist.TCPStore(
-        host, port, init.world_size, is_server, timeout=timeout, wait_for_workers=False
+        host, port, init.world_size, is_server, timeout=start, wait_for_workers=False
     )
+    store.set(JOINED_KEY.format(init.rank), "1")
+    if check is not None:
+        _wait_joined(store, init.world_size, check)
     rank, size = init.rank, init.world_size
     model_store = dist.PrefixStore("gemma-serve/model", store)
     if device.type == "cuda":
         options = dist.ProcessGroupNCCL.Options()
-        options._timeout = timeout
+        options._timeout = datetime.timedelta(seconds=timeout_s)
         model_pg: object = dist.ProcessGroupNCCL(model_store, rank, size, options)
     else:
-        model_pg = dist.ProcessGroupGloo(model_store, rank, size, timeout)
-    # Built second: once the model group exists every rank is there, so the long timeout
-    # of the control group never waits for a rank that did not start.
+        model_pg = dist.ProcessGroupGloo(model_store, rank, size, start)
+        model_pg._set_default_timeout(datetime.timedelta(seconds=timeout_s))  # type: ignore
     control_pg = dist.ProcessGroupGloo(
         dist.PrefixStore("gemma-serve/control", store), rank, size, CONTROL_TIMEOUT
     )
-    return Groups(init, store, TensorGroup(rank, size, model_pg), ControlChannel(control_pg))
+    control = ControlChannel(control_pg, datetime.timedelta(seconds=timeout_s))
+    return Groups(init, store, TensorGroup(rank, size, model_pg), control)
+
+
+def _wait_joined(store: object, size: int, check: Callable[[], str | None]) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    keys = [JOINED_KEY.format(r) for r in range(size)]
+    while not store.check(keys):  # type: ignore[attr-defined]
+        problem = check()
+        if problem is not None:
+            raise RuntimeError(f"{problem} before it joined the group")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"not every tensor-parallel rank joined in {START_TIMEOUT_S}s")
+        time.sleep(JOIN_POLL_S)

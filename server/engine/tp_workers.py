@@ -100,25 +100,23 @@ class WorkerGroup:
         """Which of this machine's ranks has exited (waiting up to wait_s for one: a failed
         collective usually means a peer just died), or None."""
         deadline = time.monotonic() + wait_s
-        while True:
-            for rank, proc in self.children.items():
-                if proc.poll() is not None:
-                    return f"tensor-parallel rank {rank} exited with status {proc.returncode}"
-            if time.monotonic() >= deadline:
-                return None
+        while (exited := _first_exit(self.children)) is None and time.monotonic() < deadline:
             time.sleep(STATUS_POLL_S)
+        return exited
 
     def stop(self) -> None:
         """Tell every rank to exit, then make sure this machine's do (killed past a grace)."""
         if self._stopped:
             return
         self._stopped = True
-        if self.failure is None:
+        if self.failure is not None:  # the ranks are out of step (or hung): no stop message
+            stop_children_now(self.children)
+        else:
             try:
                 self.groups.control.send(_Stop())
             except Exception:
                 log.warning("could not send the stop message to the other ranks")
-        stop_children(self.children)
+            stop_children(self.children)
         torch.set_num_threads(self._threads)
 
     def _send(self, obj: object) -> None:
@@ -134,6 +132,13 @@ class WorkerGroup:
             self.failure = f"tensor parallelism failed: {why}"
             log.error("%s", self.failure)
         return EngineDeadError(self.failure)
+
+
+def _first_exit(children: dict[int, subprocess.Popen]) -> str | None:
+    for rank, proc in children.items():
+        if proc.poll() is not None:
+            return f"tensor-parallel rank {rank} exited with status {proc.returncode}"
+    return None
 
 
 def stop_children(children: dict[int, subprocess.Popen]) -> None:
@@ -191,11 +196,16 @@ def _device(config: EngineConfig, init: DistributedInit) -> torch.device:
     return device
 
 
-def join(config: EngineConfig, init: DistributedInit) -> tuple[Groups, model_source.LoadedModel]:
-    """Meet the group and load this rank's shard; the start-up result goes to the store (a
-    failure also raises here)."""
+def join(
+    config: EngineConfig,
+    init: DistributedInit,
+    children: dict[int, subprocess.Popen] | None = None,
+) -> tuple[Groups, model_source.LoadedModel]:
+    """Meet the group (rank 0 watching its `children`) and load this rank's shard; the
+    start-up result goes to the store (a failure also raises here)."""
     device = _device(config, init)
-    groups = connect(init, device, config.distributed_timeout)
+    check = None if children is None else (lambda: _first_exit(children))
+    groups = connect(init, device, config.distributed_timeout, check)
     try:
         loaded = model_source.load(config, model_source.Shard(groups.tensor, device))
     except Exception as exc:
@@ -234,7 +244,7 @@ def launch(config: EngineConfig) -> model_source.LoadedModel:
     children = spawn(config, inits[1:], threads)
     torch.set_num_threads(threads)
     try:
-        groups, loaded = join(config, inits[0])
+        groups, loaded = join(config, inits[0], children)
         wait_ready(groups, children)
     except BaseException:
         torch.set_num_threads(previous)

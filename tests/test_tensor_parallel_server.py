@@ -38,21 +38,31 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_checkpoint(tmp_path_factory.mktemp("tp-http"), seed=31)
 
 
-@contextlib.contextmanager
-def tp_server(checkpoint: Path) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`gemma-serve --tensor-parallel-size 2` in its own process group; yields (url, proc)."""
-    port = free_port()
+def start_cli(checkpoint: Path, *extra: str) -> subprocess.Popen:
+    """`gemma-serve --tensor-parallel-size 2 ...` in its own process group."""
     argv = [
         *("--model", str(checkpoint), "--device", "cpu", "--quantization", "none"),
-        *("--tensor-parallel-size", "2", "--port", str(port), "--block-size", "4"),
-        *("--max-num-batched-tokens", "16", "--kv-cache-memory", "4MiB"),
-        *("--log-level", "warning"),
+        *("--tensor-parallel-size", "2", "--block-size", "4", "--max-num-batched-tokens", "16"),
+        *("--kv-cache-memory", "4MiB", "--log-level", "warning", *extra),
     ]
     script = "import sys; from gemma_serve.server.cli import main; sys.exit(main(sys.argv[1:]))"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-c", script, *argv], cwd=ROOT, env=env, start_new_session=True
     )
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@contextlib.contextmanager
+def tp_server(checkpoint: Path, *extra: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """The server (rank 0) on a free port; yields (url, proc); kills its group at the end."""
+    port = free_port()
+    proc = start_cli(checkpoint, "--port", str(port), *extra)
     try:
         url = f"http://127.0.0.1:{port}"
         while True:  # the port opens only once the interpreter has started
@@ -64,9 +74,7 @@ def tp_server(checkpoint: Path) -> Iterator[tuple[str, subprocess.Popen]]:
                 time.sleep(0.1)
         yield url, proc
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_group(proc)
 
 
 def one_rank(checkpoint: Path, max_tokens: int):
@@ -148,3 +156,24 @@ def test_in_flight_requests_fail_and_health_turns_503(checkpoint: Path) -> None:
     finally:
         engine.engine.close()
     assert rank1.poll() is not None
+
+
+def test_two_nodes_started_apart_meet_at_the_init_method(checkpoint: Path) -> None:
+    """Multi-node on one machine: node 1 (--node-rank 1, no HTTP) and node 0 meet at
+    --distributed-init-method; node 0 serves what one rank serves; SIGTERM on node 0 stops
+    node 1 too (the stop message), both exit 0."""
+    want = one_rank(checkpoint, 8)[0]
+    method = ("--distributed-init-method", f"tcp://127.0.0.1:{free_port()}", "--nnodes", "2")
+    node1 = start_cli(checkpoint, *method, "--node-rank", "1")
+    try:
+        with tp_server(checkpoint, *method, "--node-rank", "0") as (url, proc):
+            assert child_pids(proc.pid) == []  # rank 1 is node 1's
+            choice = complete(url, PROMPTS[0], logprobs=1).json()["choices"][0]
+            assert choice["text"] == want.text
+            got = choice["logprobs"]["token_logprobs"]
+            assert got == pytest.approx([lp.logprob for lp in want.logprobs], abs=1e-4)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=EXIT_S) == 0
+        assert node1.wait(timeout=EXIT_S) == 0
+    finally:
+        kill_group(node1)

@@ -40,7 +40,13 @@ from gemma_serve.server.engine.config import EngineConfig
 from gemma_serve.server.engine.errors import EngineDeadError
 from gemma_serve.server.engine.kv_cache import CacheLayout, KVCache
 from gemma_serve.server.engine.runner import ForwardOutput, ModelBatch, Runner
-from gemma_serve.server.engine.tp_group import STATUS_KEY, DistributedInit, Groups, connect
+from gemma_serve.server.engine.tp_group import (
+    START_TIMEOUT_S,
+    STATUS_KEY,
+    DistributedInit,
+    Groups,
+    connect,
+)
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +226,10 @@ def wait_ready(groups: Groups, children: dict[int, subprocess.Popen]) -> None:
     that exited before it was ready)."""
     store = groups.store
     waiting = set(range(1, groups.init.world_size))
+    deadline = time.monotonic() + START_TIMEOUT_S  # for ranks on other machines
     while waiting:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"tensor-parallel ranks {sorted(waiting)} were not ready in time")
         for rank in sorted(waiting):
             key = STATUS_KEY.format(rank)
             if store.check([key]):  # type: ignore[attr-defined]

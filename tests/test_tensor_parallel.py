@@ -166,7 +166,7 @@ def test_a_rank_that_fails_to_load_is_reported_by_rank_0(checkpoint, tmp_path: P
     with pytest.raises(RuntimeError) as info:
         tp_engine(broken)
     message = str(info.value)
-    assert message.startswith("tensor-parallel rank 1 failed to start: ")
+    assert message.startswith("tensor-parallel rank 1 failed to start (load): ")
     assert "model.embed_tokens.weight: file truncated" in message
     assert wait_gone(sorted(set(child_pids(os.getpid())) - before), 10) == []
 

@@ -134,6 +134,13 @@ def _load_int8(
     return model, Deployment("int8", "onednn-w8a8")
 
 
+def prepare(cfg: EngineConfig) -> None:
+    """Convert a GGUF (or the embedded model) into its cached directory now: the process that
+    starts the tensor-parallel ranks does it once, before they all load from it."""
+    if cfg.model not in PRESETS:
+        _model_dir(cfg)
+
+
 def _default_tokenizer() -> Tokenizer:
     from gemma_serve.model.default_model import default_model_dir
 

@@ -27,7 +27,8 @@ import torch.distributed as dist
 from gemma_serve.model.parallel import TensorGroup
 
 CONTROL_TIMEOUT = datetime.timedelta(days=30)
-STATUS_KEY = "gemma-serve/status/{}"  # each rank's start-up result, in the store
+# Each rank's result of a start-up stage ("load": its shard; "cache": its KV cache), in the store.
+STATUS_KEY = "gemma-serve/{}/{}"
 JOINED_KEY = "gemma-serve/joined/{}"  # set by each rank once it reaches the store
 START_TIMEOUT_S = 600.0  # ranks on other machines may start (and load) minutes apart
 JOIN_POLL_S = 0.05
@@ -103,9 +104,10 @@ class Groups:
     tensor: TensorGroup
     control: ControlChannel
 
-    def report_status(self, error: str | None) -> None:
-        """This rank's start-up result ("" = ready), read by rank 0."""
-        self.store.set(STATUS_KEY.format(self.init.rank), error or "")  # type: ignore[attr-defined]
+    def report_status(self, stage: str, error: str | None) -> None:
+        """This rank's result of a start-up stage ("" = done), read by rank 0."""
+        key = STATUS_KEY.format(stage, self.init.rank)
+        self.store.set(key, error or "")  # type: ignore[attr-defined]
 
 
 def connect(

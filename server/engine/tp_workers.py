@@ -80,8 +80,13 @@ class WorkerGroup:
         self._stopped = False
 
     def start(self, layout: CacheLayout) -> None:
-        """The other ranks build their KV caches (rank 0 sized them) and start serving."""
+        """The other ranks build their KV caches (rank 0 sized them) and start serving; a
+        rank that cannot (out of memory) is reported with its message."""
         self._send(_Start(layout))
+        try:
+            wait_ready(self.groups, self.children, "cache")
+        except RuntimeError as exc:
+            raise self._fail(str(exc)) from exc
 
     def run(
         self, batch: ModelBatch, forward: Callable[[ModelBatch], ForwardOutput]
@@ -215,15 +220,15 @@ def join(
     try:
         loaded = model_source.load(config, model_source.Shard(groups.tensor, device))
     except Exception as exc:
-        groups.report_status(f"{type(exc).__name__}: {exc}")
+        groups.report_status("load", f"{type(exc).__name__}: {exc}")
         raise
-    groups.report_status(None)
+    groups.report_status("load", None)
     return groups, loaded
 
 
-def wait_ready(groups: Groups, children: dict[int, subprocess.Popen]) -> None:
-    """Wait for every rank's start-up result; RuntimeError naming the first that failed (or
-    that exited before it was ready)."""
+def wait_ready(groups: Groups, children: dict[int, subprocess.Popen], stage: str = "load") -> None:
+    """Wait for every rank's result of a start-up stage; RuntimeError naming the first that
+    failed (or that exited before it was done)."""
     store = groups.store
     waiting = set(range(1, groups.init.world_size))
     deadline = time.monotonic() + START_TIMEOUT_S  # for ranks on other machines
@@ -231,12 +236,14 @@ def wait_ready(groups: Groups, children: dict[int, subprocess.Popen]) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"tensor-parallel ranks {sorted(waiting)} were not ready in time")
         for rank in sorted(waiting):
-            key = STATUS_KEY.format(rank)
+            key = STATUS_KEY.format(stage, rank)
             if store.check([key]):  # type: ignore[attr-defined]
                 waiting.discard(rank)
                 error = store.get(key).decode()  # type: ignore[attr-defined]
                 if error:
-                    raise RuntimeError(f"tensor-parallel rank {rank} failed to start: {error}")
+                    raise RuntimeError(
+                        f"tensor-parallel rank {rank} failed to start ({stage}): {error}"
+                    )
             elif rank in children and children[rank].poll() is not None:
                 code = children[rank].returncode
                 raise RuntimeError(f"tensor-parallel rank {rank} exited with status {code}")
@@ -248,6 +255,7 @@ def launch(config: EngineConfig) -> model_source.LoadedModel:
     ready. Every failure stops the ranks this call started."""
     torchrun = DistributedInit.from_torchrun()
     inits = local_inits(config, torchrun)
+    model_source.prepare(config)
     previous = torch.get_num_threads()
     threads = threads_per_rank(inits[0].local_world_size)
     children = spawn(config, inits[1:], threads)
@@ -267,6 +275,7 @@ def serve_node(config: EngineConfig) -> int:
     than rank 0's, which starts that machine's other ranks): serve steps until stopped."""
     torchrun = DistributedInit.from_torchrun()
     inits = local_inits(config, torchrun)
+    model_source.prepare(config)
     threads = threads_per_rank(inits[0].local_world_size)
     children = spawn(config, inits[1:], threads)
     torch.set_num_threads(threads)
@@ -294,7 +303,12 @@ def serve_steps(config: EngineConfig, groups: Groups, loaded: model_source.Loade
     if not isinstance(msg, _Start):
         raise RuntimeError(f"expected the start message, got {type(msg).__name__}")
     model = loaded.model
-    cache = KVCache(model.config, msg.layout, loaded.dtype, loaded.device)
+    try:
+        cache = KVCache(model.config, msg.layout, loaded.dtype, loaded.device)
+    except Exception as exc:
+        groups.report_status("cache", f"{type(exc).__name__}: {exc}")
+        raise
+    groups.report_status("cache", None)
     ops = select_ops(loaded.device, config.force_reference_kernels)
     runner = Runner(model, cache, None, ops, loaded.device)
     while not isinstance(msg := groups.control.recv(), _Stop):

@@ -20,10 +20,11 @@ started it.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
-import json
 import logging
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -184,11 +185,11 @@ def local_inits(config: EngineConfig, first: DistributedInit | None) -> list[Dis
 def spawn(
     config: EngineConfig, inits: list[DistributedInit], threads: int
 ) -> dict[int, subprocess.Popen]:
-    """Start these ranks as child processes (`main` with the config and the rank as JSON)."""
+    """Start these ranks as child processes (`main`, given the config and its rank)."""
     children = {}
     for init in inits:
-        args = [json.dumps(dataclasses.asdict(x)) for x in (config, init)]
-        cmd = [sys.executable, "-c", CHILD_MAIN, *args]
+        arg = base64.b64encode(pickle.dumps((config, init))).decode()
+        cmd = [sys.executable, "-c", CHILD_MAIN, arg]
         env = {**os.environ, PARENT_ENV: str(os.getpid()), THREADS_ENV: str(threads)}
         children[init.rank] = subprocess.Popen(cmd, env=env)
     return children
@@ -250,42 +251,53 @@ def wait_ready(groups: Groups, children: dict[int, subprocess.Popen], stage: str
         time.sleep(STATUS_POLL_S if waiting else 0)
 
 
-def launch(config: EngineConfig) -> model_source.LoadedModel:
-    """Rank 0: start this machine's other ranks, load rank 0's shard, wait until all are
-    ready. Every failure stops the ranks this call started."""
-    torchrun = DistributedInit.from_torchrun()
-    inits = local_inits(config, torchrun)
+@dataclass(frozen=True)
+class _Machine:
+    """This machine's ranks once started: this process's, and the children's processes."""
+
+    me: DistributedInit
+    children: dict[int, subprocess.Popen]
+    threads_before: int  # this process's thread count before it took its share
+
+
+def _start_machine(config: EngineConfig) -> _Machine:
+    """Convert the checkpoint if needed (once, here), start this machine's other ranks and
+    give this process its share of the threads."""
+    inits = local_inits(config, DistributedInit.from_torchrun())
     model_source.prepare(config)
-    previous = torch.get_num_threads()
+    before = torch.get_num_threads()
     threads = threads_per_rank(inits[0].local_world_size)
     children = spawn(config, inits[1:], threads)
     torch.set_num_threads(threads)
+    return _Machine(inits[0], children, before)
+
+
+def launch(config: EngineConfig) -> model_source.LoadedModel:
+    """Rank 0: start this machine's other ranks, load rank 0's shard, wait until all are
+    ready. Every failure stops the ranks this call started."""
+    machine = _start_machine(config)
     try:
-        groups, loaded = join(config, inits[0], children)
-        wait_ready(groups, children)
+        groups, loaded = join(config, machine.me, machine.children)
+        wait_ready(groups, machine.children)
     except BaseException:
-        torch.set_num_threads(previous)
-        stop_children_now(children)
+        torch.set_num_threads(machine.threads_before)
+        stop_children_now(machine.children)
         raise
-    return dataclasses.replace(loaded, workers=WorkerGroup(groups, children, previous))
+    workers = WorkerGroup(groups, machine.children, machine.threads_before)
+    return dataclasses.replace(loaded, workers=workers)
 
 
 def serve_node(config: EngineConfig) -> int:
     """A process that is a non-zero rank (torchrun's, or the first rank of a machine other
     than rank 0's, which starts that machine's other ranks): serve steps until stopped."""
-    torchrun = DistributedInit.from_torchrun()
-    inits = local_inits(config, torchrun)
-    model_source.prepare(config)
-    threads = threads_per_rank(inits[0].local_world_size)
-    children = spawn(config, inits[1:], threads)
-    torch.set_num_threads(threads)
+    machine = _start_machine(config)
     try:
-        return run_worker(config, inits[0])
+        return run_worker(config, machine.me)
     except Exception:
-        log.exception("tensor-parallel rank %d failed", inits[0].rank)
+        log.exception("tensor-parallel rank %d failed", machine.me.rank)
         return 1
     finally:
-        stop_children(children)
+        stop_children(machine.children)
 
 
 def stop_children_now(children: dict[int, subprocess.Popen]) -> None:
@@ -339,12 +351,12 @@ def _die_with_parent() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry of a child rank: argv is the EngineConfig and its DistributedInit as JSON."""
+    """Entry of a child rank: argv[0] is its (EngineConfig, DistributedInit), pickled by the
+    parent (`spawn`) in base64."""
     argv = sys.argv[1:] if argv is None else argv
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches rank 0, which stops us
-    config = EngineConfig(**json.loads(argv[0]))
-    init = DistributedInit(**json.loads(argv[1]))
+    config, init = pickle.loads(base64.b64decode(argv[0]))
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s %(levelname)s rank {init.rank}: %(message)s"
     )

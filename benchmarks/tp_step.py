@@ -8,7 +8,7 @@ On the embedded default model (or --model DIR), --quantization none (int8 does n
   model's collectives (all-reduces and the LM head's gather; this includes waiting for the
   other rank), per step;
 - the step message's transport: Gloo broadcast (what the engine uses) against a
-  multiprocessing pipe (a local queue), one-way, for a decode step's message.
+  multiprocessing pipe (a local queue), one way, for a decode step's message (32 requests).
 Prints a markdown table ready for benchmarks/RESULTS.md.
 
     OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.tp_step
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import multiprocessing as mp
-import pickle
 import statistics
 import time
 from collections.abc import Callable
@@ -159,7 +158,7 @@ def _ack(groups, rank: int) -> None:
     groups.control.pg.broadcast(t, 1).wait()
 
 
-def transport(message: object, n: int = 300) -> dict[str, float]:
+def transport(message: bytes, n: int = 300) -> dict[str, float]:
     """Round trip / 2 of the message (ack of one byte), microseconds: Gloo vs a pipe."""
     import socket
 
@@ -189,7 +188,7 @@ def transport(message: object, n: int = 300) -> dict[str, float]:
     data_times = []
     for _ in range(n):
         t0 = time.perf_counter()
-        a.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+        a.send_bytes(message)
         a.recv_bytes()
         data_times.append(time.perf_counter() - t0)
     peer.join()
@@ -197,19 +196,23 @@ def transport(message: object, n: int = 300) -> dict[str, float]:
     return out
 
 
-def decode_message(batch: int) -> object:
-    """A decode step's StepMessage for `batch` requests of ~100 tokens (block size 16)."""
-    import numpy as np
-    from gemma_serve.server.engine.tp_wire import StepMessage
+def decode_message(batch: int) -> bytes:
+    """A decode step's message for `batch` requests of ~100 tokens (block size 16)."""
+    from gemma_serve.server.engine.attention_batch import AttentionBatch, PoolBatch
+    from gemma_serve.server.engine.block_table import PoolKind
+    from gemma_serve.server.engine.runner import ModelBatch
+    from gemma_serve.server.engine.tp_wire import step_message
 
-    i64 = lambda n: np.arange(n, dtype=np.int64)  # noqa: E731
-    i32 = lambda n: np.arange(n, dtype=np.int32)  # noqa: E731
-    tables = np.zeros((batch, 7), dtype=np.int32)
-    return StepMessage(
-        i64(batch), i64(batch), i64(batch), batch, i32(batch), i32(1), i32(0), 0,
-        (("global", i64(batch), tables, 0, 16), ("local", i64(batch), tables, 33, 16)),
-        ((), (), ()),
-    )  # fmt: skip
+    ids = torch.arange(batch)
+    i32 = ids.to(torch.int32)
+    tables = torch.zeros(batch, 7, dtype=torch.int32)
+    pools = {
+        PoolKind.GLOBAL: PoolBatch(ids, tables, 0, 16),
+        PoolKind.LOCAL: PoolBatch(ids, tables, 33, 16),
+    }
+    empty = torch.zeros(0, dtype=torch.int32)
+    attention = AttentionBatch(batch, i32, torch.zeros(1, dtype=torch.int32), empty, pools)
+    return step_message(ModelBatch(ids, ids, attention, ids, ()))
 
 
 def main() -> None:

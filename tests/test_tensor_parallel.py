@@ -13,14 +13,21 @@ import signal
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 from gemma_serve.model.config import ModelConfig
 from gemma_serve.model.shard_plan import ShardingError, ShardPlan
+from gemma_serve.server.engine import tp_wire
+from gemma_serve.server.engine.attention_batch import AttentionBatch, PoolBatch
+from gemma_serve.server.engine.block_table import PoolKind
 from gemma_serve.server.engine.errors import EngineDeadError
+from gemma_serve.server.engine.kv_cache import CacheLayout
 from gemma_serve.server.engine.llm_engine import GenerationResult, LLMEngine
+from gemma_serve.server.engine.prompt_logprobs import PromptScoring
+from gemma_serve.server.engine.runner import ModelBatch
 from gemma_serve.server.engine.sampling_params import SamplingParams
 
 from tests.engine_helpers import tiny_checkpoint, tiny_engine
@@ -198,3 +205,40 @@ def test_a_hung_rank_fails_the_step_within_the_timeout(checkpoint: Path) -> None
         os.kill(rank1.pid, signal.SIGCONT)
         engine.close()
     assert rank1.poll() is not None
+
+
+def test_step_messages_round_trip_without_pickle() -> None:
+    """What rank 1 reads is the batch rank 0 sent (bar the requests); junk is refused."""
+    pools = {
+        PoolKind.GLOBAL: PoolBatch(
+            torch.tensor([8, 9, -1]), torch.tensor([[4, 2], [7, 0]], dtype=torch.int32), 0, 4
+        ),
+        PoolKind.LOCAL: PoolBatch(
+            torch.tensor([1, 2, 3]), torch.tensor([[1, 0], [3, 5]], dtype=torch.int32), 3, 4
+        ),
+    }
+    i32 = partial(torch.tensor, dtype=torch.int32)
+    attention = AttentionBatch(1, i32([9]), i32([0, 2]), i32([5]), pools, max_prefill_len=2)
+    scoring = PromptScoring((1,), (77,), (3,), ())
+    sent = ModelBatch(
+        torch.tensor([11, 12, 13]), torch.tensor([8, 5, 6]), attention, torch.tensor([0, 2]), (),
+        scoring,
+    )  # fmt: skip
+    got = tp_wire.read(tp_wire.step_message(sent), torch.device("cpu")).batch
+    assert got is not None and got.scoring == scoring and got.sampling_requests == ()
+    for name in ("input_ids", "positions", "logits_indices"):
+        assert torch.equal(getattr(got, name), getattr(sent, name))
+    a = got.attention
+    assert (a.num_decodes, a.max_prefill_len) == (1, 2)
+    for name in ("seq_lens", "cu_seqlens", "context_lens"):
+        assert torch.equal(getattr(a, name), getattr(attention, name))
+    for kind, pool in pools.items():
+        assert torch.equal(a.pools[kind].slot_mapping, pool.slot_mapping)
+        assert torch.equal(a.pools[kind].block_tables, pool.block_tables)
+        assert a.pools[kind].block_tables.dtype == torch.int32
+        assert (a.pools[kind].ring_blocks, a.pools[kind].block_size) == (pool.ring_blocks, 4)
+    layout = CacheLayout(10, 20, 4, 3)
+    assert tp_wire.read(tp_wire.start_message(layout), torch.device("cpu")).layout == layout
+    assert tp_wire.read(tp_wire.stop_message(), torch.device("cpu")).kind == "stop"
+    with pytest.raises(tp_wire.WireError):
+        tp_wire.read(b"\x05\x00\x00\x00\x00\x00\x00\x00{junk", torch.device("cpu"))

@@ -4,8 +4,8 @@
   NCCL on CUDA, with a bounded timeout (--distributed-timeout): a rank that hangs mid-step
   fails the step on the others instead of blocking them forever. Joining the group has its
   own, longer timeout (ranks on other machines start and load at their own pace).
-- The control channel (`ControlChannel`): rank 0 broadcasts each step's batch (a pickled
-  `tp_wire.StepMessage`) over Gloo, whatever the device. Its timeout is long, because the
+- The control channel (`ControlChannel`): rank 0 broadcasts each step's batch (tp_wire.py's
+  bytes) over Gloo, whatever the device. Its timeout is long, because the
   other ranks wait on it while the server is idle; a rank that dies closes its connections,
   which fails a pending broadcast at once.
 The groups are built directly on a TCPStore (no torch.distributed default group): nothing
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import pickle
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,7 +70,7 @@ class DistributedInit:
 
 
 class ControlChannel:
-    """Rank 0 -> every rank: one pickled object per call (its length, then its bytes).
+    """Rank 0 -> every rank: one message (bytes, tp_wire.py) per call: its length, then it.
 
     Receiving waits as long as the server is idle; sending gives up after `send_timeout`
     (a Gloo broadcast's root waits for the receivers: a hung rank would block it)."""
@@ -79,20 +78,19 @@ class ControlChannel:
     def __init__(self, pg: object, send_timeout: datetime.timedelta) -> None:
         self.pg, self.send_timeout = pg, send_timeout
 
-    def send(self, obj: object) -> None:
-        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    def send(self, data: bytes) -> None:
         for t in (
             torch.tensor([len(data)], dtype=torch.int64),
             torch.frombuffer(bytearray(data), dtype=torch.uint8),
         ):
             self.pg.broadcast(t, 0, self.send_timeout).wait()  # type: ignore[attr-defined]
 
-    def recv(self) -> object:
+    def recv(self) -> bytes:
         size = torch.zeros(1, dtype=torch.int64)
         self.pg.broadcast(size, 0).wait()  # type: ignore[attr-defined]
         buf = torch.empty(int(size.item()), dtype=torch.uint8)
         self.pg.broadcast(buf, 0).wait()  # type: ignore[attr-defined]
-        return pickle.loads(buf.numpy().tobytes())
+        return buf.numpy().tobytes()
 
 
 @dataclass

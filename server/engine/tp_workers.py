@@ -20,11 +20,10 @@ started it.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
+import json
 import logging
 import os
-import pickle
 import signal
 import socket
 import subprocess
@@ -57,18 +56,8 @@ EXIT_WAIT_S = 1.0  # after a failed step: how long a dead local rank may take to
 PARENT_POLL_S = 0.5
 PARENT_ENV = "GEMMA_SERVE_PARENT_PID"  # a child rank checks its parent is still this one
 THREADS_ENV = "GEMMA_SERVE_RANK_THREADS"
-# Not `-m`: the messages must unpickle as this module's classes, not as __main__'s.
+# Not `-m` (runpy would import this module a second time, as __main__).
 CHILD_MAIN = "import sys; from gemma_serve.server.engine.tp_workers import main; sys.exit(main())"
-
-
-@dataclass(frozen=True)
-class _Start:
-    layout: CacheLayout
-
-
-@dataclass(frozen=True)
-class _Stop:
-    pass
 
 
 class WorkerGroup:
@@ -83,7 +72,7 @@ class WorkerGroup:
     def start(self, layout: CacheLayout) -> None:
         """The other ranks build their KV caches (rank 0 sized them) and start serving; a
         rank that cannot (out of memory) is reported with its message."""
-        self._send(_Start(layout))
+        self._send(tp_wire.start_message(layout))
         try:
             wait_ready(self.groups, self.children, "cache")
         except RuntimeError as exc:
@@ -93,7 +82,7 @@ class WorkerGroup:
         self, batch: ModelBatch, forward: Callable[[ModelBatch], ForwardOutput]
     ) -> ForwardOutput:
         self.check()
-        self._send(tp_wire.encode(batch))
+        self._send(tp_wire.step_message(batch))
         try:
             return forward(batch)
         except Exception as exc:
@@ -125,16 +114,16 @@ class WorkerGroup:
             stop_children_now(self.children)
         else:
             try:
-                self.groups.control.send(_Stop())
+                self.groups.control.send(tp_wire.stop_message())
             except Exception:
                 log.warning("could not send the stop message to the other ranks")
             stop_children(self.children)
         torch.set_num_threads(self._threads)
 
-    def _send(self, obj: object) -> None:
+    def _send(self, data: bytes) -> None:
         self.check()
         try:
-            self.groups.control.send(obj)
+            self.groups.control.send(data)
         except Exception as exc:
             why = f"sending to the other ranks failed: {exc}"
             raise self._fail(self._exited() or why) from exc
@@ -188,8 +177,8 @@ def spawn(
     """Start these ranks as child processes (`main`, given the config and its rank)."""
     children = {}
     for init in inits:
-        arg = base64.b64encode(pickle.dumps((config, init))).decode()
-        cmd = [sys.executable, "-c", CHILD_MAIN, arg]
+        args = [json.dumps(dataclasses.asdict(x)) for x in (config, init)]
+        cmd = [sys.executable, "-c", CHILD_MAIN, *args]
         env = {**os.environ, PARENT_ENV: str(os.getpid()), THREADS_ENV: str(threads)}
         children[init.rank] = subprocess.Popen(cmd, env=env)
     return children
@@ -309,24 +298,24 @@ def stop_children_now(children: dict[int, subprocess.Popen]) -> None:
 
 def serve_steps(config: EngineConfig, groups: Groups, loaded: model_source.LoadedModel) -> None:
     """A non-zero rank's loop: build the KV cache when told, then run each step sent."""
-    msg = groups.control.recv()
-    if isinstance(msg, _Stop):
+    device = loaded.device
+    msg = tp_wire.read(groups.control.recv(), device)
+    if msg.kind == "stop":
         return
-    if not isinstance(msg, _Start):
-        raise RuntimeError(f"expected the start message, got {type(msg).__name__}")
+    if msg.layout is None:
+        raise RuntimeError(f"expected the start message, got {msg.kind!r}")
     model = loaded.model
     try:
-        cache = KVCache(model.config, msg.layout, loaded.dtype, loaded.device)
+        cache = KVCache(model.config, msg.layout, loaded.dtype, device)
     except Exception as exc:
         groups.report_status("cache", f"{type(exc).__name__}: {exc}")
         raise
     groups.report_status("cache", None)
-    ops = select_ops(loaded.device, config.force_reference_kernels)
-    runner = Runner(model, cache, None, ops, loaded.device)
-    while not isinstance(msg := groups.control.recv(), _Stop):
-        if not isinstance(msg, tp_wire.StepMessage):
-            raise RuntimeError(f"expected a step, got {type(msg).__name__}")
-        runner.forward_local(tp_wire.decode(msg, loaded.device))
+    runner = Runner(model, cache, None, select_ops(device, config.force_reference_kernels), device)
+    while (msg := tp_wire.read(groups.control.recv(), device)).kind != "stop":
+        if msg.batch is None:
+            raise RuntimeError(f"expected a step, got {msg.kind!r}")
+        runner.forward_local(msg.batch)
 
 
 def run_worker(config: EngineConfig, init: DistributedInit) -> int:
@@ -351,12 +340,12 @@ def _die_with_parent() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry of a child rank: argv[0] is its (EngineConfig, DistributedInit), pickled by the
-    parent (`spawn`) in base64."""
+    """Entry of a child rank: argv is its EngineConfig and DistributedInit as JSON."""
     argv = sys.argv[1:] if argv is None else argv
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches rank 0, which stops us
-    config, init = pickle.loads(base64.b64decode(argv[0]))
+    config = EngineConfig(**json.loads(argv[0]))
+    init = DistributedInit(**json.loads(argv[1]))
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s %(levelname)s rank {init.rank}: %(message)s"
     )

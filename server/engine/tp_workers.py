@@ -253,9 +253,16 @@ def _start_machine(config: EngineConfig) -> _Machine:
     """Convert the checkpoint if needed (once, here), start this machine's other ranks and
     give this process its share of the threads."""
     inits = local_inits(config, DistributedInit.from_torchrun())
+    local = inits[0].local_world_size
+    cuda = model_source.resolve_device(config.device).type == "cuda"
+    if cuda and torch.cuda.device_count() < local:
+        raise ValueError(
+            f"{local} tensor-parallel ranks on this machine need {local} GPUs, "
+            f"{torch.cuda.device_count()} are visible"
+        )
     model_source.prepare(config)
     before = torch.get_num_threads()
-    threads = threads_per_rank(inits[0].local_world_size)
+    threads = threads_per_rank(local)
     children = spawn(config, inits[1:], threads)
     torch.set_num_threads(threads)
     return _Machine(inits[0], children, before)

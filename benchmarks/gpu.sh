@@ -7,6 +7,8 @@
 #   4. for gemma-2-9b then gemma-2-2b (--load-format dummy --dtype bfloat16): start gemma-serve,
 #      single-stream decode (concurrency 1, input 128, output 256), then throughput at
 #      concurrency 1, 16, 64, 256 (input 512, output 256) with benchmarks/serve.py
+#   5. only with more than one GPU: the same for gemma-2-9b and gemma-2-27b at
+#      --tensor-parallel-size 1/2/4/8 (up to the GPU count)
 # Every phase runs under `timeout`, capped by what is left of the budget (phases that no longer
 # fit are skipped); a failing phase is recorded and the script goes on. Ends with the summary
 # tables (kernels, decode vs roofline, throughput per concurrency, phases).
@@ -130,32 +132,35 @@ stop_server() {
 trap stop_server EXIT
 trap 'stop_server; exit 130' INT TERM
 
-# bench_model PRESET PORT START_S DECODE_S SWEEP_S
+# bench_model PRESET PORT START_S DECODE_S SWEEP_S [NAME [SERVER_FLAGS...]]
+# NAME (default PRESET) names the phases and the results folder.
 bench_model() {
     local preset=$1 url="http://127.0.0.1:$2" start=$SECONDS limit rc model=("--model" "$1")
+    local name=${6:-$1}
+    local extra=("${@:7}")
     if [[ -f .gpu/models/$preset/config.json ]]; then # prepared by benchmarks/gpu_prep.py
         model=(--model ".gpu/models/$preset" --served-model-name "$preset")
     fi
-    mkdir -p "$OUT/$preset"
+    mkdir -p "$OUT/$name"
     limit=$(phase_limit "$3")
     if ((limit == 0)); then
-        record "${preset}_start" 125 0 "$start"
+        record "${name}_start" 125 0 "$start"
         return
     fi
-    log "${preset}_start (at most ${limit}s)"
+    log "${name}_start (at most ${limit}s)"
     "${SERVE[@]}" "${model[@]}" --load-format dummy --dtype bfloat16 --port "$2" \
-        --max-num-seqs 256 >"$OUT/logs/${preset}_start.log" 2>&1 &
+        --max-num-seqs 256 "${extra[@]}" >"$OUT/logs/${name}_start.log" 2>&1 &
     SERVER_PID=$!
     wait_healthy "$url" "$SERVER_PID" "$limit"
     rc=$?
-    record "${preset}_start" "$rc" "$limit" "$start"
+    record "${name}_start" "$rc" "$limit" "$start"
     if ((rc == 0)); then
         local bench=("$PY" benchmarks/serve.py --base-url "$url" --no-progress --timeout 150)
-        run_phase "${preset}_decode" "$4" "${bench[@]}" --concurrency 1 --num-prompts 4 \
-            --input-len 128 --output-len 256 --warmup-requests 2 --out "$OUT/$preset/decode.json"
-        run_phase "${preset}_sweep" "$5" "${bench[@]}" --sweep-concurrency 1,16,64,256 \
+        run_phase "${name}_decode" "$4" "${bench[@]}" --concurrency 1 --num-prompts 4 \
+            --input-len 128 --output-len 256 --warmup-requests 2 --out "$OUT/$name/decode.json"
+        run_phase "${name}_sweep" "$5" "${bench[@]}" --sweep-concurrency 1,16,64,256 \
             --num-prompts 2,16,64,256 --input-len 512 --output-len 256 --warmup-requests 2 \
-            --out "$OUT/$preset/sweep.json"
+            --out "$OUT/$name/sweep.json"
     fi
     stop_server
 }
@@ -175,6 +180,20 @@ run_phase kernels 180 "$PY" benchmarks/kernels.py --out "$OUT/kernels.json"
 # 9B first: its single-stream decode against the roofline is the open number.
 bench_model gemma-2-9b "$PORT" 120 60 120
 bench_model gemma-2-2b "$((PORT + 1))" 90 45 100
+# Tensor parallelism, only where there is more than one GPU: 9B and 27B at TP 1/2/4/8 (as many
+# as there are GPUs; results in <preset>_tp<N>/; the roofline column is one GPU's).
+NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+if ((NGPU > 1)); then
+    for preset in gemma-2-9b gemma-2-27b; do
+        for tp in 1 2 4 8; do
+            ((tp <= NGPU)) || continue
+            bench_model "$preset" "$((PORT + 10 + tp))" 240 45 100 "${preset}_tp$tp" \
+                --tensor-parallel-size "$tp"
+        done
+    done
+else
+    log "tensor parallelism: skipped (${NGPU} GPU)"
+fi
 
 # The end of the log of each phase that did not succeed (the server's log for a failed start).
 while IFS=$'\t' read -r name status _; do

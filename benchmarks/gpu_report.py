@@ -74,7 +74,8 @@ def _load(path: Path) -> dict[str, Any] | None:
 
 def model_row(name: str, run_dir: Path, bandwidth: float | None) -> dict[str, Any]:
     """One model's headline numbers from its decode.json and sweep.json (None where missing)."""
-    row: dict[str, Any] = {"model": name, "params": preset_params(name)}
+    # A tensor-parallel run's folder is <preset>_tp<N> (gpu.sh).
+    row: dict[str, Any] = {"model": name, "params": preset_params(name.partition("_tp")[0])}
     row["weight_bytes"] = row["params"] * BF16_BYTES
     row["roofline_tok_s"] = bandwidth / row["weight_bytes"] if bandwidth else None
     decode = _load(run_dir / name / "decode.json")
@@ -108,7 +109,8 @@ def summary(run_dir: Path) -> dict[str, Any]:
     """Collects everything gpu.sh wrote under run_dir into summary.json; returns the tables."""
     bw = _load(run_dir / "bandwidth.json")
     bandwidth = bw["bandwidth_bytes_per_s"] if bw else None
-    rows = [model_row(name, run_dir, bandwidth) for name in PRESETS]
+    tp_runs = sorted(p.name for p in run_dir.glob("*_tp*") if p.is_dir())
+    rows = [model_row(name, run_dir, bandwidth) for name in [*PRESETS, *tp_runs]]
     phases = [line.split("\t") for line in _read_lines(run_dir / "phases.tsv")[1:]]
     doc = {"bandwidth": bw, "models": rows, "phases": phases}
     (run_dir / "summary.json").write_text(json.dumps(doc, indent=1) + "\n")

@@ -103,8 +103,12 @@ def deploy(
     if pack and cpu_gemm.should_pack(device, dtype):
         for _, parent, attr in _linears(model):
             setattr(parent, attr, cpu_gemm.PackedLinear(getattr(parent, attr).weight))
-        # The step's biggest GEMM: a packed copy of the tied table (or the untied head).
-        head = model.model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
-        model.lm_head = cpu_gemm.PackedLinear(head)
+        # The step's biggest GEMM: a packed copy of the tied table (or the untied head). A
+        # tensor-parallel head (model/parallel.py) holds a Linear, packed above.
+        if model.lm_head is None or isinstance(model.lm_head, Linear):
+            head = (
+                model.model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+            )
+            model.lm_head = cpu_gemm.PackedLinear(head)
         return Deployment("none", "onednn-fp32-packed")
     return Deployment("none", "torch")

@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 from gemma_serve.model.config import ModelConfig
 from gemma_serve.model.gemma import GemmaForCausalLM
-from gemma_serve.model.safetensors_stream import iter_entries, read_into
+from gemma_serve.model.safetensors_stream import iter_entries, read_window
+from gemma_serve.model.shard_plan import ShardPlan
+from torch import nn
 from tqdm import tqdm
 
 PROGRESS_MIN_BYTES = 1 << 30  # show a progress bar for checkpoints over 1 GiB
@@ -35,11 +37,16 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class _Target:
-    """Where a checkpoint tensor goes: a parameter, and the row range of a fused one."""
+    """Where a checkpoint tensor goes: rows [row_start, row_end) of a parameter (a fused one
+    holds several tensors), filled from the window of the tensor at (src_row, src_col), which
+    is the whole tensor unless the model is one tensor-parallel rank's shard."""
 
     param: str
     row_start: int
     row_end: int
+    shape: tuple[int, ...] = ()  # the checkpoint tensor's full shape; () = the destination's
+    src_row: int = 0
+    src_col: int = 0
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
@@ -61,44 +68,59 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     raise CheckpointError(f"no safetensors weights in {model_dir} (only safetensors are loaded)")
 
 
-def _targets(cfg: ModelConfig) -> dict[str, _Target]:
-    """HF tensor name -> destination in our (fused) parameters."""
-    q = cfg.num_attention_heads * cfg.head_dim
-    kv = cfg.num_key_value_heads * cfg.head_dim
-    ffn = cfg.intermediate_size
-    hidden = cfg.hidden_size
+def _targets(cfg: ModelConfig, plan: ShardPlan) -> dict[str, _Target]:
+    """HF tensor name -> destination in our (fused) parameters, for the rank of `plan` (a
+    one-rank plan: the whole model). Column-parallel tensors give a row range, row-parallel
+    ones a column range (into the `linear` inside parallel.RowParallel)."""
+    d, hidden, vocab = cfg.head_dim, cfg.hidden_size, cfg.vocab_size
+    q, kv, ffn = plan.q_heads * d, plan.kv_heads * d, plan.ffn
+    q_all, kv_all = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    row_parallel = ".linear" if plan.size > 1 else ""
+
+    def columns(param: str, at: int, n: int, rows: int, start: int) -> _Target:
+        return _Target(param, at, at + n, (rows, hidden), src_row=start)
+
+    def rows(param: str, cols: int, start: int) -> _Target:  # the destination's width is read
+        return _Target(param, 0, hidden, (hidden, cols), src_col=start)
+
     out = {
-        "model.embed_tokens.weight": _Target("model.embed_tokens.weight", 0, cfg.vocab_size),
-        "model.norm.weight": _Target("model.norm.weight", 0, hidden),
+        "model.embed_tokens.weight": columns(
+            "model.embed_tokens.weight", 0, plan.vocab_rows, vocab, plan.vocab_start
+        ),
+        "model.norm.weight": _Target("model.norm.weight", 0, hidden, (hidden,)),
     }
     if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = _Target("lm_head.weight", 0, cfg.vocab_size)
+        out["lm_head.weight"] = columns(
+            "lm_head.weight", 0, plan.vocab_rows, vocab, plan.vocab_start
+        )
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}"
-        fused = {
-            "self_attn.q_proj": ("self_attn.qkv_proj", 0, q),
-            "self_attn.k_proj": ("self_attn.qkv_proj", q, q + kv),
-            "self_attn.v_proj": ("self_attn.qkv_proj", q + kv, q + 2 * kv),
-            "self_attn.o_proj": ("self_attn.o_proj", 0, hidden),
-            "mlp.gate_proj": ("mlp.gate_up_proj", 0, ffn),
-            "mlp.up_proj": ("mlp.gate_up_proj", ffn, 2 * ffn),
-            "mlp.down_proj": ("mlp.down_proj", 0, hidden),
+        qkv, gate_up = f"{p}.self_attn.qkv_proj.weight", f"{p}.mlp.gate_up_proj.weight"
+        q0, kv0, f0 = plan.q_head_start * d, plan.kv_head_start * d, plan.ffn_start
+        out |= {
+            f"{p}.self_attn.q_proj.weight": columns(qkv, 0, q, q_all, q0),
+            f"{p}.self_attn.k_proj.weight": columns(qkv, q, kv, kv_all, kv0),
+            f"{p}.self_attn.v_proj.weight": columns(qkv, q + kv, kv, kv_all, kv0),
+            f"{p}.self_attn.o_proj.weight": rows(
+                f"{p}.self_attn.o_proj{row_parallel}.weight", q_all, q0
+            ),
+            f"{p}.mlp.gate_proj.weight": columns(gate_up, 0, ffn, cfg.intermediate_size, f0),
+            f"{p}.mlp.up_proj.weight": columns(gate_up, ffn, ffn, cfg.intermediate_size, f0),
+            f"{p}.mlp.down_proj.weight": rows(
+                f"{p}.mlp.down_proj{row_parallel}.weight", cfg.intermediate_size, f0
+            ),
         }
-        for src, (dst, a, b) in fused.items():
-            out[f"{p}.{src}.weight"] = _Target(f"{p}.{dst}.weight", a, b)
         norms = [
             "input_layernorm",
             "post_attention_layernorm",
             "pre_feedforward_layernorm",
             "post_feedforward_layernorm",
         ]
-        for n in norms:
-            out[f"{p}.{n}.weight"] = _Target(f"{p}.{n}.weight", 0, hidden)
         if cfg.use_qk_norm:
-            for n in ("q_norm", "k_norm"):
-                out[f"{p}.self_attn.{n}.weight"] = _Target(
-                    f"{p}.self_attn.{n}.weight", 0, cfg.head_dim
-                )
+            norms += ["self_attn.q_norm", "self_attn.k_norm"]
+        for n in norms:
+            size = d if n.startswith("self_attn") else hidden
+            out[f"{p}.{n}.weight"] = _Target(f"{p}.{n}.weight", 0, size, (size,))
     return out
 
 
@@ -118,10 +140,17 @@ def load_safetensors(
     model_dir: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device
 ) -> GemmaForCausalLM:
     """Load a HF Gemma checkpoint into our model; every mismatch is a CheckpointError."""
-    files = checkpoint_files(Path(model_dir))
     model = empty_model(cfg, dtype, device)
+    read_checkpoint(model, model_dir, cfg, ShardPlan.build(cfg, 0, 1))
+    return model
+
+
+def read_checkpoint(model: nn.Module, model_dir: str | Path, cfg: ModelConfig, plan: ShardPlan):
+    """Fill an allocated model (the whole one, or the shard of `plan`'s rank) from a HF
+    checkpoint, reading only the slices it holds; every mismatch is a CheckpointError."""
+    files = checkpoint_files(Path(model_dir))
     params = dict(model.named_parameters())
-    targets = _targets(cfg)
+    targets = _targets(cfg, plan)
     seen: set[str] = set()
     unexpected: list[str] = []
     total = sum(f.stat().st_size for f in files)
@@ -141,12 +170,12 @@ def load_safetensors(
                 if name is not None:
                     unexpected.append(entry.name)
                 continue
-            dst = params[target.param][target.row_start : target.row_end]
-            if entry.shape != tuple(dst.shape):
+            if entry.shape != target.shape:
                 raise CheckpointError(
-                    f"tensor {name} has shape {entry.shape}, the config implies {tuple(dst.shape)}"
+                    f"tensor {name} has shape {entry.shape}, the config implies {target.shape}"
                 )
-            read_into(f, entry, dst)
+            dst = params[target.param][target.row_start : target.row_end]
+            read_window(f, entry, dst, target.src_row, target.src_col)
             seen.add(name)
     missing = sorted(set(targets) - seen)
     if missing or unexpected:
@@ -158,7 +187,6 @@ def load_safetensors(
         raise CheckpointError(
             f"checkpoint {model_dir} does not match the config: " + "; ".join(parts)
         )
-    return model
 
 
 def checkpoint_name(name: str, cfg: ModelConfig) -> str | None:
@@ -184,6 +212,12 @@ def random_model(
 ) -> GemmaForCausalLM:
     """Random weights of a config's shape (for --load-format dummy and benchmarks)."""
     model = empty_model(cfg, dtype, device)
+    fill_random(model, device, seed)
+    return model
+
+
+def fill_random(model: nn.Module, device: torch.device, seed: int) -> None:
+    """Random weights in an allocated model (norm weights zero)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -191,4 +225,3 @@ def random_model(
                 p.zero_()
             else:
                 p.normal_(0.0, 0.02, generator=gen)
-    return model

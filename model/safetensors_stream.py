@@ -86,3 +86,34 @@ def read_into(f: BinaryIO, entry: TensorEntry, dst: torch.Tensor) -> None:
         if f.readinto(raw) != len(raw):
             raise ValueError(f"tensor {entry.name}: file truncated")
         flat[start : start + n].copy_(torch.frombuffer(raw, dtype=entry.dtype))
+
+
+def read_window(f: BinaryIO, entry: TensorEntry, dst: torch.Tensor, row: int, col: int) -> None:
+    """Fill dst [r, c] (or [r] for 1-D tensors) with the entry's rows row..row+r-1 and columns
+    col..col+c-1: one tensor-parallel rank's slice, read without the rest of the tensor
+    (whole rows: one contiguous read; a column range: rows in bounded chunks)."""
+    if tuple(dst.shape) == entry.shape:
+        read_into(f, entry, dst)
+        return
+    width = entry.shape[1] if len(entry.shape) > 1 else 1
+    item = torch.tensor([], dtype=entry.dtype).element_size()
+    row_bytes = width * item
+    if dst.dim() == 1 or dst.shape[1] == width:  # whole rows: a contiguous byte range
+        part = TensorEntry(
+            entry.name,
+            entry.dtype,
+            tuple(dst.shape),
+            entry.offset + row * row_bytes,
+            dst.numel() * item,
+        )
+        read_into(f, part, dst)
+        return
+    per_chunk = max(1, CHUNK_BYTES // row_bytes)
+    for start in range(0, dst.shape[0], per_chunk):
+        n = min(per_chunk, dst.shape[0] - start)
+        f.seek(entry.offset + (row + start) * row_bytes)
+        raw = bytearray(n * row_bytes)
+        if f.readinto(raw) != len(raw):
+            raise ValueError(f"tensor {entry.name}: file truncated")
+        rows = torch.frombuffer(raw, dtype=entry.dtype).view(n, width)
+        dst[start : start + n].copy_(rows[:, col : col + dst.shape[1]])

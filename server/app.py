@@ -49,20 +49,21 @@ def create_app(
     engine_provider: EngineProvider,
     settings: Settings | None = None,
     *,
-    on_load_error: Callable[[BaseException], None] | None = None,
+    on_fatal_error: Callable[[BaseException], None] | None = None,
 ) -> FastAPI:
     """An OpenAI-compatible app around the engine `engine_provider()` builds.
 
     engine_provider runs on a background thread once the app starts (tests pass
-    `lambda: fake_engine`). on_load_error is called on the event loop if it raises (the CLI
-    uses it to exit); the app keeps answering 503 otherwise.
+    `lambda: fake_engine`). on_fatal_error is called on the event loop if it raises, or if
+    the engine stops by itself later (a tensor-parallel rank failed): the CLI uses it to exit
+    non-zero; the app keeps answering 503 otherwise.
     """
     settings = settings or Settings()
     state = ServerState(settings, Metrics())
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        loader = asyncio.create_task(_load_engine(state, engine_provider, on_load_error))
+        loader = asyncio.create_task(_load_engine(state, engine_provider, on_fatal_error))
         try:
             yield
         finally:
@@ -120,7 +121,7 @@ def create_app(
 async def _load_engine(
     state: ServerState,
     provider: EngineProvider,
-    on_load_error: Callable[[BaseException], None] | None,
+    on_fatal_error: Callable[[BaseException], None] | None,
 ) -> None:
     """Builds the engine on a daemon thread (so a shutdown while loading does not wait for it),
     then starts it on this event loop."""
@@ -151,12 +152,14 @@ async def _load_engine(
         engine = await done
         state.max_token_bytes = await state.off_loop(longest_token_bytes, engine.tokenizer)
         engine.add_step_listener(state.metrics.on_step)
+        if on_fatal_error is not None:
+            engine.add_failure_listener(on_fatal_error)
         engine.start()
     except Exception as exc:
         logger.error("engine failed to load: %s", exc, exc_info=exc)
         state.load_error = exc
-        if on_load_error is not None:
-            on_load_error(exc)
+        if on_fatal_error is not None:
+            on_fatal_error(exc)
         return
     state.engine = engine
     logger.info(

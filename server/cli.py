@@ -62,6 +62,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[EngineConfig, ServeOp
     parser = build_parser()
     args = parser.parse_args(argv)
     given = {name: getattr(args, name) for name in ENGINE_FLAGS}
+    world = torchrun_world_size()
+    if world is not None:  # started by torchrun: its world is the tensor-parallel group
+        if given["tensor_parallel_size"] not in (None, world):
+            parser.error(f"--tensor-parallel-size must equal torchrun's world size {world}")
+        given["tensor_parallel_size"] = world
     try:
         config = EngineConfig(**{k: v for k, v in given.items() if v is not None})
         origins = tuple(o for item in args.allowed_origins for o in item.split(",") if o)
@@ -90,19 +95,34 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[EngineConfig, ServeOp
     return config, options
 
 
+def torchrun_world_size() -> int | None:
+    """WORLD_SIZE when torchrun started this process (its RANK and MASTER_ADDR are set)."""
+    env = os.environ
+    if {"RANK", "WORLD_SIZE", "MASTER_ADDR"} <= env.keys():
+        return int(env["WORLD_SIZE"])
+    return None
+
+
+def serves_http(config: EngineConfig) -> bool:
+    """Rank 0 serves HTTP; every other rank (torchrun's, or node K > 0's) only runs steps."""
+    if torchrun_world_size() is not None:
+        return int(os.environ["RANK"]) == 0
+    return config.node_rank == 0
+
+
 def serve(provider: EngineProvider, options: ServeOptions) -> int:
     """Runs the server until SIGTERM/SIGINT; returns the exit status (1 if the engine failed
     to load, 0 otherwise)."""
     exit_code = 0
     server: uvicorn.Server | None = None
 
-    def on_load_error(_: BaseException) -> None:
+    def on_fatal_error(_: BaseException) -> None:
         nonlocal exit_code
         exit_code = 1
         if server is not None:
             server.should_exit = True
 
-    app = create_app(provider, options.settings, on_load_error=on_load_error)
+    app = create_app(provider, options.settings, on_fatal_error=on_fatal_error)
     config = uvicorn_config(app, options, _fit_descriptor_limit(options.connections))
     state: ServerState = app.state.server
     server = _Server(config, state, options.grace_s)
@@ -220,6 +240,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logger.info("engine configuration: %s", config)
+    if not serves_http(config):
+        from gemma_serve.server.engine.tp_workers import serve_node
+
+        logger.info("a tensor-parallel rank without HTTP: running the steps rank 0 sends")
+        return serve_node(config)
     logger.info(
         "serving on http://%s:%d (API key %s, CORS %s)",
         options.host,
@@ -234,7 +259,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from gemma_serve.server.engine.llm_engine import LLMEngine
 
         engine = LLMEngine(config)
-        engine.warm_up()
+        try:
+            engine.warm_up()
+        except BaseException:
+            engine.close()  # tensor-parallel ranks too
+            raise
         return AsyncEngine(engine)
 
     return serve(provider, options)

@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="reuse the KV of prompt prefixes computed before (default: on)",
     )
+    _add_parallel_flags(p)
     add("--allowed-origins", nargs="+", default=[], help="CORS origins (off when not given)")
     add(
         "--enable-tokenizer-info-endpoint",
@@ -92,6 +93,32 @@ def build_parser() -> argparse.ArgumentParser:
     add("--log-level", choices=LOG_LEVELS, default="info", help="(default: %(default)s)")
     _add_connection_flags(p)
     return p
+
+
+def _add_parallel_flags(p: argparse.ArgumentParser) -> None:
+    """Tensor parallelism (vLLM's names; docs/MULTI_NODE.md). torchrun's environment, when
+    present, gives the ranks instead."""
+    add = p.add_argument
+    add(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        metavar="N",
+        help="split the model over N ranks (one GPU each; CPU ranks share the threads)",
+    )
+    add(
+        "--distributed-init-method",
+        metavar="tcp://HOST:PORT",
+        help="where the ranks meet (node 0's address; default: a free local port)",
+    )
+    add("--nnodes", type=int, metavar="N", help="machines the ranks span (default: 1)")
+    add("--node-rank", type=int, metavar="K", help="this machine's index (node 0 serves HTTP)")
+    add(
+        "--distributed-timeout",
+        type=float,
+        metavar="S",
+        help="a collective waiting this long (a hung rank) stops the server (default: 60)",
+    )
 
 
 def _add_connection_flags(p: argparse.ArgumentParser) -> None:
@@ -150,4 +177,9 @@ ENGINE_FLAGS = (
     "enforce_eager",
     "enable_prefix_caching",
     "quantization",
+    "tensor_parallel_size",
+    "distributed_init_method",
+    "nnodes",
+    "node_rank",
+    "distributed_timeout",
 )

@@ -138,6 +138,9 @@ class FakeEngine:
     def add_step_listener(self, fn: Callable[[StepStats], None]) -> None:
         self._listeners.append(fn)
 
+    def add_failure_listener(self, fn: Callable[[BaseException], None]) -> None:
+        pass  # the fake never stops by itself
+
     def compile_structured(self, spec: StructuredSpec) -> CompileResult:
         raise StructuredOutputError("the fake engine has no grammar compiler", spec.param)
 

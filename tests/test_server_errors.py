@@ -279,7 +279,7 @@ def test_failed_load_is_reported() -> None:
     def broken() -> FakeEngine:
         raise FileNotFoundError("no such checkpoint")
 
-    app = create_app(broken, on_load_error=failures.append)
+    app = create_app(broken, on_fatal_error=failures.append)
     with run_server(app, wait_ready=False) as url:
         deadline = time.monotonic() + 5
         while not failures:

@@ -52,6 +52,8 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._last_stats: StepStats | None = None
+        self._failure_listeners: list[Callable[[BaseException], None]] = []
+        self.failure: EngineDeadError | None = None  # why the engine stopped by itself
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> AsyncEngine:
@@ -59,10 +61,15 @@ class AsyncEngine:
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self.failure is None and self._thread is not None and self._thread.is_alive()
 
     def add_step_listener(self, fn: Callable[[StepStats], None]) -> None:
         self._listeners.append(fn)
+
+    def add_failure_listener(self, fn: Callable[[BaseException], None]) -> None:
+        """fn(error) is called on the event loop if the engine stops by itself (a
+        tensor-parallel rank failed), after every request in flight has got its error."""
+        self._failure_listeners.append(fn)
 
     def start(self) -> None:
         """Start the engine thread; call from inside the running event loop."""
@@ -81,6 +88,7 @@ class AsyncEngine:
         self._commands.put(None)
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30)
+        await asyncio.to_thread(self.engine.close)  # stops the other tensor-parallel ranks
 
     def abort(self, request_id: str) -> None:
         self._commands.put(_Abort(request_id))
@@ -165,12 +173,39 @@ class AsyncEngine:
         return False
 
     def _run(self) -> None:
+        try:
+            self._loop_steps()
+        except EngineDeadError as exc:
+            self._die(exc)
+        log.info("engine loop stopped")
+
+    def _die(self, exc: EngineDeadError) -> None:
+        """The engine cannot run any more: every request in flight (and every one still in
+        the command queue, or arriving now) ends with the error, then the listeners hear."""
+        log.error("the engine stopped: %s", exc)
+        self.failure = exc
+        message = f"the engine stopped: {exc}"
+        self._emit(*self.engine.fail_all(message))
+
+        def fail_rest() -> None:  # on the loop: the queues left are requests never added
+            for rid, q in self._queues.items():
+                q.put_nowait(RequestOutput.ended(rid, 0, 0, FINISH_ERROR, message))
+            for fn in self._failure_listeners:
+                fn(exc)
+
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(fail_rest)
+
+    def _loop_steps(self) -> None:
         running = True
         while running:
             running = self._drain_commands(block=not self.engine.has_work)
+            self.engine.check_alive()
             if running and self.engine.has_work:
                 try:
                     self._emit(*self.engine.step())
+                except EngineDeadError:
+                    raise
                 except Exception:  # never let the loop die: the engine fails the batch itself
                     log.exception("unexpected error in the engine loop")
                 stats = self.engine.stats()
@@ -181,7 +216,6 @@ class AsyncEngine:
                     continue
             self._last_stats = replace(stats, num_batched_tokens=0, num_preemptions=0)
             self._publish(stats)
-        log.info("engine loop stopped")
 
     def _publish(self, stats: StepStats) -> None:
         for fn in self._listeners:

@@ -40,6 +40,12 @@ class EngineConfig:
     long_prefill_token_threshold: int | None = None
     max_num_partial_prefills: int = 2
     max_long_partial_prefills: int = 1
+    # Tensor parallelism (tp_workers.py): ranks, and where they meet (multi-node).
+    tensor_parallel_size: int = 1
+    distributed_init_method: str | None = None  # tcp://HOST:PORT; None: a local port
+    nnodes: int = 1
+    node_rank: int = 0
+    distributed_timeout: float = 60.0  # a collective waiting longer fails the engine
 
     def __post_init__(self) -> None:
         checks = [
@@ -81,6 +87,19 @@ class EngineConfig:
                 1 <= self.max_long_partial_prefills <= self.max_num_partial_prefills,
                 "must be >= 1 and <= --max-num-partial-prefills",
             ),
+            ("tensor_parallel_size", self.tensor_parallel_size >= 1, "must be >= 1"),
+            (
+                "nnodes",
+                self.nnodes >= 1 and self.tensor_parallel_size % self.nnodes == 0,
+                "must be >= 1 and divide --tensor-parallel-size",
+            ),
+            ("node_rank", 0 <= self.node_rank < self.nnodes, "must be in [0, --nnodes)"),
+            (
+                "distributed_init_method",
+                self.nnodes == 1 or self.distributed_init_method is not None,
+                "is required with --nnodes > 1 (tcp://HOST:PORT of node 0)",
+            ),
+            ("distributed_timeout", self.distributed_timeout > 0, "must be positive"),
         ]
         for name, ok, why in checks:
             if not ok:

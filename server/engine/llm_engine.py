@@ -11,10 +11,11 @@ from dataclasses import dataclass
 
 import torch
 from gemma_serve.kernels.dispatch import select_ops
-from gemma_serve.server.engine import host_memory, model_source
+from gemma_serve.server.engine import host_memory, model_source, tp_workers
 from gemma_serve.server.engine.block_table import cdiv
 from gemma_serve.server.engine.config import EngineConfig
 from gemma_serve.server.engine.cuda_graphs import DecodeGraphs
+from gemma_serve.server.engine.errors import EngineDeadError
 from gemma_serve.server.engine.kv_cache import CacheLayout, KVCache
 from gemma_serve.server.engine.kv_manager import KVCacheManager
 from gemma_serve.server.engine.output_processor import OutputProcessor
@@ -38,6 +39,13 @@ from gemma_serve.server.engine.structured_spec import CompileResult, StructuredS
 
 log = logging.getLogger(__name__)
 
+
+def _load(config: EngineConfig) -> model_source.LoadedModel:
+    if config.tensor_parallel_size > 1:
+        return tp_workers.launch(config)
+    return model_source.load(config)
+
+
 # Without --kv-cache-memory on CPU: KV for this many tokens at every layer, at most 2 GiB.
 # The cache is zeroed at start-up, so this is resident memory from the first second.
 CPU_KV_TOKENS = 16384
@@ -60,8 +68,15 @@ class GenerationResult:
 class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: model_source.LoadedModel | None = None):
         self.config = config
-        loaded = loaded or model_source.load(config)
+        loaded = loaded or _load(config)
         self.loaded = loaded
+        try:
+            self._build(config, loaded)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, config: EngineConfig, loaded: model_source.LoadedModel) -> None:
         mcfg = loaded.config
         self.tokenizer = loaded.tokenizer
         self.model_name = loaded.name
@@ -71,13 +86,20 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or limit
         self.ops = select_ops(loaded.device, config.force_reference_kernels)
         # Decode graphs: on CUDA with the Triton ops (the references sync: uncapturable).
+        # (Not under tensor parallelism: every rank would have to replay its graphs in step.)
         self.use_graphs = (
-            loaded.device.type == "cuda" and self.ops.name == "triton" and not config.enforce_eager
+            loaded.device.type == "cuda"
+            and self.ops.name == "triton"
+            and not config.enforce_eager
+            and loaded.workers is None
         )
+        # The KV cache holds this rank's KV heads: a shard's config has only those.
+        shard_cfg = loaded.model.config
         budget = config.kv_cache_memory or self._default_budget(loaded)
         self.layout = CacheLayout.from_budget(
-            mcfg, budget, config.block_size, config.max_num_seqs, loaded.dtype, self.max_model_len
-        )
+            shard_cfg, budget, config.block_size, config.max_num_seqs, loaded.dtype,
+            self.max_model_len,
+        )  # fmt: skip
         self.kv = KVCacheManager(
             self.layout.num_global_blocks,
             self.layout.num_local_blocks,
@@ -96,8 +118,10 @@ class LLMEngine:
                 config.max_num_seqs,
             )
         if loaded.device.type == "cpu":
-            self._check_host_memory(self.layout.nbytes(mcfg, loaded.dtype))
-        cache = KVCache(mcfg, self.layout, loaded.dtype, loaded.device)
+            self._check_host_memory(self.layout.nbytes(shard_cfg, loaded.dtype))
+        cache = KVCache(shard_cfg, self.layout, loaded.dtype, loaded.device)
+        if loaded.workers is not None:
+            loaded.workers.start(self.layout)  # the other ranks size their caches the same
         self.scheduler = Scheduler(
             self.kv,
             config.max_num_seqs,
@@ -105,7 +129,9 @@ class LLMEngine:
             self.max_model_len,
             config.prefill_limits(),
         )
-        self.runner = Runner(loaded.model, cache, self.kv, self.ops, loaded.device)
+        self.runner = Runner(
+            loaded.model, cache, self.kv, self.ops, loaded.device, executor=loaded.workers
+        )
         if self.use_graphs:
             self.runner.graphs = self._capture_graphs()
         self.sampler = Sampler(loaded.device, config.seed)
@@ -156,7 +182,7 @@ class LLMEngine:
             return None
 
     def _default_budget(self, loaded: model_source.LoadedModel) -> int:
-        mcfg, cfg = loaded.config, self.config
+        mcfg, cfg = loaded.model.config, self.config  # this rank's KV heads
         per_token = 2 * mcfg.num_hidden_layers * mcfg.num_key_value_heads * mcfg.head_dim
         per_token *= torch.finfo(loaded.dtype).bits // 8
         worst = cfg.max_num_seqs * (cfg.max_model_len or mcfg.max_position_embeddings) * per_token
@@ -249,6 +275,20 @@ class LLMEngine:
         req = self.scheduler.get(request_id)
         return None if req is None else self._finish(req, FINISH_ABORT)
 
+    def check_alive(self) -> None:
+        """EngineDeadError once a tensor-parallel rank has failed (no-op otherwise)."""
+        if self.loaded.workers is not None:
+            self.loaded.workers.check()
+
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """End every request in flight with an error (the engine cannot run any more)."""
+        return self._fail([*self.scheduler.running, *self.scheduler.waiting], message)
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (no-op for one rank); idempotent."""
+        if self.loaded.workers is not None:
+            self.loaded.workers.stop()
+
     @property
     def has_work(self) -> bool:
         return self.scheduler.has_work
@@ -279,6 +319,8 @@ class LLMEngine:
             batch = self.runner.build(sched)
             forward = self.runner.forward(batch)
             self.structured.apply(forward.logits, batch.sampling_requests)
+        except EngineDeadError:  # the tensor-parallel ranks are out of step: nothing runs
+            raise
         except Exception as e:  # a fault in the forward pass: isolate it, keep serving
             log.exception("engine step failed; its requests retry alone")
             culprits = self.scheduler.recover(sched)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from gemma_serve.model import int8_cache
@@ -12,10 +13,29 @@ from gemma_serve.model.config import PRESETS, ModelConfig, preset
 from gemma_serve.model.deploy import Deployment, check, deploy, install_int8, int8_state
 from gemma_serve.model.gemma import GemmaForCausalLM
 from gemma_serve.model.loader import load_safetensors, meta_model, random_model
+from gemma_serve.model.parallel import TensorGroup, load_shard
+from gemma_serve.model.shard_plan import ShardPlan
 from gemma_serve.model.tokenizer import Tokenizer
 from gemma_serve.server.engine.config import EngineConfig
 
+if TYPE_CHECKING:
+    from gemma_serve.server.engine.tp_workers import WorkerGroup
+
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One tensor-parallel rank: its device and the group its collectives go through."""
+
+    group: TensorGroup
+    device: torch.device
+
+    def load(
+        self, cfg: ModelConfig, dtype: torch.dtype, model_dir: Path | None, seed: int
+    ) -> GemmaForCausalLM:
+        plan = ShardPlan.build(cfg, self.group.rank, self.group.size)
+        return load_shard(cfg, plan, self.group, dtype, self.device, model_dir, seed)
 
 
 @dataclass(frozen=True)
@@ -27,6 +47,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     deployment: Deployment
+    workers: WorkerGroup | None = None  # rank 0 under tensor parallelism: the other ranks
 
 
 def resolve_device(name: str) -> torch.device:
@@ -46,10 +67,18 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def resolve_quantization(cfg: EngineConfig, device: torch.device, dtype: torch.dtype) -> str:
     """--quantization, or by default int8 where it is the fast mode that meets the fidelity
-    bound (the embedded model and GGUF checkpoints, already quantised, on CPU in fp32)."""
+    bound (the embedded model and GGUF checkpoints, already quantised, on CPU in fp32).
+    Tensor parallelism shards float weights only: int8 is refused there, and not the default."""
     if cfg.quantization is not None:
         check(cfg.quantization, device, dtype)
+        if cfg.quantization == "int8" and cfg.tensor_parallel_size > 1:
+            raise ValueError(
+                "--quantization int8 cannot be sharded: use --quantization none with "
+                "--tensor-parallel-size > 1"
+            )
         return cfg.quantization
+    if cfg.tensor_parallel_size > 1:
+        return "none"
     gguf = cfg.model is None or Path(cfg.model).suffix == ".gguf" or cfg.load_format == "gguf"
     try:
         check("int8", device, dtype)
@@ -105,14 +134,23 @@ def _load_int8(
     return model, Deployment("int8", "onednn-w8a8")
 
 
+def prepare(cfg: EngineConfig) -> None:
+    """Convert a GGUF (or the embedded model) into its cached directory now: the process that
+    starts the tensor-parallel ranks does it once, before they all load from it."""
+    if cfg.model not in PRESETS:
+        _model_dir(cfg)
+
+
 def _default_tokenizer() -> Tokenizer:
     from gemma_serve.model.default_model import default_model_dir
 
     return Tokenizer.from_file(default_model_dir() / "tokenizer.model")
 
 
-def load(cfg: EngineConfig) -> LoadedModel:
-    device = resolve_device(cfg.device)
+def load(cfg: EngineConfig, shard: Shard | None = None) -> LoadedModel:
+    """The model of `cfg`, or with `shard` only one tensor-parallel rank's slice of it (on
+    the shard's device)."""
+    device = shard.device if shard is not None else resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     quantization = resolve_quantization(cfg, device, dtype)
     deployment: Deployment | None = None  # set when loading already deployed the model
@@ -123,7 +161,10 @@ def load(cfg: EngineConfig) -> LoadedModel:
                 "(random weights of its shape) or pass a checkpoint directory"
             )
         mcfg = preset(cfg.model)
-        model = random_model(mcfg, dtype, device, cfg.seed)
+        if shard is not None:
+            model = shard.load(mcfg, dtype, None, cfg.seed)
+        else:
+            model = random_model(mcfg, dtype, device, cfg.seed)
         # Presets carry no tokenizer: borrow the embedded model's (text benchmarks only).
         tokenizer = _default_tokenizer()
         name = cfg.model
@@ -131,7 +172,10 @@ def load(cfg: EngineConfig) -> LoadedModel:
         model_dir, name, converted = _model_dir(cfg)
         mcfg = ModelConfig.from_file(model_dir)
         tokenizer = Tokenizer.from_file(model_dir / "tokenizer.model")
-        if cfg.load_format != "dummy" and quantization == "int8":
+        if shard is not None:
+            weights = None if cfg.load_format == "dummy" else model_dir
+            model = shard.load(mcfg, dtype, weights, cfg.seed)
+        elif cfg.load_format != "dummy" and quantization == "int8":
             model, deployment = _load_int8(model_dir, mcfg, cache=converted)
         elif cfg.load_format == "dummy":
             model = random_model(mcfg, dtype, device, cfg.seed)

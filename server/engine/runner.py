@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from gemma_serve.kernels.dispatch import AttentionOps
@@ -40,16 +42,27 @@ class ForwardOutput:
     prompt_logprobs: list[TokenLogprob]  # one per batch.scoring row
 
 
+class Executor(Protocol):
+    """Runs a step's forward pass; the tensor-parallel one (tp_workers.WorkerGroup) first
+    sends the batch to the other ranks, which run the same pass on their shards."""
+
+    def run(
+        self, batch: ModelBatch, forward: Callable[[ModelBatch], ForwardOutput]
+    ) -> ForwardOutput: ...
+
+
 class Runner:
     def __init__(
         self,
         model: GemmaForCausalLM,
         cache: KVCache,
-        kv: KVCacheManager,
+        kv: KVCacheManager | None,  # None on tensor-parallel ranks other than 0 (no build)
         ops: AttentionOps,
         device: torch.device,
+        executor: Executor | None = None,
     ) -> None:
         self.model, self.cache, self.kv, self.ops, self.device = model, cache, kv, ops, device
+        self.executor = executor
         self.graphs: DecodeGraphs | None = None  # decode-only steps replay these when set
 
     def build(self, out: SchedulerOutput) -> ModelBatch:
@@ -89,12 +102,20 @@ class Runner:
     def _pools(self, chunks: tuple[ScheduledChunk, ...]) -> dict[PoolKind, PoolBatch]:
         """Each pool's slot mapping and block tables, from the KV manager."""
         spans = [(c.request.request_id, c.start, c.start + c.num_tokens) for c in chunks]
+        assert self.kv is not None, "only rank 0 builds batches"
         inputs = self.kv.batch_inputs(spans)
         return {kind: PoolBatch.from_inputs(i, self.device) for kind, i in inputs.items()}
 
-    @torch.inference_mode()
     def forward(self, batch: ModelBatch) -> ForwardOutput:
         """fp32 soft-capped logits of the sampling rows, and the scored prompt tokens."""
+        if self.executor is not None:
+            return self.executor.run(batch, self.forward_local)
+        return self.forward_local(batch)
+
+    @torch.inference_mode()
+    def forward_local(self, batch: ModelBatch) -> ForwardOutput:
+        """The forward pass on this process's model (one rank's shard under tensor
+        parallelism)."""
         scoring = batch.scoring
         if self.graphs is not None and not scoring.rows:
             logits = self.graphs.run(
@@ -107,7 +128,7 @@ class Runner:
             return ForwardOutput(
                 self.model(batch.input_ids, batch.positions, attn, batch.logits_indices), []
             )
-        n = len(batch.sampling_requests)
+        n = len(batch.logits_indices)
         extra = torch.tensor(scoring.rows, dtype=torch.long, device=self.device)
         rows = torch.cat([batch.logits_indices, extra])
         hidden = self.model.hidden_states(batch.input_ids, batch.positions, attn, rows)

@@ -21,6 +21,7 @@ from gemma_serve.server.engine.structured_spec import StructuredGrammar
 if TYPE_CHECKING:  # imported on first use: a server that never constrains never loads it
     import xgrammar as xgr
 
+
 @dataclass
 class _Tracked:
     matcher: xgr.GrammarMatcher

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from gemma_serve.model.config import QUANTIZATIONS
 from gemma_serve.server.engine.prefill_policy import PrefillLimits
+from gemma_serve.server.engine.spec_config import SpeculativeConfig
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DEVICES = ("auto", "cpu", "cuda")
@@ -40,6 +41,8 @@ class EngineConfig:
     long_prefill_token_threshold: int | None = None
     max_num_partial_prefills: int = 2
     max_long_partial_prefills: int = 1
+    # --speculative-config (spec_config.py); None: no speculative decoding
+    speculative_config: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         checks = [

@@ -32,7 +32,7 @@ from gemma_serve.server.engine.runner import Runner
 from gemma_serve.server.engine.sampler import Sampler
 from gemma_serve.server.engine.sampling_params import SamplingParams
 from gemma_serve.server.engine.scheduler import Scheduler
-from gemma_serve.server.engine.spec_verify import Verified, sample_and_verify
+from gemma_serve.server.engine.spec_verify import sample_and_verify
 from gemma_serve.server.engine.speculator import make_speculator
 from gemma_serve.server.engine.structured import StructuredDecoding
 from gemma_serve.server.engine.structured_compiler import StructuredCompiler
@@ -124,7 +124,9 @@ class LLMEngine:
         self._last_batch_tokens = 0
         self._last_cached_tokens = 0
         self._cached_tokens_seen = 0  # kv.num_cached_tokens at the previous step
-        self._last_verified = Verified()
+        # the last step's draft tokens and accepted ones by position (counts only: no
+        # reference to a request outlives its step)
+        self._last_spec: tuple[int, tuple[int, ...]] = (0, ())
         log.info(
             "engine: %s, kernels %s, max_model_len %d, KV blocks global %d / local %d "
             "(block %d, ring %d blocks), max_num_seqs %d, max_num_batched_tokens %d, "
@@ -259,15 +261,15 @@ class LLMEngine:
             num_batched_tokens=self._last_batch_tokens,
             num_preemptions=self._last_preemptions,
             num_cached_tokens=self._last_cached_tokens,
-            num_draft_tokens=self._last_verified.num_draft_tokens,
-            num_accepted_tokens=sum(self._last_verified.accepted_per_position),
-            accepted_per_position=tuple(self._last_verified.accepted_per_position),
+            num_draft_tokens=self._last_spec[0],
+            num_accepted_tokens=sum(self._last_spec[1]),
+            accepted_per_position=self._last_spec[1],
         )
 
     # -- the step -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        self._last_verified = Verified()
+        self._last_spec = (0, ())
         drafts = self.speculator.drafts(self.scheduler.running) if self.speculator else None
         sched = self.scheduler.schedule(drafts)
         self._last_preemptions = len(sched.preempted)
@@ -286,7 +288,7 @@ class LLMEngine:
             return self._fail(culprits, f"internal error in the engine step: {e}")
         record_prompt_logprobs(batch.scoring, forward.prompt_logprobs)
         verified = sample_and_verify(self.sampler, forward.logits, sched.chunks)
-        self._last_verified = verified
+        self._last_spec = (verified.num_draft_tokens, tuple(verified.accepted_per_position))
         errors = self._fail(verified.failed, "internal error while sampling")
         runs = {r.request_id: t for r, t in zip(verified.requests, verified.tokens, strict=True)}
         self.scheduler.update(sched, runs)

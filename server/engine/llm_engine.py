@@ -15,6 +15,7 @@ from gemma_serve.server.engine import model_source
 from gemma_serve.server.engine.block_table import cdiv
 from gemma_serve.server.engine.config import EngineConfig
 from gemma_serve.server.engine.cuda_graphs import DecodeGraphs
+from gemma_serve.server.engine.draft_model import build_speculator
 from gemma_serve.server.engine.kv_cache import CacheLayout, KVCache
 from gemma_serve.server.engine.kv_manager import KVCacheManager
 from gemma_serve.server.engine.output_processor import OutputProcessor
@@ -33,7 +34,6 @@ from gemma_serve.server.engine.sampler import Sampler
 from gemma_serve.server.engine.sampling_params import SamplingParams
 from gemma_serve.server.engine.scheduler import Scheduler
 from gemma_serve.server.engine.spec_verify import sample_and_verify
-from gemma_serve.server.engine.speculator import make_speculator
 from gemma_serve.server.engine.structured import StructuredDecoding
 from gemma_serve.server.engine.structured_compiler import StructuredCompiler
 from gemma_serve.server.engine.structured_spec import CompileResult, StructuredSpec
@@ -67,14 +67,15 @@ class LLMEngine:
             raise ValueError(f"--max-model-len {config.max_model_len} exceeds the model's {limit}")
         self.max_model_len = config.max_model_len or limit
         self.ops = select_ops(loaded.device, config.force_reference_kernels)
-        spec = config.speculative_config
-        self.speculator = make_speculator(spec, self.max_model_len) if spec else None
-        lookahead = self.speculator.lookahead() if self.speculator else 0
         # Decode graphs: on CUDA with the Triton ops (the references sync: uncapturable).
         self.use_graphs = (
             loaded.device.type == "cuda" and self.ops.name == "triton" and not config.enforce_eager
         )
         budget = config.kv_cache_memory or self._default_budget(loaded)
+        self.speculator, budget = build_speculator(
+            config, loaded, self.ops, budget, self.max_model_len
+        )
+        lookahead = self.speculator.lookahead() if self.speculator else 0
         self.layout = CacheLayout.from_budget(
             mcfg,
             budget,

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from gemma_serve.server.engine import ngram_proposer
 from gemma_serve.server.engine.request import Request, RequestStatus
-from gemma_serve.server.engine.spec_config import DRAFT_MODEL, NGRAM, SpeculativeConfig
+from gemma_serve.server.engine.spec_config import NGRAM, SpeculativeConfig
 
 
 class NgramSpeculator:
@@ -60,10 +60,3 @@ def usable_draft_len(req: Request, k: int, max_model_len: int) -> int:
     # A step yields at most draft + 1 tokens; the draft's positions stay inside the context.
     left = p.max_tokens - len(req.output_ids) - 1
     return max(0, min(k, left, max_model_len - req.num_tokens))
-
-
-def make_speculator(config: SpeculativeConfig, max_model_len: int) -> NgramSpeculator:
-    """The speculator of a --speculative-config; ValueError for a method not served."""
-    if config.method == DRAFT_MODEL:
-        raise ValueError("--speculative-config: draft-model speculation is not supported yet")
-    return NgramSpeculator(config, max_model_len)

@@ -124,3 +124,21 @@ def test_a_draft_with_another_vocabulary_is_refused(target, tmp_path: Path) -> N
     other = tiny_checkpoint(tmp_path / "other", seed=1, vocab_size=300)
     with pytest.raises(ValueError, match="must share the target's tokenizer"):
         draft_engine(target, other)
+
+
+def test_a_drafting_fault_only_turns_speculation_off_for_its_step(
+    target, near_draft, prompts, expected
+):
+    engine = draft_engine(target, near_draft)
+    forward, calls = engine.speculator.runner.forward, []
+
+    def flaky(batch):
+        calls.append(1)
+        if len(calls) in (2, 5):
+            raise RuntimeError("injected drafting fault")
+        return forward(batch)
+
+    engine.speculator.runner.forward = flaky
+    got, drafts, accepted = run_counting(engine, prompts, PARAMS)
+    assert got == expected
+    assert len(calls) > 5 and accepted > 0

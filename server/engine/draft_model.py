@@ -111,6 +111,11 @@ class DraftModelSpeculator:
     def lookahead(self) -> int:
         return self.config.num_speculative_tokens
 
+    def reset(self) -> None:
+        """After a failed drafting: drop every request's draft state (recomputed later)."""
+        for rid in list(self._state):
+            self._drop(rid)
+
     def drafts(self, running: Sequence[Request]) -> dict[str, list[int]]:
         """Draft tokens for this step, by request id."""
         live = {r.request_id for r in running}

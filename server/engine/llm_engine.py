@@ -271,8 +271,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         self._last_spec = (0, ())
-        drafts = self.speculator.drafts(self.scheduler.running) if self.speculator else None
-        sched = self.scheduler.schedule(drafts)
+        sched = self.scheduler.schedule(self._drafts())
         self._last_preemptions = len(sched.preempted)
         self._last_batch_tokens = sched.num_batched_tokens
         total = self.kv.num_cached_tokens  # prompt tokens taken from the prefix cache, ever
@@ -297,6 +296,18 @@ class LLMEngine:
             self._postprocess(r, t, lp)
             for r, t, lp in zip(verified.requests, verified.tokens, verified.logprobs, strict=True)
         ]
+
+    def _drafts(self) -> dict[str, list[int]] | None:
+        """This step's draft tokens; a drafting fault only turns speculation off for the step
+        (the draft model's state is dropped and recomputed later)."""
+        if self.speculator is None:
+            return None
+        try:
+            return self.speculator.drafts(self.scheduler.running)
+        except Exception:
+            log.exception("drafting failed; this step does not speculate")
+            self.speculator.reset()
+            return None
 
     def _postprocess(
         self, req: Request, tokens: list[int], lps: list[TokenLogprob | None]

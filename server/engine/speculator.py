@@ -29,6 +29,9 @@ class NgramSpeculator:
         """The most positions past the accepted sequence a step writes (ring sizing)."""
         return self.config.num_speculative_tokens
 
+    def reset(self) -> None:
+        """After a failed drafting: nothing to drop (n-gram drafts keep no state)."""
+
     def drafts(self, running: Sequence[Request]) -> dict[str, list[int]]:
         """Draft tokens for this step, by request id (only requests with some)."""
         cfg = self.config

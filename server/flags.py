@@ -13,6 +13,7 @@ from gemma_serve.server.connections import (
     DEFAULT_REQUEST_READ_TIMEOUT_S,
 )
 from gemma_serve.server.engine.config import DEVICES, DTYPES, LOAD_FORMATS, QUANTIZATIONS
+from gemma_serve.server.engine.spec_config import SpeculativeConfig, parse_speculative_config
 from gemma_serve.server.state import API_KEY_ENV
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -28,6 +29,14 @@ def byte_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a number of bytes such as 4GiB, got {text!r}")
     number, unit = float(match.group(1)), match.group(2).lower()
     return int(number * 1024 ** " kmgt".index(unit or " "))
+
+
+def speculative_config(text: str) -> SpeculativeConfig:
+    """The --speculative-config JSON, checked (a bad one is a start-up error naming why)."""
+    try:
+        return parse_speculative_config(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=QUANTIZATIONS,
         help="weights on CPU: none (exact fp32) or int8 (int8 weights x int8 activations); "
         "default: int8 for the embedded model and GGUF files on CPU, none otherwise",
+    )
+    add(
+        "--speculative-config",
+        type=speculative_config,
+        metavar="JSON",
+        help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
+        '"prompt_lookup_max": 4, "prompt_lookup_min": 2}\' (optional "disable_by_batch_size": '
+        "no speculation with more running requests than that)",
     )
     add("--force-reference-kernels", action="store_true", help="pure-torch kernels, no Triton")
     add("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
@@ -182,4 +199,5 @@ ENGINE_FLAGS = (
     "nnodes",
     "node_rank",
     "distributed_timeout",
+    "speculative_config",
 )

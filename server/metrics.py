@@ -97,11 +97,28 @@ class Metrics:
             "Output constraints served from the compiled-grammar cache.",
             registry=r,
         )
+        self.spec_draft_tokens = Counter(
+            PREFIX + "spec_decode_draft_tokens",
+            "Speculative draft tokens verified by the target model.",
+            registry=r,
+        )
+        self.spec_accepted_tokens = Counter(
+            PREFIX + "spec_decode_accepted_tokens",
+            "Speculative draft tokens accepted (each one a target forward saved).",
+            registry=r,
+        )
+        self.spec_accepted_per_pos = Counter(
+            PREFIX + "spec_decode_accepted_tokens_per_pos",
+            "Draft tokens accepted at each draft position (0: the first draft token).",
+            ["position"],
+            registry=r,
+        )
         # Expose every label value from the start, so dashboards see zeros, not gaps.
         for pool in ("global", "local"):
             self.kv_cache_usage.labels(pool=pool)
         for reason in FINISH_REASONS:
             self.requests.labels(finished_reason=reason)
+        self.spec_accepted_per_pos.labels(position="0")  # the others appear with their k
         self._lock = threading.Lock()
         self._last_token_at: dict[str, float | None] = {}  # request id -> time of last token
 
@@ -127,6 +144,11 @@ class Metrics:
             self.prefix_cache_hit_tokens.inc(stats.num_cached_tokens)
         if stats.num_batched_tokens:
             self.batch_tokens.observe(stats.num_batched_tokens)
+        if stats.num_draft_tokens:
+            self.spec_draft_tokens.inc(stats.num_draft_tokens)
+            self.spec_accepted_tokens.inc(stats.num_accepted_tokens)
+            for position, n in enumerate(stats.accepted_per_position):
+                self.spec_accepted_per_pos.labels(position=str(position)).inc(n)
 
     def on_output(
         self, out: RequestOutput, *, count_prompt: bool = True, now: float | None = None

@@ -106,8 +106,8 @@ def count_partial(engine: LLMEngine, peaks: dict[str, int]) -> None:
     sched = engine.scheduler
     inner = sched.schedule
 
-    def schedule() -> SchedulerOutput:
-        out = inner()
+    def schedule(drafts=None) -> SchedulerOutput:
+        out = inner(drafts)
         ends = {c.request.request_id: c.end for c in out.chunks}
         partial = long = 0
         for r in sched.running:
@@ -187,8 +187,8 @@ def test_an_abort_of_a_long_prefill_takes_effect_at_the_next_step(
     running, resume = threading.Event(), threading.Event()
     inner = core.scheduler.schedule
 
-    def schedule() -> SchedulerOutput:
-        out = inner()
+    def schedule(drafts=None) -> SchedulerOutput:
+        out = inner(drafts)
         steps.append({c.request.request_id for c in out.chunks})
         if len(steps) == 3:
             running.set()

@@ -52,7 +52,7 @@ def fake_step(s: Scheduler) -> tuple[SchedulerOutput, list[Request]]:
 
 def record(s: Scheduler, out: SchedulerOutput) -> list[Request]:
     """Token 7 for each sampling chunk; then, as the engine does, end those that stop."""
-    sampled = {c.request.request_id: 7 for c in out.chunks if c.samples}
+    sampled = {c.request.request_id: [7] for c in out.chunks if c.samples}
     s.update(out, sampled)
     finished = []
     for c in out.chunks:

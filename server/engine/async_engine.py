@@ -14,6 +14,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
+from types import MappingProxyType
 
 from gemma_serve.server.engine.config import EngineConfig
 from gemma_serve.server.engine.errors import EngineDeadError, QueueFullError
@@ -23,6 +24,16 @@ from gemma_serve.server.engine.sampling_params import SamplingParams
 from gemma_serve.server.engine.structured_spec import CompileResult, StructuredSpec
 
 log = logging.getLogger(__name__)
+# StepStats fields that count one step's events: zero when no step ran.
+_PER_STEP = MappingProxyType(
+    dict(
+        num_batched_tokens=0,
+        num_preemptions=0,
+        num_draft_tokens=0,
+        num_accepted_tokens=0,
+        accepted_per_position=(),
+    )
+)
 
 IDLE_WAIT_S = 0.5
 
@@ -211,10 +222,10 @@ class AsyncEngine:
                 stats = self.engine.stats()
             else:
                 # No step ran; commands alone (an abort while idle) must still reach the gauges.
-                stats = replace(self.engine.stats(), num_batched_tokens=0, num_preemptions=0)
+                stats = replace(self.engine.stats(), **_PER_STEP)
                 if stats == self._last_stats:
                     continue
-            self._last_stats = replace(stats, num_batched_tokens=0, num_preemptions=0)
+            self._last_stats = replace(stats, **_PER_STEP)
             self._publish(stats)
 
     def _publish(self, stats: StepStats) -> None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from gemma_serve.model.config import QUANTIZATIONS
 from gemma_serve.server.engine.prefill_policy import PrefillLimits
+from gemma_serve.server.engine.spec_config import NGRAM, SpeculativeConfig
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DEVICES = ("auto", "cpu", "cuda")
@@ -46,6 +47,8 @@ class EngineConfig:
     nnodes: int = 1
     node_rank: int = 0
     distributed_timeout: float = 60.0  # a collective waiting longer fails the engine
+    # --speculative-config (spec_config.py); None: no speculative decoding
+    speculative_config: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -100,6 +103,13 @@ class EngineConfig:
                 "is required with --nnodes > 1 (tcp://HOST:PORT of node 0)",
             ),
             ("distributed_timeout", self.distributed_timeout > 0, "must be positive"),
+            (
+                "speculative_config",
+                self.tensor_parallel_size == 1
+                or self.speculative_config is None
+                or self.speculative_config.method == NGRAM,
+                "with a draft model needs --tensor-parallel-size 1 (ngram works with any)",
+            ),
         ]
         for name, ok, why in checks:
             if not ok:

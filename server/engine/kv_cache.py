@@ -37,13 +37,14 @@ class CacheLayout:
         max_num_seqs: int,
         dtype: torch.dtype,
         max_model_len: int,
+        lookahead: int = 0,
     ) -> CacheLayout:
         """Split the budget: the local pool gets at most what max_num_seqs sequences can fill
         (a ring each, or less when no sequence reaches the window), the global pool the rest."""
         per_layer_block = 2 * block_size * cfg.num_key_value_heads * cfg.head_dim
         per_layer_block *= torch.finfo(dtype).bits // 8
         n_full, n_local = len(cfg.full_layers), len(cfg.sliding_layers)
-        ring = ring_size(cfg.sliding_window, block_size)
+        ring = ring_size(cfg.sliding_window, block_size, lookahead)
         local_bytes = 0
         if n_local:
             share = budget_bytes * n_local // (n_local + n_full)

@@ -57,6 +57,7 @@ class KVCacheManager:
         has_global: bool = True,
         has_local: bool = True,
         prefix_caching: bool = False,
+        lookahead: int = 0,
     ) -> None:
         self.block_size = block_size
         self.prefix_caching = prefix_caching
@@ -65,7 +66,7 @@ class KVCacheManager:
         if has_global:
             self.pools[PoolKind.GLOBAL] = PagedTable(num_global_blocks, block_size)
         if has_local:
-            ring = ring_size(window, block_size)
+            ring = ring_size(window, block_size, lookahead)  # lookahead: speculative k
             self.pools[PoolKind.LOCAL] = RingTable(num_local_blocks, block_size, ring)
         self._prefix: dict[str, _PrefixState] = {}
         self.num_cached_tokens = 0  # prompt tokens taken from the prefix cache, in all

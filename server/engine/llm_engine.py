@@ -16,6 +16,7 @@ from gemma_serve.server.engine.block_table import cdiv
 from gemma_serve.server.engine.config import EngineConfig
 from gemma_serve.server.engine.cuda_graphs import DecodeGraphs
 from gemma_serve.server.engine.errors import EngineDeadError
+from gemma_serve.server.engine.draft_model import build_speculator
 from gemma_serve.server.engine.kv_cache import CacheLayout, KVCache
 from gemma_serve.server.engine.kv_manager import KVCacheManager
 from gemma_serve.server.engine.output_processor import OutputProcessor
@@ -30,9 +31,10 @@ from gemma_serve.server.engine.outputs import (
 from gemma_serve.server.engine.prompt_logprobs import record as record_prompt_logprobs
 from gemma_serve.server.engine.request import Request
 from gemma_serve.server.engine.runner import Runner
-from gemma_serve.server.engine.sampler import Sampler, sample_isolating_faults
+from gemma_serve.server.engine.sampler import Sampler
 from gemma_serve.server.engine.sampling_params import SamplingParams
 from gemma_serve.server.engine.scheduler import Scheduler
+from gemma_serve.server.engine.spec_verify import sample_and_verify
 from gemma_serve.server.engine.structured import StructuredDecoding
 from gemma_serve.server.engine.structured_compiler import StructuredCompiler
 from gemma_serve.server.engine.structured_spec import CompileResult, StructuredSpec
@@ -96,10 +98,19 @@ class LLMEngine:
         # The KV cache holds this rank's KV heads: a shard's config has only those.
         shard_cfg = loaded.model.config
         budget = config.kv_cache_memory or self._default_budget(loaded)
+        self.speculator, budget = build_speculator(
+            config, loaded, self.ops, budget, self.max_model_len
+        )
+        lookahead = self.speculator.lookahead() if self.speculator else 0
         self.layout = CacheLayout.from_budget(
-            shard_cfg, budget, config.block_size, config.max_num_seqs, loaded.dtype,
+            shard_cfg,
+            budget,
+            config.block_size,
+            config.max_num_seqs,
+            loaded.dtype,
             self.max_model_len,
-        )  # fmt: skip
+            lookahead,
+        )
         self.kv = KVCacheManager(
             self.layout.num_global_blocks,
             self.layout.num_local_blocks,
@@ -108,6 +119,7 @@ class LLMEngine:
             has_global=bool(mcfg.full_layers),
             has_local=bool(mcfg.sliding_layers),
             prefix_caching=config.enable_prefix_caching,
+            lookahead=lookahead,
         )
         self.max_model_len = self._fit_max_model_len(config.max_model_len is not None)
         if config.max_num_batched_tokens < config.max_num_seqs:
@@ -145,6 +157,9 @@ class LLMEngine:
         self._last_batch_tokens = 0
         self._last_cached_tokens = 0
         self._cached_tokens_seen = 0  # kv.num_cached_tokens at the previous step
+        # the last step's draft tokens and accepted ones by position (counts only: no
+        # reference to a request outlives its step)
+        self._last_spec: tuple[int, tuple[int, ...]] = (0, ())
         log.info(
             "engine: %s, kernels %s, max_model_len %d, KV blocks global %d / local %d "
             "(block %d, ring %d blocks), max_num_seqs %d, max_num_batched_tokens %d, "
@@ -303,12 +318,16 @@ class LLMEngine:
             num_batched_tokens=self._last_batch_tokens,
             num_preemptions=self._last_preemptions,
             num_cached_tokens=self._last_cached_tokens,
+            num_draft_tokens=self._last_spec[0],
+            num_accepted_tokens=sum(self._last_spec[1]),
+            accepted_per_position=self._last_spec[1],
         )
 
     # -- the step -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        sched = self.scheduler.schedule()
+        self._last_spec = (0, ())
+        sched = self.scheduler.schedule(self._drafts())
         self._last_preemptions = len(sched.preempted)
         self._last_batch_tokens = sched.num_batched_tokens
         total = self.kv.num_cached_tokens  # prompt tokens taken from the prefix cache, ever
@@ -326,32 +345,66 @@ class LLMEngine:
             culprits = self.scheduler.recover(sched)
             return self._fail(culprits, f"internal error in the engine step: {e}")
         record_prompt_logprobs(batch.scoring, forward.prompt_logprobs)
-        requests, sampled, failed = sample_isolating_faults(
-            self.sampler, forward.logits, batch.sampling_requests
-        )
-        errors = self._fail(failed, "internal error while sampling")
-        tokens = dict(zip((r.request_id for r in requests), sampled.token_ids, strict=True))
-        self.scheduler.update(sched, tokens)
+        verified = sample_and_verify(self.sampler, forward.logits, sched.chunks)
+        self._last_spec = (verified.num_draft_tokens, tuple(verified.accepted_per_position))
+        errors = self._fail(verified.failed, "internal error while sampling")
+        runs = {r.request_id: t for r, t in zip(verified.requests, verified.tokens, strict=True)}
+        self.scheduler.update(sched, runs)
         return errors + [
             self._postprocess(r, t, lp)
-            for r, t, lp in zip(requests, sampled.token_ids, sampled.logprobs, strict=True)
+            for r, t, lp in zip(verified.requests, verified.tokens, verified.logprobs, strict=True)
         ]
 
-    def _postprocess(self, req: Request, token: int, lp: TokenLogprob | None) -> RequestOutput:
-        """Stop conditions and the output delta; an error here ends only this request."""
-        new_logprobs = [lp] if lp is not None else None
+    def _drafts(self) -> dict[str, list[int]] | None:
+        """This step's draft tokens; a drafting fault only turns speculation off for the step
+        (the draft model's state is dropped and recomputed later)."""
+        if self.speculator is None:
+            return None
         try:
-            if not self.structured.accept(req):
-                return self._finish(req, FINISH_ERROR, "the output constraint rejected a token")
-            reason = self.outputs.finish_reason(req)
-            if reason is None and self.structured.terminated(req.request_id):
-                reason = FINISH_STOP  # the grammar took its stop token
-            if reason is None:
-                return self.outputs.output(req, [token], new_logprobs)
+            return self.speculator.drafts(self.scheduler.running)
+        except Exception:
+            log.exception("drafting failed; this step does not speculate")
+            self.speculator.reset()
+            return None
+
+    def _postprocess(
+        self, req: Request, tokens: list[int], lps: list[TokenLogprob | None]
+    ) -> RequestOutput:
+        """Stop conditions and the output delta; an error here ends only this request.
+
+        The step's tokens (several when a draft was accepted) were appended by the scheduler;
+        they are checked one at a time, as if each came from its own step: a stop inside the
+        run ends the request there and the tokens after it are dropped.
+        """
+        del req.output_ids[len(req.output_ids) - len(tokens) :]
+        for i, token in enumerate(tokens):
+            req.output_ids.append(token)
+            reason, error = self._stop_reason(req)
+            if error is not None:
+                return self._finish(req, FINISH_ERROR, error)
+            if reason is not None:
+                run = tokens[: i + 1]
+                return self._finish(
+                    req, reason, new_ids=run, new_logprobs=_all_or_none(lps[: i + 1])
+                )
+        try:
+            return self.outputs.output(req, tokens, _all_or_none(lps))
         except Exception as e:
             log.exception("output processing failed for %s", req.request_id)
             return self._finish(req, FINISH_ERROR, f"internal error: {e}")
-        return self._finish(req, reason, new_ids=[token], new_logprobs=new_logprobs)
+
+    def _stop_reason(self, req: Request) -> tuple[str | None, str | None]:
+        """(why the request ends with its last token, or None; an error message, or None)."""
+        try:
+            if not self.structured.accept(req):
+                return None, "the output constraint rejected a token"
+            reason = self.outputs.finish_reason(req)
+            if reason is None and self.structured.terminated(req.request_id):
+                reason = FINISH_STOP  # the grammar took its stop token
+            return reason, None
+        except Exception as e:
+            log.exception("output processing failed for %s", req.request_id)
+            return None, f"internal error: {e}"
 
     def _fail(self, requests: Iterable[Request], message: str) -> list[RequestOutput]:
         """End these requests with an error; every other request keeps running."""
@@ -429,3 +482,8 @@ class LLMEngine:
             GenerationResult(p, tokens[rid], "".join(texts[rid]), reasons.get(rid), logprobs[rid])
             for rid, p in zip(ids, prompt_ids, strict=True)
         ]
+
+
+def _all_or_none(lps: list[TokenLogprob | None]) -> list[TokenLogprob] | None:
+    """The tokens' logprobs when the request asked for them (then every token has one)."""
+    return None if not lps or any(lp is None for lp in lps) else lps  # type: ignore[return-value]

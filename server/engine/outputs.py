@@ -85,3 +85,6 @@ class StepStats:
     num_batched_tokens: int
     num_preemptions: int  # preemptions that happened during this step
     num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache this step
+    num_draft_tokens: int = 0  # speculative draft tokens verified this step
+    num_accepted_tokens: int = 0  # of them, accepted
+    accepted_per_position: tuple[int, ...] = ()  # [j]: draft tokens j accepted this step

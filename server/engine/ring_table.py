@@ -6,11 +6,14 @@ each new block index takes over the slot of the oldest one. That block is overwr
 when it is this request's alone and holds no cached prefix (or the pool has no room to spare:
 `Growth.MINIMAL`); otherwise (shared with another request, or a cached prefix worth keeping)
 the slot gets a fresh block and the old one is released whole. So that a decode never needs the
-block it releases, R = ceil((window - 1) / B) + 1. A prefill chunk does read the blocks its
-growth replaces (its first queries see up to a window before the chunk): those are kept, with
-the table as it was before the growth (`context`), until the step is done (`commit`). Blocks
-overwritten in place are read before the chunk stores into them (attention runs before the
-store in a prefill).
+block it releases, R = ceil((window - 1 + k) / B) + 1, with k the speculative lookahead (0
+without speculation): a speculating step writes up to k positions past the accepted sequence,
+and when its draft is rejected the ring has already moved on by up to k positions; k more
+slots keep every key inside the accepted sequence's window from being overwritten. A prefill
+chunk does read the blocks its growth replaces (its first queries see up to a window before
+the chunk): those are kept, with the table as it was before the growth (`context`), until the
+step is done (`commit`). Blocks overwritten in place are read before the chunk stores into
+them (attention runs before the store in a prefill).
 
 A prefill chunk longer than the ring cannot keep its early positions in the ring; their
 local-layer K/V are written only if there is room for transient blocks (prompt blocks, so that
@@ -33,9 +36,10 @@ from gemma_serve.server.engine.block_table import (
 )
 
 
-def ring_size(window: int, block_size: int) -> int:
-    """Blocks in a sliding-window ring (see the module docstring)."""
-    return cdiv(window - 1, block_size) + 1
+def ring_size(window: int, block_size: int, lookahead: int = 0) -> int:
+    """Blocks in a sliding-window ring (see the module docstring); lookahead: the most
+    positions a step writes past the accepted sequence (speculative decoding's k)."""
+    return cdiv(window - 1 + lookahead, block_size) + 1
 
 
 class Replaced(Enum):

@@ -30,7 +30,8 @@ class ModelBatch:
     positions: torch.Tensor  # [T]
     attention: AttentionBatch
     logits_indices: torch.Tensor  # rows of T whose logits are sampled
-    sampling_requests: tuple[Request, ...]  # in the order of logits_indices
+    # in the order of logits_indices: a speculating request once per row it verifies
+    sampling_requests: tuple[Request, ...]
     scoring: PromptScoring = PromptScoring.empty()  # rows that score prompt tokens
 
 
@@ -72,11 +73,11 @@ class Runner:
         logits_rows: list[int] = []
         sampling: list[Request] = []
         for c in chunks:
-            ids.extend(c.request.tokens(c.start, c.start + c.num_tokens))
+            ids.extend(c.token_ids())
             positions.extend(range(c.start, c.start + c.num_tokens))
-            if c.samples:
-                logits_rows.append(len(ids) - 1)
-                sampling.append(c.request)
+            rows = c.num_sample_rows  # 1, or 1 + its draft tokens when it speculates
+            logits_rows.extend(range(len(ids) - rows, len(ids)))
+            sampling.extend([c.request] * rows)
         dev = self.device
         prefills = out.prefills
         cu = [0]

@@ -117,6 +117,20 @@ class Sampler:
                 noise[i].exponential_(generator=self._request_generator(r))
         return noise
 
+    def noise_state(self, r: Request) -> torch.Tensor:
+        """The state of a seeded request's generator, before this step's draws."""
+        return self._request_generator(r).get_state()
+
+    def redraw(self, r: Request, state: torch.Tensor, rows: int, vocab: int) -> None:
+        """Put a seeded request's generator where `rows` rows of noise from `state` leave it,
+        as `_noise` draws them: a speculating request keeps the draws of the rows it used,
+        so its next token gets the noise it would have got without speculation."""
+        gen = self._request_generator(r)
+        gen.set_state(state)
+        row = torch.empty(vocab, device=self.device)
+        for _ in range(rows):
+            row.exponential_(generator=gen)
+
     def _request_generator(self, r: Request) -> torch.Generator:
         gen = self._request_generators.get(r.request_id)
         if gen is None:

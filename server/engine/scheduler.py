@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 
 from gemma_serve.server.engine.errors import RequestTooLongError
 from gemma_serve.server.engine.kv_manager import KVCacheManager
@@ -31,11 +32,16 @@ MAX_FAULTS = 3
 
 @dataclass(frozen=True)
 class ScheduledChunk:
-    """num_tokens tokens of `request` starting at position `start` run this step."""
+    """num_tokens tokens of `request` starting at position `start` run this step.
+
+    A speculating decode (`draft` non-empty) runs the request's last token followed by its
+    draft tokens, 1 + len(draft) in all, and samples at every one of them (verification).
+    """
 
     request: Request
     start: int
     num_tokens: int
+    draft: tuple[int, ...] = ()
 
     @property
     def end(self) -> int:
@@ -48,9 +54,22 @@ class ScheduledChunk:
         return self.num_tokens > 1
 
     @property
+    def known_end(self) -> int:
+        """The end of the chunk's known tokens (the draft tokens come after)."""
+        return self.end - len(self.draft)
+
+    @property
     def samples(self) -> bool:
         """Whether this chunk reaches the end of the known tokens, so a token is sampled."""
-        return self.end == self.request.num_tokens
+        return self.known_end == self.request.num_tokens
+
+    @property
+    def num_sample_rows(self) -> int:
+        """Rows whose logits are sampled: the last known token's, then each draft token's."""
+        return 1 + len(self.draft) if self.samples else 0
+
+    def token_ids(self) -> list[int]:
+        return self.request.tokens(self.start, self.known_end) + list(self.draft)
 
 
 @dataclass(frozen=True)
@@ -138,7 +157,10 @@ class Scheduler:
                 return r
         return None
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, drafts: Mapping[str, Sequence[int]] | None = None) -> SchedulerOutput:
+        """This step's chunks. drafts: proposed tokens per running request; a request whose
+        only token to compute is its last one verifies them in its chunk (budget allowing)."""
+        drafts = drafts or {}
         while self.retrying and (self.retrying[0].finished or not self.retrying[0].retry_until):
             self.retrying.popleft()  # retried past the failure, or ended (aborted, failed)
         if self.retrying:
@@ -156,10 +178,12 @@ class Scheduler:
                 continue  # preempted earlier in this loop
             remaining = req.num_tokens - req.num_computed_tokens
             n = min(remaining, slots.chunk_budget(remaining, budget))
-            chunk = ScheduledChunk(req, req.num_computed_tokens, n)
-            if self._grow_or_preempt(chunk, preempted):
-                chunks.append(chunk)
-                budget -= n
+            draft = tuple(drafts.get(req.request_id, ())[: budget - 1]) if remaining == 1 else ()
+            chunk = ScheduledChunk(req, req.num_computed_tokens, n + len(draft), draft)
+            grown = self._grow_or_preempt(chunk, preempted)
+            if grown is not None:
+                chunks.append(grown)
+                budget -= grown.num_tokens
                 slots.take(remaining, n)
         if preempted:  # a victim may have been scheduled before the request that evicted it
             chunks = [c for c in chunks if c.request.status == RequestStatus.RUNNING]
@@ -230,7 +254,7 @@ class Scheduler:
             self.running.insert(0, req)  # first in admission order: never its own victim
         n = min(req.num_tokens - req.num_computed_tokens, self.max_num_batched_tokens)
         chunk = ScheduledChunk(req, req.num_computed_tokens, n)
-        if not self._grow_or_preempt(chunk, preempted):
+        if self._grow_or_preempt(chunk, preempted) is None:
             return SchedulerOutput.of([], preempted)  # cannot happen: it fit before
         return SchedulerOutput.of([chunk], preempted)
 
@@ -252,25 +276,32 @@ class Scheduler:
                 culprits.append(req)
                 continue
             req.fault_peers.append([r for r in members if r is not req])
-            req.retry_until = max(req.retry_until, chunk.end)
+            req.retry_until = max(req.retry_until, chunk.known_end)
             self._restart(req)
             if req not in self.retrying:
                 self.retrying.appendleft(req)
         return culprits[::-1]
 
-    def _grow_or_preempt(self, chunk: ScheduledChunk, preempted: list[str]) -> bool:
+    def _grow_or_preempt(
+        self, chunk: ScheduledChunk, preempted: list[str]
+    ) -> ScheduledChunk | None:
         """Grow the chunk's request's blocks to hold it, preempting the latest admitted requests
-        as needed. Returns False if that request itself had to be preempted.
+        as needed; a speculating chunk that does not fit drops its draft first (speculation
+        never preempts). Returns the chunk that fits, None if its request was preempted.
         """
         req = chunk.request
+        if chunk.draft:
+            if self.kv.try_grow(req.request_id, chunk.end, chunk.start):
+                return chunk
+            chunk = replace(chunk, num_tokens=chunk.num_tokens - len(chunk.draft), draft=())
         context_from = chunk.start if chunk.is_prefill else None  # keeps the context's table
         while not self.kv.try_grow(req.request_id, chunk.end, context_from):
             victim = self.running[-1]
             self._preempt(victim)
             preempted.append(victim.request_id)
             if victim is req:
-                return False
-        return True
+                return None
+        return chunk
 
     def _preempt(self, req: Request) -> None:
         self._restart(req)
@@ -285,23 +316,27 @@ class Scheduler:
         req.num_computed_tokens = 0
         self.waiting.appendleft(req)
 
-    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> None:
-        """Record computed tokens and append the sampled ones. Whether a request stops is the
-        engine's call (LLMEngine._finish), which ends it through `finish`."""
+    def update(self, output: SchedulerOutput, sampled: Mapping[str, Sequence[int]]) -> None:
+        """Record computed tokens and append the sampled ones (one, or for a speculating chunk
+        the accepted draft tokens and the one after them). Positions of rejected draft tokens
+        are rolled back: not counted as computed, their slots are rewritten before anything
+        reads them. Whether a request stops is the engine's call (LLMEngine._finish), which
+        ends it through `finish`."""
         now = time.monotonic()
         for chunk in output.chunks:
             req = chunk.request
             if req.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
-            req.num_computed_tokens = chunk.end
+            tokens = sampled.get(req.request_id)
+            accepted = len(tokens) - 1 if tokens else 0  # draft tokens kept
+            req.num_computed_tokens = chunk.known_end + accepted
             self.kv.computed(req.request_id, req.num_computed_tokens, req.num_prompt_tokens)
             self.kv.commit(req.request_id)
             if req.num_computed_tokens >= req.retry_until:
                 req.retry_until = 0  # past the point that failed: batched again
-            token = sampled.get(req.request_id)
-            if token is None:
+            if not tokens:
                 continue
-            req.output_ids.append(token)
+            req.output_ids.extend(tokens)
             if req.first_token_time is None:
                 req.first_token_time = now
 

@@ -176,6 +176,9 @@ def spawn(
 ) -> dict[int, subprocess.Popen]:
     """Start these ranks as child processes (`main`, given the config and its rank)."""
     children = {}
+    # The other ranks take the KV layout (rings sized for drafts too) from rank 0's start
+    # message: they never speculate themselves.
+    config = dataclasses.replace(config, speculative_config=None)
     for init in inits:
         args = [json.dumps(dataclasses.asdict(x)) for x in (config, init)]
         cmd = [sys.executable, "-c", CHILD_MAIN, *args]

@@ -15,8 +15,8 @@ from gemma_serve.server.engine import host_memory, model_source, tp_workers
 from gemma_serve.server.engine.block_table import cdiv
 from gemma_serve.server.engine.config import EngineConfig
 from gemma_serve.server.engine.cuda_graphs import DecodeGraphs
-from gemma_serve.server.engine.errors import EngineDeadError
 from gemma_serve.server.engine.draft_model import build_speculator
+from gemma_serve.server.engine.errors import EngineDeadError
 from gemma_serve.server.engine.kv_cache import CacheLayout, KVCache
 from gemma_serve.server.engine.kv_manager import KVCacheManager
 from gemma_serve.server.engine.output_processor import OutputProcessor

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from gemma_serve.server.cli import parse_args
+from gemma_serve.server.engine.config import EngineConfig
 from gemma_serve.server.engine.ngram_proposer import propose
 from gemma_serve.server.engine.outputs import StepStats
 from gemma_serve.server.engine.request import Request, RequestStatus
@@ -64,6 +65,14 @@ def test_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
         parse_args(["--speculative-config", '{"method": "medusa", "num_speculative_tokens": 3}'])
     assert info.value.code == 2
     assert "argument --speculative-config: --speculative-config: method" in capsys.readouterr().err
+
+
+def test_tensor_parallel_speculates_with_ngram_only() -> None:
+    ngram = SpeculativeConfig("ngram", 2, 3, 3)
+    assert EngineConfig(tensor_parallel_size=2, speculative_config=ngram).speculative_config
+    draft = SpeculativeConfig("draft_model", 3, model="gemma-2-2b")
+    with pytest.raises(ValueError, match="--speculative-config with a draft model needs"):
+        EngineConfig(tensor_parallel_size=2, speculative_config=draft)
 
 
 def test_ngram_proposals() -> None:

@@ -31,6 +31,7 @@ from gemma_serve.server.engine.runner import ModelBatch
 from gemma_serve.server.engine.sampling_params import SamplingParams
 
 from tests.engine_helpers import tiny_checkpoint, tiny_engine
+from tests.test_spec_decode import SPEC, run_counting
 from tests.tp_helpers import child_pids, tiny_gemma3_checkpoint, truncate_last_tensor, wait_gone
 
 LENGTHS = [1, 3, 8, 9, 17, 31, 50, 70, 100]
@@ -242,3 +243,23 @@ def test_step_messages_round_trip_without_pickle() -> None:
     assert tp_wire.read(tp_wire.stop_message(), torch.device("cpu")).kind == "stop"
     with pytest.raises(tp_wire.WireError):
         tp_wire.read(b"\x05\x00\x00\x00\x00\x00\x00\x00{junk", torch.device("cpu"))
+
+
+def test_ngram_speculation_across_ranks(checkpoint: Path) -> None:
+    """Verification chunks (last token + drafts) go to every rank like prefill chunks, and the
+    other ranks' rings take rank 0's size for k drafts: greedy tokens equal one rank's
+    without speculation."""
+    g = torch.Generator().manual_seed(5)
+    prompts = []
+    for n in (6, 13, 21):
+        pattern = torch.randint(4, 400, (n % 5 + 2,), generator=g).tolist()
+        prompts.append([2] + (pattern * 20)[: n - 1])
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    want = one_rank(checkpoint, prompts, params, block_size=2)
+    engine = tp_engine(checkpoint, block_size=2, speculative_config=SPEC)
+    try:
+        got, drafts, accepted = run_counting(engine, prompts, params)
+    finally:
+        engine.close()
+    assert got == [w.token_ids for w in want]
+    assert 0 < accepted <= drafts, (drafts, accepted)

@@ -9,9 +9,8 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-import torch
 from gemma_serve.kernels.dispatch import select_ops
-from gemma_serve.server.engine import host_memory, model_source, tp_workers
+from gemma_serve.server.engine import kv_budget, model_source, tp_workers
 from gemma_serve.server.engine.block_table import cdiv
 from gemma_serve.server.engine.config import EngineConfig
 from gemma_serve.server.engine.cuda_graphs import DecodeGraphs
@@ -46,14 +45,6 @@ def _load(config: EngineConfig) -> model_source.LoadedModel:
     if config.tensor_parallel_size > 1:
         return tp_workers.launch(config)
     return model_source.load(config)
-
-
-# Without --kv-cache-memory on CPU: KV for this many tokens at every layer, at most 2 GiB.
-# The cache is zeroed at start-up, so this is resident memory from the first second.
-CPU_KV_TOKENS = 16384
-CPU_KV_BUDGET = 2 << 30
-# Host memory left free beside a CPU KV cache (activations, Python, the HTTP side).
-CPU_KV_RESERVE = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -97,7 +88,7 @@ class LLMEngine:
         )
         # The KV cache holds this rank's KV heads: a shard's config has only those.
         shard_cfg = loaded.model.config
-        budget = config.kv_cache_memory or self._default_budget(loaded)
+        budget = config.kv_cache_memory or kv_budget.default_budget(config, loaded, self.use_graphs)
         self.speculator, budget = build_speculator(
             config, loaded, self.ops, budget, self.max_model_len
         )
@@ -130,7 +121,7 @@ class LLMEngine:
                 config.max_num_seqs,
             )
         if loaded.device.type == "cpu":
-            self._check_host_memory(self.layout.nbytes(shard_cfg, loaded.dtype))
+            kv_budget.check_host_memory(self.layout.nbytes(shard_cfg, loaded.dtype))
         cache = KVCache(shard_cfg, self.layout, loaded.dtype, loaded.device)
         if loaded.workers is not None:
             loaded.workers.start(self.layout)  # the other ranks size their caches the same
@@ -195,29 +186,6 @@ class LLMEngine:
         except Exception:
             log.exception("CUDA graph capture failed; decode steps run eagerly")
             return None
-
-    def _default_budget(self, loaded: model_source.LoadedModel) -> int:
-        mcfg, cfg = loaded.model.config, self.config  # this rank's KV heads
-        per_token = 2 * mcfg.num_hidden_layers * mcfg.num_key_value_heads * mcfg.head_dim
-        per_token *= torch.finfo(loaded.dtype).bits // 8
-        worst = cfg.max_num_seqs * (cfg.max_model_len or mcfg.max_position_embeddings) * per_token
-        if loaded.device.type != "cuda":
-            return min(CPU_KV_BUDGET, CPU_KV_TOKENS * per_token, worst)
-        free, total = torch.cuda.mem_get_info(loaded.device)
-        reserve = (1 << 30) + cfg.max_num_batched_tokens * mcfg.intermediate_size * 16
-        if self.use_graphs:  # the decode graphs' fp32 logits, all buckets together
-            reserve += 2 * cfg.max_num_seqs * mcfg.vocab_size * 4
-        return max(0, int(total * cfg.gpu_memory_utilization) - (total - free) - reserve)
-
-    def _check_host_memory(self, kv_bytes: int) -> None:
-        """Refuses a CPU KV cache the host cannot back (it is zeroed, so all resident)."""
-        available = host_memory.available_bytes()
-        if available is not None and kv_bytes + CPU_KV_RESERVE > available:
-            raise ValueError(
-                f"the KV cache needs {kv_bytes / 2**20:.0f} MiB (+{CPU_KV_RESERVE >> 20} MiB "
-                f"headroom) but only {available / 2**20:.0f} MiB of host memory is available: "
-                "lower --kv-cache-memory"
-            )
 
     # -- requests -------------------------------------------------------------------------
 

@@ -234,3 +234,29 @@ def test_a_shortened_output_replays_the_matcher(engine) -> None:
     for rid in ("long", "short"):
         engine.abort(rid)
     engine.structured.release("fresh")
+
+
+@pytest.mark.parametrize(("vocab", "width"), [(262144, 262144), (1003, 1003), (1003, 1024)])
+def test_mask_rows_equals_xgrammars_kernel(vocab: int, width: int) -> None:
+    """The vectorised CPU mask sets exactly the -inf entries xgrammar's own kernel sets: random
+    bitmasks (dense, sparse, all-blocked and all-allowed rows), a vocabulary that is not a
+    multiple of 32, logits wider than the vocabulary (their tail untouched)."""
+    import xgrammar as xgr
+    from gemma_serve.server.engine.structured import mask_rows
+
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(6, width, generator=g)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (6, (vocab + 31) // 32), generator=g)
+    bitmask = bitmask.to(torch.int32)
+    bitmask[2] = 0
+    bitmask[3] = -1
+    bitmask[4] &= 0x01010101
+    rows = [0, 2, 3, 4]
+    want, got = logits.clone(), logits.clone()
+    xgr.apply_token_bitmask_inplace(want, bitmask, vocab_size=vocab, indices=rows)
+    mask_rows(got, bitmask, rows, vocab)
+    assert torch.equal(got, want)
+    assert torch.isinf(got[2, :vocab]).all() and not torch.isinf(got[3]).any()
+    assert torch.equal(got[[1, 5]], logits[[1, 5]]) and torch.equal(
+        got[:, vocab:], logits[:, vocab:]
+    )

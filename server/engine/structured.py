@@ -65,9 +65,12 @@ class StructuredDecoding:
         # still-spinning OpenMP workers right after the forward.
         for i in rows:
             self._tracked[requests[i].request_id].matcher.fill_next_token_bitmask(bitmask, i)
-        xgr.apply_token_bitmask_inplace(
-            logits, bitmask.to(logits.device), vocab_size=self.vocab_size, indices=rows
-        )
+        if logits.device.type == "cpu":
+            mask_rows(logits, bitmask, rows, self.vocab_size)
+        else:
+            xgr.apply_token_bitmask_inplace(
+                logits, bitmask.to(logits.device), vocab_size=self.vocab_size, indices=rows
+            )
 
     def accept(self, req: Request) -> bool:
         """Feed the matcher the request's new output tokens; False if the grammar rejects one
@@ -88,6 +91,18 @@ class StructuredDecoding:
         """Whether the grammar is complete and has accepted its stop token."""
         tracked = self._tracked.get(request_id)
         return tracked is not None and tracked.matcher.is_terminated()
+
+
+@torch.inference_mode()  # the logits come from the forward's inference mode
+def mask_rows(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int], vocab: int) -> None:
+    """logits[r, t] = -inf where bit t of bitmask[r] is 0, for r in rows, t < vocab: what
+    xgrammar's apply_token_bitmask_inplace does, vectorised. Its CPU kernel tests bit by bit
+    (7 ms for 16 rows of Gemma's 262,144 ids, most of them masked); this is 2.8 ms."""
+    words = bitmask.index_select(0, torch.tensor(rows)).view(torch.uint8)  # little-endian
+    bits = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
+    blocked = (words.unsqueeze(-1) & bits).view(len(rows), -1)[:, :vocab].eq(0)
+    for i, r in enumerate(rows):
+        logits[r, :vocab].masked_fill_(blocked[i], float("-inf"))
 
 
 def _matcher(req: Request, grammar: StructuredGrammar) -> xgr.GrammarMatcher:

@@ -79,6 +79,7 @@ def main() -> None:
                         lambda p: complete(base + "/v1/completions", p, args.max_tokens), prompts
                     )
                 )
+            time.sleep(1.0)  # the engine goes idle after the last response is sent
             done = args.requests * (k + 1)
             print(f"after {done} requests ({n} tokens this round): RSS {rss_mib(proc.pid):.0f} MiB")
     finally:

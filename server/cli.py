@@ -232,6 +232,9 @@ class _Server(uvicorn.Server):
             await engine.shutdown()  # the app's shutdown calls it again: a no-op by then
 
 
+ONEDNN_PRIMITIVE_CACHE = 256  # compiled GEMM primitives kept (oneDNN's default: 1,024)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `gemma-serve`."""
     config, options = parse_args(argv)
@@ -240,6 +243,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logger.info("engine configuration: %s", config)
+    # oneDNN keeps a compiled primitive per GEMM shape (a batch's row count is part of it), up
+    # to 1,024 by default: RSS then climbs for hundreds of requests. 256 keeps every decode
+    # shape in a step hot and bounds the rest (docs/RELIABILITY.md, "Memory"). Read by oneDNN
+    # at its first GEMM, after this; the environment wins.
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_PRIMITIVE_CACHE))
     if not serves_http(config):
         from gemma_serve.server.engine.tp_workers import serve_node
 

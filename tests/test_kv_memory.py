@@ -3,6 +3,8 @@ refused at start with a message naming the flag, not OOM-killed later."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,3 +83,31 @@ def test_warm_up_leaves_no_trace(tmp_path: Path) -> None:
     assert engine.kv.usage() == KVUsage(0.0, 0.0)
     assert [t.pool.num_cached for t in engine.kv.pools.values()] == [0, 0]
     assert engine.generate([[2, 7, 9, 11, 13]], params)[0].token_ids == fresh
+
+
+_FRAGMENTED_HEAP = """
+from gemma_serve.server.engine import host_memory
+from tests.stress.clients import rss_bytes
+held, freed = [], []
+for _ in range(600):
+    freed.append(bytearray(100_000))  # heap blocks (under the 128 KiB mmap threshold)
+    held.append(bytearray(600))  # a live malloc block after each one pins them in place
+before = rss_bytes()
+del freed
+after_free = rss_bytes()
+trimmed = host_memory.release_free_memory()
+print(before, after_free, rss_bytes(), trimmed, len(held))
+"""
+
+
+def test_release_free_memory_hands_freed_heap_pages_back() -> None:
+    """Blocks freed inside glibc's heap stay resident until malloc_trim hands their pages
+    back (a fresh process: the heap's state in this one depends on earlier tests)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _FRAGMENTED_HEAP], capture_output=True, text=True, check=True
+    )
+    before, after_free, after_trim, trimmed, _ = out.stdout.split()
+    mib = 1 << 20
+    assert trimmed == "True"
+    assert int(after_free) > int(before) - 20 * mib  # freed, still resident
+    assert int(after_trim) < int(before) - 40 * mib  # of the 57 MiB freed

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 
+from gemma_serve.server.engine import host_memory
 from gemma_serve.server.engine.config import EngineConfig
 from gemma_serve.server.engine.errors import EngineDeadError, QueueFullError
 from gemma_serve.server.engine.llm_engine import LLMEngine
@@ -220,6 +221,8 @@ class AsyncEngine:
                 except Exception:  # never let the loop die: the engine fails the batch itself
                     log.exception("unexpected error in the engine loop")
                 stats = self.engine.stats()
+                if not self.engine.has_work:  # idle now: RSS back to what is in use
+                    host_memory.release_free_memory()
             else:
                 # No step ran; commands alone (an abort while idle) must still reach the gauges.
                 stats = replace(self.engine.stats(), **_PER_STEP)

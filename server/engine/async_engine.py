@@ -30,6 +30,7 @@ _PER_STEP = MappingProxyType(
     dict(
         num_batched_tokens=0,
         num_preemptions=0,
+        num_cached_tokens=0,
         num_draft_tokens=0,
         num_accepted_tokens=0,
         accepted_per_position=(),

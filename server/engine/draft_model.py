@@ -26,7 +26,7 @@ from gemma_serve.kernels.dispatch import AttentionOps
 from gemma_serve.model.config import ModelConfig
 from gemma_serve.server.engine import model_source
 from gemma_serve.server.engine.config import EngineConfig
-from gemma_serve.server.engine.kv_cache import CacheLayout, KVCache
+from gemma_serve.server.engine.kv_cache import CacheLayout, KVCache, kv_bytes_per_token
 from gemma_serve.server.engine.kv_manager import KVCacheManager
 from gemma_serve.server.engine.request import Request
 from gemma_serve.server.engine.runner import Runner
@@ -35,10 +35,6 @@ from gemma_serve.server.engine.spec_config import NGRAM, SpeculativeConfig
 from gemma_serve.server.engine.speculator import NgramSpeculator, usable_draft_len
 
 UNLIMITED = 1 << 30  # the draft's catch-up is not chunked
-
-
-def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize
 
 
 def split_budget(

@@ -14,6 +14,16 @@ from gemma_serve.server.engine.block_table import cdiv
 from gemma_serve.server.engine.ring_table import ring_size
 
 
+def kv_bytes_per_layer_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """A key and a value of every KV head, one layer, one position."""
+    return 2 * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """A key and a value of every KV head at every layer, one position."""
+    return cfg.num_hidden_layers * kv_bytes_per_layer_token(cfg, dtype)
+
+
 @dataclass(frozen=True)
 class CacheLayout:
     """How many blocks each pool has, from a byte budget.
@@ -41,8 +51,7 @@ class CacheLayout:
     ) -> CacheLayout:
         """Split the budget: the local pool gets at most what max_num_seqs sequences can fill
         (a ring each, or less when no sequence reaches the window), the global pool the rest."""
-        per_layer_block = 2 * block_size * cfg.num_key_value_heads * cfg.head_dim
-        per_layer_block *= torch.finfo(dtype).bits // 8
+        per_layer_block = block_size * kv_bytes_per_layer_token(cfg, dtype)
         n_full, n_local = len(cfg.full_layers), len(cfg.sliding_layers)
         ring = ring_size(cfg.sliding_window, block_size, lookahead)
         local_bytes = 0
@@ -57,8 +66,7 @@ class CacheLayout:
 
     def nbytes(self, cfg: ModelConfig, dtype: torch.dtype) -> int:
         """The bytes both pools take, keys and values of every layer."""
-        per_layer_block = 2 * self.block_size * cfg.num_key_value_heads * cfg.head_dim
-        per_layer_block *= torch.finfo(dtype).bits // 8
+        per_layer_block = self.block_size * kv_bytes_per_layer_token(cfg, dtype)
         local = self.num_local_blocks * len(cfg.sliding_layers)
         return per_layer_block * (self.num_global_blocks * len(cfg.full_layers) + local)
 

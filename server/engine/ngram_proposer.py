@@ -7,16 +7,13 @@ of the prompt, and a match of the last few tokens predicts the next ones.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 
-
-def propose(tokens: Sequence[int], k: int, n_min: int, n_max: int) -> list[int]:
+def propose(seq: list[int], k: int, n_min: int, n_max: int) -> list[int]:
     """Up to k tokens that followed the longest earlier match (n_min..n_max tokens) of the
     sequence's suffix; of equally long matches the most recent wins. [] when none matches."""
-    size = len(tokens)
+    size = len(seq)
     if k <= 0 or size <= n_min:
         return []
-    seq = list(tokens)
     last = seq[-1]
     candidates = []  # earlier positions of the last token (each followed by a token)
     i = -1

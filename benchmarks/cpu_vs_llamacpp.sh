@@ -5,7 +5,7 @@
 # own llama-server (continuous batching, one slot per concurrent request, flash attention) runs
 # the workload too. Every server is started fresh for each concurrency and warmed (8 short
 # unmeasured requests) before the measured run. GEMMA_ARGS adds gemma-serve flags (e.g.
-# "--quantization none" for the exact fp32 path).
+# "--quantization none" for the exact fp32 path); ONLY_GEMMA=1 runs gemma-serve alone.
 #
 #   LLAMA_PY=/tmp/llama-venv/bin/python [LLAMA_SERVER=.../llama-server] [GEMMA_ARGS=...] \
 #       benchmarks/cpu_vs_llamacpp.sh OUT_DIR [CONCURRENCY...]
@@ -70,12 +70,13 @@ serve_and_bench() {  # name concurrency port ready-path command...: fresh server
 "$PY" -m benchmarks.cpu_info | tee "$OUT/cpu.txt"
 SYSTEMS=(llama-cpp-python gemma-serve)
 [ -n "${LLAMA_SERVER:-}" ] && SYSTEMS=(llama-cpp-python llama-server gemma-serve)
+[ -n "${ONLY_GEMMA:-}" ] && SYSTEMS=(gemma-serve)  # gemma-serve alone (e.g. before / after)
 for c in "${CONCURRENCIES[@]}"; do
-    if [ -n "${LLAMA_SERVER:-}" ]; then  # one slot per request, 512 tokens of context each
+    if [ -n "${LLAMA_SERVER:-}" ] && [ -z "${ONLY_GEMMA:-}" ]; then  # one slot per request, 512 tokens of context each
         serve_and_bench llama-server "$c" 8103 /v1/models "$LLAMA_SERVER" -m "$GGUF" \
             --host 127.0.0.1 --port 8103 -t "$(nproc)" -np "$c" -c $((512 * c)) -fa on
     fi
-    serve_and_bench llama-cpp-python "$c" 8101 /v1/models "$LLAMA_PY" -m llama_cpp.server \
+    [ -z "${ONLY_GEMMA:-}" ] && serve_and_bench llama-cpp-python "$c" 8101 /v1/models "$LLAMA_PY" -m llama_cpp.server \
         --model "$GGUF" --host 127.0.0.1 --port 8101 --n_ctx 4096 --n_threads "$(nproc)" \
         --interrupt_requests False
     # shellcheck disable=SC2086

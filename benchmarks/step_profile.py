@@ -16,8 +16,8 @@ import time
 import torch
 from gemma_serve.server.engine.config import EngineConfig
 from gemma_serve.server.engine.llm_engine import LLMEngine
-from gemma_serve.server.engine.sampler import sample_isolating_faults
 from gemma_serve.server.engine.sampling_params import SamplingParams
+from gemma_serve.server.engine.spec_verify import sample_and_verify
 
 
 def main() -> None:
@@ -61,12 +61,13 @@ def main() -> None:
         t1 = time.perf_counter()
         logits = engine.runner.forward(batch).logits
         t2 = time.perf_counter()
-        reqs, sampled, _ = sample_isolating_faults(engine.sampler, logits, batch.sampling_requests)
+        verified = sample_and_verify(engine.sampler, logits, sched.chunks)
         t3 = time.perf_counter()
         engine.scheduler.update(
-            sched, {r.request_id: t for r, t in zip(reqs, sampled.token_ids, strict=True)}
+            sched,
+            {r.request_id: t for r, t in zip(verified.requests, verified.tokens, strict=True)},
         )
-        for r, t, lp in zip(reqs, sampled.token_ids, sampled.logprobs, strict=True):
+        for r, t, lp in zip(verified.requests, verified.tokens, verified.logprobs, strict=True):
             engine._postprocess(r, t, lp)
         t4 = time.perf_counter()
         for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):

@@ -11,12 +11,17 @@ from gemma_serve.kernels import reference
 
 @dataclass(frozen=True)
 class AttentionOps:
-    """The three attention primitives the engine calls, all with the reference signatures."""
+    """The three attention primitives the engine calls, all with the reference signatures.
+
+    decode_plan, where set, computes once per pool what decode_attention would recompute in
+    every layer; decode_attention then takes it as `plan` (the reference: the key slots).
+    """
 
     name: str
     store_kv: Callable[..., None]
     prefill_attention: Callable[..., torch.Tensor]
     decode_attention: Callable[..., torch.Tensor]
+    decode_plan: Callable[..., object] | None = None
 
 
 REFERENCE_OPS = AttentionOps(
@@ -24,6 +29,7 @@ REFERENCE_OPS = AttentionOps(
     store_kv=reference.store_kv,
     prefill_attention=reference.prefill_attention,
     decode_attention=reference.decode_attention,
+    decode_plan=reference.decode_plan,
 )
 
 

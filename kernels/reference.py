@@ -19,6 +19,8 @@ Attention semantics (Gemma 2, as in the reference implementation):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 NEG_INF = float("-inf")
@@ -148,6 +150,52 @@ def prefill_attention(
     return out
 
 
+@dataclass(frozen=True)
+class DecodeGroup:
+    """Sequences of similar lengths attended together: which rows (None: all, in order), the
+    cache slot of each key they see [S, M] (padded) and which of those are real [S, M]."""
+
+    rows: torch.Tensor | None
+    slots: torch.Tensor
+    valid: torch.Tensor
+
+
+def decode_plan(
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    block_size: int,
+    ring_blocks: int,
+    window: int | None,
+) -> list[DecodeGroup]:
+    """Which keys each decoding sequence sees (decode_attention's arguments): the same for
+    every layer of a pool, so a forward pass computes it once per pool (CacheAttention)."""
+    lens = seq_lens.long()
+    first = torch.clamp(lens - window, min=0) if window is not None else torch.zeros_like(lens)
+    counts = lens - first
+    if counts.numel() <= DECODE_GROUP:
+        return [_group(None, block_tables, first, counts, block_size, ring_blocks)]
+    return [
+        _group(idx, block_tables[idx], first[idx], counts[idx], block_size, ring_blocks)
+        for idx in torch.argsort(counts).split(DECODE_GROUP)
+    ]
+
+
+def _group(
+    rows: torch.Tensor | None,
+    block_tables: torch.Tensor,
+    first: torch.Tensor,
+    counts: torch.Tensor,
+    block_size: int,
+    ring_blocks: int,
+) -> DecodeGroup:
+    """The keys of sequences seeing positions first .. first + counts - 1."""
+    j = torch.arange(int(counts.max()), device=counts.device)
+    valid = j[None, :] < counts[:, None]
+    pos = torch.where(valid, first[:, None] + j[None, :], torch.zeros_like(j)[None, :])
+    return DecodeGroup(rows, slots_for_positions(pos, block_tables, block_size, ring_blocks), valid)
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -160,26 +208,27 @@ def decode_attention(
     window: int | None,
     softcap: float | None,
     scale: float,
+    plan: list[DecodeGroup] | None = None,
 ) -> torch.Tensor:
     """One query per sequence over its cached keys (its own K/V already stored).
 
     q [S, Hq, D]; block_tables [S, max_blocks]; seq_lens [S]: the query of sequence s is at
     position seq_lens[s] - 1 and sees cached positions max(0, seq_lens[s] - window) ..
     seq_lens[s] - 1. Batched: sequences of similar lengths go together (a gather and two
-    matmuls per group), so that padding to the longest one wastes little copying.
+    matmuls per group), so that padding to the longest one wastes little copying. `plan`,
+    decode_plan of the same arguments, spares recomputing the key slots layer after layer.
     """
-    lens = seq_lens.long()
-    first = torch.clamp(lens - window, min=0) if window is not None else torch.zeros_like(lens)
-    counts = lens - first
-    group = (block_size, ring_blocks, softcap, scale)
-    if counts.numel() <= DECODE_GROUP:
-        return _decode_group(q, k_cache, v_cache, block_tables, first, counts, *group)
-    out = torch.empty_like(q)
-    for idx in torch.argsort(counts).split(DECODE_GROUP):
-        o = _decode_group(
-            q[idx], k_cache, v_cache, block_tables[idx], first[idx], counts[idx], *group
+    if plan is None:
+        plan = decode_plan(
+            block_tables, seq_lens, block_size=block_size, ring_blocks=ring_blocks, window=window
         )
-        out.index_copy_(0, idx, o)
+    if len(plan) == 1 and plan[0].rows is None:
+        return _decode_group(q, k_cache, v_cache, plan[0], softcap, scale)
+    out = torch.empty_like(q)
+    for group in plan:
+        assert group.rows is not None
+        o = _decode_group(q[group.rows], k_cache, v_cache, group, softcap, scale)
+        out.index_copy_(0, group.rows, o)
     return out
 
 
@@ -192,21 +241,12 @@ def _decode_group(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    first: torch.Tensor,
-    counts: torch.Tensor,
-    block_size: int,
-    ring_blocks: int,
+    group: DecodeGroup,
     softcap: float | None,
     scale: float,
 ) -> torch.Tensor:
-    """decode_attention for sequences seeing positions first .. first + counts - 1."""
-    width = int(counts.max())
-    j = torch.arange(width, device=q.device)
-    valid = j[None, :] < counts[:, None]
-    pos = torch.where(valid, first[:, None] + j[None, :], torch.zeros_like(j)[None, :])
-    slots = slots_for_positions(pos, block_tables, block_size, ring_blocks)
-    keys_k = _gather(k_cache, slots).to(q.dtype).transpose(1, 2)  # [S, Hkv, M, D]
-    keys_v = _gather(v_cache, slots).to(q.dtype).transpose(1, 2)
-    o = _attend(q.unsqueeze(2), keys_k, keys_v, valid[:, None, :], scale, softcap)
+    """decode_attention for one group of the plan."""
+    keys_k = _gather(k_cache, group.slots).to(q.dtype).transpose(1, 2)  # [S, Hkv, M, D]
+    keys_v = _gather(v_cache, group.slots).to(q.dtype).transpose(1, 2)
+    o = _attend(q.unsqueeze(2), keys_k, keys_v, group.valid[:, None, :], scale, softcap)
     return o.squeeze(2).to(q.dtype)

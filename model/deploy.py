@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from gemma_serve.model import cpu_gemm, int8_gemm
 from gemma_serve.model.config import QUANTIZATIONS
-from gemma_serve.model.gemma import GemmaForCausalLM, Linear
+from gemma_serve.model.gemma import GemmaForCausalLM, Linear, RMSNorm
 from torch import nn
 
 EMBED = "model.embed_tokens"
@@ -90,6 +90,14 @@ def install_int8(model: GemmaForCausalLM, state: dict[str, torch.Tensor]) -> Non
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(state[name])
+    freeze_norms(model)
+
+
+def freeze_norms(model: nn.Module) -> None:
+    """The weights are final: every RMSNorm computes its 1 + w once."""
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.freeze()
 
 
 def deploy(
@@ -97,6 +105,7 @@ def deploy(
 ) -> Deployment:
     """Apply the swaps for `quantization` (and fp32 packing when `pack`) in place."""
     check(quantization, device, dtype)
+    freeze_norms(model)
     if quantization == "int8":
         install_int8(model, int8_state(model))
         return Deployment("int8", "onednn-w8a8")

@@ -73,16 +73,24 @@ class ActivationQuantizer:
 
     def __call__(self, x: torch.Tensor, passes: int) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, k] fp32 -> (u8 rows [passes * T, k], scale [T, 1]): the first pass, then the
-        residual on the finer grid (module docstring). Few ops: a decode step runs this for
-        every projection."""
-        scale = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True)
+        residual on the finer grid (module docstring). Few ops, written in place into one
+        buffer: a decode step runs this for every projection, a prefill chunk over
+        [2048, 2048]-sized activations.
+
+        No clamps: |x| / scale <= qmax, and |y - round(y)| <= 1/2 makes the residual's steps
+        at most grid / 2 = qmax (both exact in fp32: y - round(y) is computed exactly).
+        """
+        t = x.shape[0]
+        # abs().amax: linalg.vector_norm(inf) is 15-20x slower on CPUs (it does not vectorise).
+        scale = x.abs().amax(dim=1, keepdim=True)
         scale.clamp_(min=torch.finfo(torch.float32).tiny).div_(self.qmax)
-        y = x * scale.reciprocal()
-        hi = torch.round(y)
-        if passes == 1:
-            return hi.add_(self.zero).to(torch.uint8), scale
-        lo = y.sub_(hi).mul_(self.grid).round_().clamp_(-self.qmax, self.qmax)
-        return torch.cat([hi, lo]).add_(self.zero).to(torch.uint8), scale
+        buf = torch.empty((passes * t, x.shape[1]), dtype=torch.float32, device=x.device)
+        y = buf[t:] if passes == 2 else buf
+        torch.mul(x, scale.reciprocal(), out=y)
+        if passes == 2:
+            torch.round(y, out=buf[:t])
+            y.sub_(buf[:t]).mul_(self.grid)
+        return buf.round_().add_(self.zero).to(torch.uint8), scale
 
     def dequantize(self, q: torch.Tensor, scale: torch.Tensor, passes: int) -> torch.Tensor:
         """What the GEMM sees: the activations as the int8 rows represent them."""
@@ -142,7 +150,10 @@ class Int8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        x = x.reshape(-1, self.in_features).float()
+        if x.dim() != 2:
+            x = x.reshape(-1, self.in_features)
+        if x.dtype != torch.float32:
+            x = x.float()
         if self.inv_smooth is not None:
             x = x * self.inv_smooth
         t = x.shape[0]
@@ -153,7 +164,8 @@ class Int8Linear(torch.nn.Module):
         )  # fmt: skip
         if self.passes == 2:
             y = y[:t].add_(y[t:], alpha=1.0 / self.quantizer.grid)
-        return y.mul_(s_x).reshape(*lead, self.out_features)
+        y = y.mul_(s_x)
+        return y if len(lead) == 1 else y.reshape(*lead, self.out_features)
 
 
 class Int8Embedding(torch.nn.Module):

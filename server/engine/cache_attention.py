@@ -22,13 +22,30 @@ class CacheAttention:
         self, cfg: ModelConfig, cache: KVCache, batch: AttentionBatch, ops: AttentionOps
     ) -> None:
         self.cfg, self.cache, self.batch, self.ops = cfg, cache, batch, ops
+        self._plans: dict[PoolKind, object] = {}  # ops.decode_plan per pool, for every layer
+
+    def _plan(self, kind: PoolKind, tables: torch.Tensor, window: int | None) -> dict:
+        """decode_attention's `plan` keyword for this pool (none for ops without plans)."""
+        if self.ops.decode_plan is None:
+            return {}
+        if kind not in self._plans:
+            pool, nd = self.batch.pools[kind], self.batch.num_decodes
+            self._plans[kind] = self.ops.decode_plan(
+                tables[:nd],
+                self.batch.seq_lens,
+                block_size=pool.block_size,
+                ring_blocks=pool.ring_blocks,
+                window=window,
+            )
+        return {"plan": self._plans[kind]}
 
     def __call__(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
         cfg, batch, ops = self.cfg, self.batch, self.ops
         sliding = cfg.is_sliding(layer)
-        pool = batch.pools[PoolKind.LOCAL if sliding else PoolKind.GLOBAL]
+        kind = PoolKind.LOCAL if sliding else PoolKind.GLOBAL
+        pool = batch.pools[kind]
         k_cache, v_cache = self.cache.layers[layer]
         kw = dict(
             block_size=pool.block_size,
@@ -41,12 +58,16 @@ class CacheAttention:
         tables = pool.block_tables
         if nd == q.shape[0]:  # decode-only step: no copies
             ops.store_kv(k, v, k_cache, v_cache, pool.slot_mapping)
-            return ops.decode_attention(q, k_cache, v_cache, tables, batch.seq_lens, **kw)
+            plan = self._plan(kind, tables, kw["window"])
+            return ops.decode_attention(
+                q, k_cache, v_cache, tables, batch.seq_lens, **kw, **plan
+            )
         out = torch.empty_like(q)
         if nd:
             ops.store_kv(k[:nd], v[:nd], k_cache, v_cache, pool.slot_mapping[:nd])
+            plan = self._plan(kind, tables, kw["window"])
             out[:nd] = ops.decode_attention(
-                q[:nd], k_cache, v_cache, tables[:nd], batch.seq_lens, **kw
+                q[:nd], k_cache, v_cache, tables[:nd], batch.seq_lens, **kw, **plan
             )
         out[nd:] = ops.prefill_attention(
             q[nd:],

@@ -53,6 +53,38 @@ def available_bytes(
     return min(found) if found else None
 
 
+# glibc's mallopt parameters (malloc.h) and the values the engine sets.
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_MMAP_THRESHOLD = 32 << 20  # glibc's ceiling for it on 64-bit
+_TRIM_THRESHOLD = 1 << 30
+_TOP_PAD = 64 << 20
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc reuse freed memory for the next step instead of handing it back to the OS
+    (mallopt); False where there is no such call (another libc).
+
+    A CPU forward allocates and frees the same large temporaries every step (gathered keys and
+    values, GEMM outputs, logits). With glibc's defaults, blocks past its mmap threshold are
+    mapped and unmapped each time and the top of the heap is trimmed whenever free space
+    passes twice that threshold, so the next step takes every page again as a fresh,
+    zero-filled page fault: 16,000 faults in a 32-row decode step of the default model,
+    a fifth of its time (benchmarks/RESULTS.md). Fixed thresholds keep those pages in the
+    heap; `release_free_memory` still returns them when the engine goes idle.
+    """
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is None:
+        return False
+    for param, value in (
+        (_M_MMAP_THRESHOLD, _MMAP_THRESHOLD),
+        (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD),
+        (_M_TOP_PAD, _TOP_PAD),
+    ):
+        if not mallopt(param, value):
+            return False
+    return True
+
+
 def release_free_memory() -> bool:
     """Hand the C allocator's free pages back to the OS (glibc's malloc_trim); False where
     there is no such call (another libc).

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from gemma_serve.kernels.dispatch import select_ops
-from gemma_serve.server.engine import kv_budget, model_source, tp_workers
+from gemma_serve.server.engine import host_memory, kv_budget, model_source, tp_workers
 from gemma_serve.server.engine.block_table import cdiv
 from gemma_serve.server.engine.config import EngineConfig
 from gemma_serve.server.engine.cuda_graphs import DecodeGraphs
@@ -121,6 +121,7 @@ class LLMEngine:
                 config.max_num_seqs,
             )
         if loaded.device.type == "cpu":
+            host_memory.keep_freed_memory()
             kv_budget.check_host_memory(self.layout.nbytes(shard_cfg, loaded.dtype))
         cache = KVCache(shard_cfg, self.layout, loaded.dtype, loaded.device)
         if loaded.workers is not None:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 from gemma_serve.kernels.dispatch import select_ops
-from gemma_serve.server.engine import model_source, tp_wire
+from gemma_serve.server.engine import host_memory, model_source, tp_wire
 from gemma_serve.server.engine.config import EngineConfig
 from gemma_serve.server.engine.errors import EngineDeadError
 from gemma_serve.server.engine.kv_cache import CacheLayout, KVCache
@@ -315,6 +315,8 @@ def serve_steps(config: EngineConfig, groups: Groups, loaded: model_source.Loade
     if msg.layout is None:
         raise RuntimeError(f"expected the start message, got {msg.kind!r}")
     model = loaded.model
+    if device.type == "cpu":
+        host_memory.keep_freed_memory()
     try:
         cache = KVCache(model.config, msg.layout, loaded.dtype, device)
     except Exception as exc:

@@ -59,9 +59,7 @@ class CacheAttention:
         if nd == q.shape[0]:  # decode-only step: no copies
             ops.store_kv(k, v, k_cache, v_cache, pool.slot_mapping)
             plan = self._plan(kind, tables, kw["window"])
-            return ops.decode_attention(
-                q, k_cache, v_cache, tables, batch.seq_lens, **kw, **plan
-            )
+            return ops.decode_attention(q, k_cache, v_cache, tables, batch.seq_lens, **kw, **plan)
         out = torch.empty_like(q)
         if nd:
             ops.store_kv(k[:nd], v[:nd], k_cache, v_cache, pool.slot_mapping[:nd])

@@ -3,8 +3,8 @@
 On CPUs the projections and the LM head are replaced by modules with the same call:
 - quantization "none": fp32 GEMMs through oneDNN on packed weights (model/cpu_gemm.py), exact;
 - quantization "int8": int8 weights x per-token int8 activations (model/int8_gemm.py): two
-  activation passes everywhere, the LM head's input smoothed by the final norm's scale; the
-  embedding table is stored in int8 too.
+  activation passes in the projections; the LM head one pass, the second for each row's top
+  candidates; the embedding table is stored in int8 too, and a tied head reads its rows.
 A swapped-out float weight is released: no fp32 copy is kept.
 The int8 layout is a plain dict of tensors (`int8_state`), so it can be cached beside a
 converted checkpoint (model/int8_cache.py) and installed into a model that never had fp32
@@ -60,10 +60,8 @@ def int8_state(model: GemmaForCausalLM) -> dict[str, torch.Tensor]:
     """The int8 layout of a float model (module docstring of model/int8_gemm.py)."""
     state: dict[str, torch.Tensor] = {}
     table = model.model.embed_tokens.weight
-    head = table if model.lm_head is None else model.lm_head.weight
-    smooth = (1.0 + model.model.norm.weight.detach().float()).abs().sqrt().clamp_(min=1e-3)
-    q, scale = int8_gemm.quantize_rows(head.detach().float() * smooth[None, :])
-    state.update({"lm_head.q": q, "lm_head.scale": scale, "lm_head.smooth": smooth})
+    if model.lm_head is not None:  # untied: its own rows (a tied head reads the table's)
+        state["lm_head.q"], state["lm_head.scale"] = int8_gemm.quantize_rows(model.lm_head.weight)
     for name, parent, attr in _linears(model):
         q, scale = int8_gemm.quantize_rows(getattr(parent, attr).weight)
         state.update({f"{name}.q": q, f"{name}.scale": scale})
@@ -77,15 +75,18 @@ def int8_state(model: GemmaForCausalLM) -> dict[str, torch.Tensor]:
 def install_int8(model: GemmaForCausalLM, state: dict[str, torch.Tensor]) -> None:
     """Swap the int8 modules of `state` in; the model's norms take its float tensors."""
     vnni = int8_gemm.has_vnni()  # read /proc/cpuinfo once, not per layer
-    model.lm_head = int8_gemm.Int8Linear(
-        state["lm_head.q"], state["lm_head.scale"], smooth=state["lm_head.smooth"], vnni=vnni
-    )
     for name, parent, attr in _linears(model):
         q, scale = state[f"{name}.q"], state[f"{name}.scale"]
         setattr(parent, attr, int8_gemm.Int8Linear(q, scale, vnni=vnni))
-    model.model.embed_tokens = int8_gemm.Int8Embedding(
-        state[f"{EMBED}.q"].clone(), state[f"{EMBED}.scale"]
-    )
+    # The table is read into memory (not left a view of the cache's file map): the head's
+    # candidates and the embedding's lookups read its rows at random.
+    table = int8_gemm.Int8Embedding(state[f"{EMBED}.q"].clone(), state[f"{EMBED}.scale"])
+    model.model.embed_tokens = table
+    if "lm_head.q" in state:
+        head_q, head_scale = state["lm_head.q"].clone(), state["lm_head.scale"]
+    else:
+        head_q, head_scale = table.q, table.scale
+    model.lm_head = int8_gemm.Int8Head(head_q, head_scale, vnni=vnni)
     model.to_empty(device=torch.device("cpu"))  # only the norms are left to allocate
     with torch.no_grad():
         for name, p in model.named_parameters():

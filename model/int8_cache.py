@@ -1,8 +1,8 @@
 """The int8 layout of a converted checkpoint, cached beside it so that later starts skip the
 fp32 weights entirely (no fp32 copy is ever allocated, and start-up reads 4x fewer bytes).
 
-One safetensors file: per projection `<name>.q` (int8) and `<name>.scale`, the LM head's
-`lm_head.smooth`, the embedding table's `model.embed_tokens.q` / `.scale`, and every float
+One safetensors file: per projection `<name>.q` (int8) and `<name>.scale` (an untied LM head's
+as `lm_head.q` / `.scale`), the embedding table's `model.embed_tokens.q` / `.scale`, and every float
 parameter the int8 model keeps (the norms). The int8 tensors are read through a memory map:
 they are only copied into oneDNN's packed layout, so the file's pages are not kept resident.
 """
@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 FILE_NAME = "int8.safetensors"
 # Bumped whenever the quantisation (model/int8_gemm.py, model/deploy.py) changes what it stores.
-FORMAT = "gemma-serve-int8-v1"
+FORMAT = "gemma-serve-int8-v2"
 
 log = logging.getLogger(__name__)
 

@@ -10,12 +10,9 @@ weights reach 300 and make outlier channels), so the projections take two passes
 residual x - q_x s_x, at most half a step, is quantised again on a grid 2 * qmax = 254 times
 finer, and both go through one GEMM as stacked rows (the weights are read once):
     x ~ s_x (q_hi + q_lo / 254)
-That leaves the weights' rounding as the only real error (RESULTS.md). The LM head also takes
-SmoothQuant's migration, made static: its input is divided per channel by
-g = sqrt|1 + w_final_norm| and its weight columns multiplied by g, so the norm's outliers (up
-to 301 on the default model) are split between activations and weights. One pass would do for
-the head's perplexity, but a value within fp32 noise of a rounding boundary then moves a
-logit by ~0.01; two passes keep that ~100x smaller.
+That leaves the weights' rounding as the only real error (RESULTS.md). The LM head
+(`Int8Head`) takes one pass over the whole vocabulary and the second only for each row's
+highest logits.
 
 Per-token scales make each GEMM row independent of the other rows in the batch, and the
 integer accumulation is exact whatever the blocking: a row's result is bit-identical alone or
@@ -120,17 +117,11 @@ def quantisation_bound(
 class Int8Linear(torch.nn.Module):
     """A bias-free linear layer with int8 weights and per-token int8 activations.
 
-    passes 2 quantises each activation row twice (value and residual), 1 once; `smooth` (g,
-    per input channel) divides the input, its product already being in the weight columns.
+    passes 2 quantises each activation row twice (value and residual), 1 once.
     """
 
     def __init__(
-        self,
-        q: torch.Tensor,
-        scale: torch.Tensor,
-        passes: int = 2,
-        smooth: torch.Tensor | None = None,
-        vnni: bool | None = None,
+        self, q: torch.Tensor, scale: torch.Tensor, passes: int = 2, vnni: bool | None = None
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = q.shape
@@ -139,14 +130,18 @@ class Int8Linear(torch.nn.Module):
         self.packed = torch.ops.onednn.qlinear_prepack(q, None)
         self.scale = scale.float().contiguous()
         self.zero_points = torch.zeros(self.out_features, dtype=torch.int64)
-        self.inv_smooth = None if smooth is None else (1.0 / smooth.float()).contiguous()
 
     @classmethod
-    def from_float(
-        cls, weight: torch.Tensor, passes: int = 2, smooth: torch.Tensor | None = None
-    ) -> Int8Linear:
-        w = weight.detach().float()
-        return cls(*quantize_rows(w if smooth is None else w * smooth[None, :]), passes, smooth)
+    def from_float(cls, weight: torch.Tensor, passes: int = 2) -> Int8Linear:
+        return cls(*quantize_rows(weight), passes)
+
+    def gemm(self, q: torch.Tensor) -> torch.Tensor:
+        """u8 activation rows (with the quantiser's zero point) -> their sums x the weights'
+        scales, fp32 [rows, out]."""
+        return torch.ops.onednn.qlinear_pointwise(
+            q, 1.0, self.quantizer.zero, self.packed, self.scale, self.zero_points,
+            None, 1.0, 0, torch.float32, "none", [], "",
+        )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -154,14 +149,9 @@ class Int8Linear(torch.nn.Module):
             x = x.reshape(-1, self.in_features)
         if x.dtype != torch.float32:
             x = x.float()
-        if self.inv_smooth is not None:
-            x = x * self.inv_smooth
         t = x.shape[0]
         q, s_x = self.quantizer(x, self.passes)
-        y = torch.ops.onednn.qlinear_pointwise(
-            q, 1.0, self.quantizer.zero, self.packed, self.scale, self.zero_points,
-            None, 1.0, 0, torch.float32, "none", [], "",
-        )  # fmt: skip
+        y = self.gemm(q)
         if self.passes == 2:
             y = y[:t].add_(y[t:], alpha=1.0 / self.quantizer.grid)
         y = y.mul_(s_x)
@@ -177,3 +167,48 @@ class Int8Embedding(torch.nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.q[ids].float().mul_(self.scale[ids, None])
+
+
+class Int8Head(torch.nn.Module):
+    """The LM head: one activation pass over the whole vocabulary, the second pass only for
+    each row's `refine` highest logits.
+
+    The head is the step's largest GEMM (262,144 x 640 on the default model); a second pass
+    over all of it doubles its rows and, at 32 rows, more than doubles its time (its output
+    alone is 67 MB). One pass is accurate enough for the tail of the distribution (perplexity:
+    RESULTS.md), but it is coarse where the final norm makes outlier channels (its scale
+    reaches 301 on the default model), and a value within fp32 noise of a rounding boundary
+    moves a logit by ~0.01, enough to swap greedy near-ties between batch shapes. So the
+    residual pass is computed for each row's top `refine` candidates, from the int8 rows of
+    those tokens: their logits come out as the two-pass head's (the same integer sums, scaled
+    the same way), and the argmax, the top logprobs and every near-tie are decided at two-pass
+    precision.
+
+    `q` is kept as plain int8 rows for the candidates (the packed copy is oneDNN's opaque
+    layout); a tied head passes the embedding's table, so the rows are stored once.
+    """
+
+    def __init__(
+        self, q: torch.Tensor, scale: torch.Tensor, refine: int = 32, vnni: bool | None = None
+    ) -> None:
+        super().__init__()
+        self.linear = Int8Linear(q, scale, passes=1, vnni=vnni)
+        self.q, self.scale = q, self.linear.scale
+        self.refine = min(refine, q.shape[0])
+        self.out_features, self.in_features = q.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        quantizer = self.linear.quantizer
+        x = x.reshape(-1, self.in_features).float()
+        t = x.shape[0]
+        q, s_x = quantizer(x, 2)
+        y = self.linear.gemm(q[:t])
+        top = y.topk(self.refine, dim=1, sorted=False).indices  # [t, refine]
+        # The residual rows' integer sums with the candidates' rows, exact in fp64, then
+        # converted and scaled in fp32 as oneDNN does with its int32 sums.
+        lo = q[t:].double().sub_(quantizer.zero)  # [t, k]
+        rows = self.q[top.reshape(-1)].view(t, self.refine, self.in_features).double()
+        acc_lo = torch.bmm(rows, lo[:, :, None]).squeeze(2).float()
+        y_lo = acc_lo.mul_(self.scale[top])
+        y.scatter_(1, top, y.gather(1, top).add_(y_lo, alpha=1.0 / quantizer.grid))
+        return y.mul_(s_x)

@@ -66,19 +66,27 @@ def test_two_passes_leave_the_weights_as_the_only_real_error() -> None:
     assert err_one < 0.02
 
 
-def test_smoothing_splits_a_norms_channel_scale_between_activations_and_weights() -> None:
-    """Activations scaled per channel by a norm weight up to 300 (Gemma's final norm): one pass
-    loses the small channels; dividing by sqrt(scale), folded into the weights, keeps them."""
+@pytest.mark.parametrize("vnni", [True, False])
+def test_int8_head_decides_its_top_candidates_at_two_pass_precision(vnni: bool) -> None:
+    """One pass over the vocabulary, the second for each row's top candidates: those logits are
+    the two-pass head's bit for bit, every other one the one-pass head's, and the argmax is the
+    two-pass argmax (activations with norm-like outlier channels, as the head's input has)."""
     g = torch.Generator().manual_seed(5)
-    norm = torch.ones(256)
-    norm[torch.randperm(256, generator=g)[:6]] = torch.tensor([300.0, 250, 120, 80, 40, 20])
-    x = torch.randn(16, 256, generator=g) * norm
-    w = torch.randn(512, 256, generator=g) * 0.05
-    ref = x.double() @ w.double().t()
-    plain = int8_gemm.Int8Linear.from_float(w, passes=1)(x).double()
-    smoothed = int8_gemm.Int8Linear.from_float(w, passes=1, smooth=norm.sqrt())(x).double()
-    err_plain, err_smoothed = ((y - ref).norm() / ref.norm() for y in (plain, smoothed))
-    assert err_smoothed < err_plain / 2, (err_plain, err_smoothed)
+    norm = torch.ones(96)
+    norm[torch.randperm(96, generator=g)[:4]] = torch.tensor([300.0, 120, 40, 20])
+    x = torch.randn(24, 96, generator=g) * norm
+    q, s = int8_gemm.quantize_rows(torch.randn(6000, 96, generator=g) * 0.05)
+    head = int8_gemm.Int8Head(q, s, refine=16, vnni=vnni)
+    y = head(x)
+    one, two = (int8_gemm.Int8Linear(q, s, passes=p, vnni=vnni)(x) for p in (1, 2))
+    top = one.topk(16, dim=1).indices
+    assert torch.equal(y.gather(1, top), two.gather(1, top))
+    rest = torch.ones_like(y, dtype=torch.bool).scatter_(1, top, False)
+    assert torch.equal(y[rest], one[rest])
+    assert torch.equal(y.argmax(1), two.argmax(1))
+    assert (one - two).abs().max() > 100 * (y.gather(1, top) - two.gather(1, top)).abs().max()
+    # A row's logits do not depend on the other rows.
+    assert torch.equal(head(x[5:6]), y[5:6])
 
 
 def test_int8_embedding_rows_are_the_lm_heads_rows() -> None:
@@ -97,10 +105,23 @@ def test_deploy_int8_keeps_no_float_weight(tmp_path: Path) -> None:
     assert engine.loaded.deployment.quantization == "int8"
     assert not any(isinstance(m, Linear) for m in model.modules())
     assert isinstance(model.model.embed_tokens, int8_gemm.Int8Embedding)
-    assert model.lm_head.passes == 2 and model.lm_head.inv_smooth is not None
+    assert isinstance(model.lm_head, int8_gemm.Int8Head)
+    assert model.lm_head.q is model.model.embed_tokens.q  # a tied head reads the table's rows
     floats = sum(p.numel() for p in model.parameters() if p.is_floating_point())
     norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
     assert floats == norms  # only the RMSNorm weights stay in fp32
+
+
+def test_an_untied_head_keeps_its_own_int8_rows(tmp_path: Path) -> None:
+    ckpt = tiny_checkpoint(tmp_path / "m", tie_word_embeddings=False)
+    engine = tiny_engine(ckpt, quantization="int8")
+    model = engine.loaded.model
+    assert isinstance(model.lm_head, int8_gemm.Int8Head)
+    assert not torch.equal(model.lm_head.q, model.model.embed_tokens.q)
+    prompts = [list(range(2, 40))]
+    fp32 = prompt_logprobs(tiny_engine(ckpt, quantization="none"), prompts)[0]
+    int8 = prompt_logprobs(engine, prompts)[0]
+    assert int8 == pytest.approx(fp32, rel=0.02, abs=0.02)
 
 
 def test_quantization_is_refused_where_it_cannot_run(tmp_path: Path) -> None:

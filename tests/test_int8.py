@@ -66,6 +66,27 @@ def test_two_passes_leave_the_weights_as_the_only_real_error() -> None:
     assert err_one < 0.02
 
 
+@pytest.mark.parametrize("rows", [3, 40])  # both ways of finding the scale
+@pytest.mark.parametrize("vnni", [True, False])
+@pytest.mark.parametrize("passes", [1, 2])
+def test_activation_quantiser_is_the_plain_formula(rows: int, vnni: bool, passes: int) -> None:
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 300, generator=g) * torch.linspace(0.01, 50, 300)
+    x[1] = 0.0  # an all-zero row: scale at its floor, every code the zero point
+    quantizer = int8_gemm.ActivationQuantizer(vnni)
+    q, scale = quantizer(x, passes)
+    qmax, zero = (127, 128) if vnni else (63, 64)
+    want_scale = (x.abs().amax(1, keepdim=True) / qmax).clamp(min=torch.finfo(torch.float32).tiny)
+    y = x * want_scale.reciprocal()
+    hi = torch.round(y)
+    codes = [hi] if passes == 1 else [hi, torch.round((y - hi) * 2 * qmax)]
+    assert torch.equal(scale, want_scale)
+    assert q.dtype == torch.uint8
+    assert torch.equal(q.long(), torch.cat(codes).long() + zero)
+    assert int(q.min()) >= zero - qmax and int(q.max()) <= zero + qmax
+    assert q[1].eq(zero).all() and (passes == 1 or q[rows + 1].eq(zero).all())
+
+
 @pytest.mark.parametrize("vnni", [True, False])
 def test_int8_head_decides_its_top_candidates_at_two_pass_precision(vnni: bool) -> None:
     """One pass over the vocabulary, the second for each row's top candidates: those logits are

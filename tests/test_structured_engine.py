@@ -237,7 +237,8 @@ def test_a_shortened_output_replays_the_matcher(engine) -> None:
 
 
 @pytest.mark.parametrize(("vocab", "width"), [(262144, 262144), (1003, 1003), (1003, 1024)])
-def test_mask_rows_equals_xgrammars_kernel(vocab: int, width: int) -> None:
+@pytest.mark.parametrize("sparse", [False, True])
+def test_mask_rows_equals_xgrammars_kernel(vocab: int, width: int, sparse: bool) -> None:
     """The vectorised CPU mask sets exactly the -inf entries xgrammar's own kernel sets: random
     bitmasks (dense, sparse, all-blocked and all-allowed rows), a vocabulary that is not a
     multiple of 32, logits wider than the vocabulary (their tail untouched)."""
@@ -252,11 +253,15 @@ def test_mask_rows_equals_xgrammars_kernel(vocab: int, width: int) -> None:
     bitmask[3] = -1
     bitmask[4] &= 0x01010101
     rows = [0, 2, 3, 4]
+    if sparse:  # few 32-token words allow anything (a grammar's usual mask): the other path
+        bitmask[[0, 3, 4]] *= (torch.rand(3, bitmask.shape[1], generator=g) < 0.02).int()
+        bitmask[4, -1] = -1  # the last word: bits past the vocabulary set
     want, got = logits.clone(), logits.clone()
     xgr.apply_token_bitmask_inplace(want, bitmask, vocab_size=vocab, indices=rows)
     mask_rows(got, bitmask, rows, vocab)
     assert torch.equal(got, want)
-    assert torch.isinf(got[2, :vocab]).all() and not torch.isinf(got[3]).any()
+    assert torch.isinf(got[2, :vocab]).all()
+    assert sparse or not torch.isinf(got[3]).any()
     assert torch.equal(got[[1, 5]], logits[[1, 5]]) and torch.equal(
         got[:, vocab:], logits[:, vocab:]
     )

@@ -60,3 +60,20 @@ def test_engine_logits_and_tokens_match_the_reference_path(checkpoint: Path) -> 
             outs[name] = torch.tensor(lps)
         assert torch.allclose(outs["ref"], outs["tri"], atol=1e-4)
     assert tri.kv.num_cached_tokens - cached_before == 20  # its 5 full blocks; 1 token to compute
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="--quantization int8 is a CPU mode")
+def test_int8_engine_through_the_triton_kernels(checkpoint: Path) -> None:
+    """The int8 path with the Triton attention (interpreted): the same tokens as with the
+    references, logprobs within the int8 path's own batch noise (1e-3)."""
+    prompts = [[2, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50], [2] + list(range(60, 80))]
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, logprobs=2)
+    kw = dict(max_num_batched_tokens=8, quantization="int8")
+    ref = tiny_engine(checkpoint, **kw)
+    tri = tiny_engine(checkpoint, **kw)
+    tri.runner.ops = TRITON_OPS
+    assert ref.loaded.deployment.linear == tri.loaded.deployment.linear == "onednn-w8a8"
+    for w, g in zip(ref.generate(prompts, params), tri.generate(prompts, params), strict=True):
+        assert g.token_ids == w.token_ids
+        got, want = ([lp.logprob for lp in r.logprobs] for r in (g, w))
+        assert got == pytest.approx(want, abs=1e-3)

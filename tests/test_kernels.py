@@ -108,6 +108,18 @@ def test_prefill_packed(group, window):
     _close(triton_ops.prefill_attention(*args, **kw, max_seqlen=max(lens)), ref)
 
 
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("window", [None, 64, 8])
+def test_prefill_uncapped_fresh_chunks(group, window):
+    """No soft-cap and no cached context (the reference's fused causal path where no window
+    cuts the chunk; the explicit one where the window of 8 does)."""
+    lens, hkv, d = [1, 17, 40, 9], 2, 16
+    q, k, v = _qkv(sum(lens), hkv * group, hkv, d, torch.float32)
+    kw = dict(block_size=4, ring_blocks=0, window=window, softcap=None, scale=SCALE)
+    args = (q, k, v, _cu(lens), None, None, None, None)
+    _close(triton_ops.prefill_attention(*args, **kw), reference.prefill_attention(*args, **kw))
+
+
 def test_prefill_softcap_matters_and_tile_shapes():
     lens, hkv, d = [33, 5], 2, 32
     q, k, v = _qkv(sum(lens), 4, hkv, d, torch.float32)

@@ -114,7 +114,8 @@ def test_release_free_memory_hands_freed_heap_pages_back() -> None:
 
 
 _REUSE = """
-import resource, sys
+import ctypes, resource, sys
+ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: 4 KiB pages, countable faults
 import torch
 from gemma_serve.server.engine import host_memory
 from tests.stress.clients import rss_bytes
@@ -149,5 +150,5 @@ def test_keep_freed_memory_spares_the_page_faults_of_each_step() -> None:
     kept, per_step, held, trimmed = runs["keep"]
     assert kept == "True"
     assert float(per_step) < 100, runs
-    assert float(runs["default"][1]) > 10_000, runs
+    assert float(runs["default"][1]) > 8_000, runs  # ~10,240 pages of 4 KiB
     assert int(trimmed) < int(held) - 30 * (1 << 20), runs  # the heap's 40 MiB went back

@@ -106,10 +106,10 @@ def deploy(
 ) -> Deployment:
     """Apply the swaps for `quantization` (and fp32 packing when `pack`) in place."""
     check(quantization, device, dtype)
-    freeze_norms(model)
-    if quantization == "int8":
+    if quantization == "int8":  # installing reallocates the norms, then freezes them
         install_int8(model, int8_state(model))
         return Deployment("int8", "onednn-w8a8")
+    freeze_norms(model)
     if pack and cpu_gemm.should_pack(device, dtype):
         for _, parent, attr in _linears(model):
             setattr(parent, attr, cpu_gemm.PackedLinear(getattr(parent, attr).weight))

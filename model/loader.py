@@ -44,7 +44,7 @@ class _Target:
     param: str
     row_start: int
     row_end: int
-    shape: tuple[int, ...] = ()  # the checkpoint tensor's full shape; () = the destination's
+    shape: tuple[int, ...]  # the checkpoint tensor's full shape
     src_row: int = 0
     src_col: int = 0
 

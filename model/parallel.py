@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from gemma_serve.model.config import ModelConfig
 from gemma_serve.model.gemma import GemmaForCausalLM, Linear
-from gemma_serve.model.loader import fill_random, read_checkpoint
+from gemma_serve.model.loader import fill_random, meta_model, read_checkpoint
 from gemma_serve.model.shard_plan import ShardPlan
 from torch import nn
 
@@ -87,17 +87,17 @@ class VocabParallelHead(nn.Module):
         return self.group.all_gather_last(local)[:, : self.vocab_size]
 
 
-def meta_model(cfg: ModelConfig, plan: ShardPlan, group: TensorGroup) -> GemmaForCausalLM:
+def shard_meta_model(cfg: ModelConfig, plan: ShardPlan, group: TensorGroup) -> GemmaForCausalLM:
     """This rank's network without storage (meta tensors); `install_head` after loading."""
+    model = meta_model(plan.local_config(cfg))
     with torch.device("meta"):
-        model = GemmaForCausalLM(plan.local_config(cfg))
         for layer in model.model.layers:
             layer.self_attn.o_proj = RowParallel(layer.self_attn.o_proj, group)
             layer.mlp.down_proj = RowParallel(layer.mlp.down_proj, group)
         model.model.embed_tokens = VocabParallelEmbedding(
             plan.vocab_shard, cfg.hidden_size, plan.vocab_start, plan.vocab_rows, group
         )
-    return model.eval().requires_grad_(False)
+    return model.requires_grad_(False)
 
 
 def install_head(model: GemmaForCausalLM, cfg: ModelConfig, group: TensorGroup) -> None:
@@ -120,7 +120,7 @@ def load_shard(
 ) -> GemmaForCausalLM:
     """This rank's model, allocated at its shard's size and filled with only its slices of
     the checkpoint in `model_dir` (random weights when None: --load-format dummy)."""
-    model = meta_model(cfg, plan, group).to(dtype=dtype).to_empty(device=device)
+    model = shard_meta_model(cfg, plan, group).to(dtype=dtype).to_empty(device=device)
     with torch.no_grad():  # the vocabulary shard's pad rows give zero logits
         model.model.embed_tokens.weight.zero_()
         if model.lm_head is not None:

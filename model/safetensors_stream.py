@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -92,19 +92,15 @@ def read_window(f: BinaryIO, entry: TensorEntry, dst: torch.Tensor, row: int, co
     """Fill dst [r, c] (or [r] for 1-D tensors) with the entry's rows row..row+r-1 and columns
     col..col+c-1: one tensor-parallel rank's slice, read without the rest of the tensor
     (whole rows: one contiguous read; a column range: rows in bounded chunks)."""
-    if tuple(dst.shape) == entry.shape:
-        read_into(f, entry, dst)
-        return
     width = entry.shape[1] if len(entry.shape) > 1 else 1
-    item = torch.tensor([], dtype=entry.dtype).element_size()
+    item = entry.dtype.itemsize
     row_bytes = width * item
-    if dst.dim() == 1 or dst.shape[1] == width:  # whole rows: a contiguous byte range
-        part = TensorEntry(
-            entry.name,
-            entry.dtype,
-            tuple(dst.shape),
-            entry.offset + row * row_bytes,
-            dst.numel() * item,
+    if dst.dim() < 2 or dst.shape[1] == width:  # whole rows (or all): contiguous bytes
+        part = replace(
+            entry,
+            shape=tuple(dst.shape),
+            offset=entry.offset + row * row_bytes,
+            nbytes=dst.numel() * item,
         )
         read_into(f, part, dst)
         return

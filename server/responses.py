@@ -58,8 +58,9 @@ async def create_response(request: Request) -> Response:
         history = previous.messages
     conversation = [*history, *input_messages(req.input)]
     system = [{"role": "system", "content": req.instructions}] if req.instructions else []
-    chat = _as_chat_request(req, system + conversation)
-    chars = sum(len(m["content"]) for m in system + conversation)
+    messages = [*system, *conversation]
+    chat = _as_chat_request(req, messages)
+    chars = sum(len(m["content"]) for m in messages)
     refuse_hopeless_prompt(chars, state.max_token_bytes, engine.max_model_len, "input")
     ids = await state.off_loop(_prompt_ids, engine, chat)
     sub = _engine_request(engine, chat, ids, f"resp-{request_id_of(request)}-0")
@@ -162,9 +163,8 @@ class _ResponseView:
         req = self._req
         output = []
         if text is not None:
-            item_status = "in_progress" if status == "in_progress" else status
             content = [OutputText(text=text)]
-            output = [OutputMessage(id=self.item_id, status=item_status, content=content)]
+            output = [OutputMessage(id=self.item_id, status=status, content=content)]
         incomplete = (
             IncompleteDetails(reason="max_output_tokens") if status == "incomplete" else None
         )
@@ -214,7 +214,10 @@ class _ResponseView:
                     return
                 if out.new_text:
                     yield _frame(
-                        self._part_event("response.output_text.delta", delta=out.new_text), seq
+                        self._part_event(
+                            "response.output_text.delta", delta=out.new_text, logprobs=[]
+                        ),
+                        seq,
                     )
         except Exception as exc:
             logger.error("response stream failed", exc_info=exc)
@@ -245,8 +248,7 @@ class _ResponseView:
 
     def _part_event(self, kind: str, **fields: Any) -> dict[str, Any]:
         where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
-        extra = {"logprobs": []} if kind == "response.output_text.delta" else {}
-        return {"type": kind, **where, **fields, **extra}
+        return {"type": kind, **where, **fields}
 
 
 def _usage(usage: Usage) -> ResponseUsage:

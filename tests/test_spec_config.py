@@ -111,8 +111,8 @@ def test_who_speculates_and_how_far() -> None:
 
 def test_metrics() -> None:
     m = Metrics()
-    m.on_step(StepStats(1, 0, 0.1, 0.1, 4, 0, 0, 6, 4, (3, 1)))
-    m.on_step(StepStats(1, 0, 0.1, 0.1, 4, 0, 0, 3, 2, (1, 1)))
+    m.on_step(StepStats(1, 0, 0.1, 0.1, 4, 0, 0, 6, (3, 1)))
+    m.on_step(StepStats(1, 0, 0.1, 0.1, 4, 0, 0, 3, (1, 1)))
     text = m.render().decode()
     assert "gemma_serve_spec_decode_draft_tokens_total 9.0" in text
     assert "gemma_serve_spec_decode_accepted_tokens_total 6.0" in text

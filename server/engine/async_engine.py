@@ -13,8 +13,7 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
-from types import MappingProxyType
+from dataclasses import dataclass
 
 from gemma_serve.server.engine import host_memory
 from gemma_serve.server.engine.config import EngineConfig
@@ -25,18 +24,6 @@ from gemma_serve.server.engine.sampling_params import SamplingParams
 from gemma_serve.server.engine.structured_spec import CompileResult, StructuredSpec
 
 log = logging.getLogger(__name__)
-# StepStats fields that count one step's events: zero when no step ran.
-_PER_STEP = MappingProxyType(
-    dict(
-        num_batched_tokens=0,
-        num_preemptions=0,
-        num_cached_tokens=0,
-        num_draft_tokens=0,
-        num_accepted_tokens=0,
-        accepted_per_position=(),
-    )
-)
-
 IDLE_WAIT_S = 0.5
 
 
@@ -226,10 +213,10 @@ class AsyncEngine:
                     host_memory.release_free_memory()
             else:
                 # No step ran; commands alone (an abort while idle) must still reach the gauges.
-                stats = replace(self.engine.stats(), **_PER_STEP)
+                stats = self.engine.stats().without_step_counts()
                 if stats == self._last_stats:
                     continue
-            self._last_stats = replace(stats, **_PER_STEP)
+            self._last_stats = stats.without_step_counts()
             self._publish(stats)
 
     def _publish(self, stats: StepStats) -> None:

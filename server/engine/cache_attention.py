@@ -24,14 +24,14 @@ class CacheAttention:
         self.cfg, self.cache, self.batch, self.ops = cfg, cache, batch, ops
         self._plans: dict[PoolKind, object] = {}  # ops.decode_plan per pool, for every layer
 
-    def _plan(self, kind: PoolKind, tables: torch.Tensor, window: int | None) -> dict:
+    def _plan(self, kind: PoolKind, window: int | None) -> dict:
         """decode_attention's `plan` keyword for this pool (none for ops without plans)."""
         if self.ops.decode_plan is None:
             return {}
         if kind not in self._plans:
             pool, nd = self.batch.pools[kind], self.batch.num_decodes
             self._plans[kind] = self.ops.decode_plan(
-                tables[:nd],
+                pool.block_tables[:nd],
                 self.batch.seq_lens,
                 block_size=pool.block_size,
                 ring_blocks=pool.ring_blocks,
@@ -58,12 +58,12 @@ class CacheAttention:
         tables = pool.block_tables
         if nd == q.shape[0]:  # decode-only step: no copies
             ops.store_kv(k, v, k_cache, v_cache, pool.slot_mapping)
-            plan = self._plan(kind, tables, kw["window"])
+            plan = self._plan(kind, kw["window"])
             return ops.decode_attention(q, k_cache, v_cache, tables, batch.seq_lens, **kw, **plan)
         out = torch.empty_like(q)
         if nd:
             ops.store_kv(k[:nd], v[:nd], k_cache, v_cache, pool.slot_mapping[:nd])
-            plan = self._plan(kind, tables, kw["window"])
+            plan = self._plan(kind, kw["window"])
             out[:nd] = ops.decode_attention(
                 q[:nd], k_cache, v_cache, tables[:nd], batch.seq_lens, **kw, **plan
             )

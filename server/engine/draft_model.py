@@ -85,16 +85,7 @@ class DraftModelSpeculator:
         layout = CacheLayout.from_budget(
             mcfg, budget, block_size, max_num_seqs, loaded.dtype, max_model_len, k
         )
-        self.kv = KVCacheManager(
-            layout.num_global_blocks,
-            layout.num_local_blocks,
-            block_size,
-            mcfg.sliding_window,
-            has_global=bool(mcfg.full_layers),
-            has_local=bool(mcfg.sliding_layers),
-            prefix_caching=enable_prefix_caching,
-            lookahead=k,
-        )
+        self.kv = KVCacheManager.for_layout(layout, mcfg, enable_prefix_caching, lookahead=k)
         cache = KVCache(mcfg, layout, loaded.dtype, loaded.device)
         self.runner = Runner(loaded.model, cache, self.kv, ops, loaded.device)
         self.layout = layout

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from gemma_serve.server.engine.block_pool import BlockKey
 from gemma_serve.server.engine.block_table import (
@@ -28,6 +29,10 @@ from gemma_serve.server.engine.block_table import (
 )
 from gemma_serve.server.engine.paged_table import PagedTable
 from gemma_serve.server.engine.ring_table import RingTable, ring_size
+
+if TYPE_CHECKING:  # kv_cache imports torch; only its CacheLayout's counts are read here
+    from gemma_serve.model.config import ModelConfig
+    from gemma_serve.server.engine.kv_cache import CacheLayout
 
 
 @dataclass
@@ -70,6 +75,22 @@ class KVCacheManager:
             self.pools[PoolKind.LOCAL] = RingTable(num_local_blocks, block_size, ring)
         self._prefix: dict[str, _PrefixState] = {}
         self.num_cached_tokens = 0  # prompt tokens taken from the prefix cache, in all
+
+    @classmethod
+    def for_layout(
+        cls, layout: CacheLayout, cfg: ModelConfig, prefix_caching: bool, lookahead: int = 0
+    ) -> KVCacheManager:
+        """The manager of a cache laid out by `layout` for a model of `cfg`."""
+        return cls(
+            layout.num_global_blocks,
+            layout.num_local_blocks,
+            layout.block_size,
+            cfg.sliding_window,
+            has_global=bool(cfg.full_layers),
+            has_local=bool(cfg.sliding_layers),
+            prefix_caching=prefix_caching,
+            lookahead=lookahead,
+        )
 
     def can_ever_fit(self, num_tokens: int) -> bool:
         """Whether a sequence of num_tokens fits in the empty cache at all."""

@@ -102,15 +102,8 @@ class LLMEngine:
             self.max_model_len,
             lookahead,
         )
-        self.kv = KVCacheManager(
-            self.layout.num_global_blocks,
-            self.layout.num_local_blocks,
-            config.block_size,
-            mcfg.sliding_window,
-            has_global=bool(mcfg.full_layers),
-            has_local=bool(mcfg.sliding_layers),
-            prefix_caching=config.enable_prefix_caching,
-            lookahead=lookahead,
+        self.kv = KVCacheManager.for_layout(
+            self.layout, mcfg, config.enable_prefix_caching, lookahead=lookahead
         )
         self.max_model_len = self._fit_max_model_len(config.max_model_len is not None)
         if config.max_num_batched_tokens < config.max_num_seqs:
@@ -288,7 +281,6 @@ class LLMEngine:
             num_preemptions=self._last_preemptions,
             num_cached_tokens=self._last_cached_tokens,
             num_draft_tokens=self._last_spec[0],
-            num_accepted_tokens=sum(self._last_spec[1]),
             accepted_per_position=self._last_spec[1],
         )
 

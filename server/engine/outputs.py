@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -86,5 +86,21 @@ class StepStats:
     num_preemptions: int  # preemptions that happened during this step
     num_cached_tokens: int = 0  # prompt tokens taken from the prefix cache this step
     num_draft_tokens: int = 0  # speculative draft tokens verified this step
-    num_accepted_tokens: int = 0  # of them, accepted
     accepted_per_position: tuple[int, ...] = ()  # [j]: draft tokens j accepted this step
+
+    @property
+    def num_accepted_tokens(self) -> int:
+        """Of the draft tokens, those accepted."""
+        return sum(self.accepted_per_position)
+
+    def without_step_counts(self) -> StepStats:
+        """The gauges alone: every field that counts one step's events zeroed (what a
+        publish without a step reports)."""
+        return replace(
+            self,
+            num_batched_tokens=0,
+            num_preemptions=0,
+            num_cached_tokens=0,
+            num_draft_tokens=0,
+            accepted_per_position=(),
+        )

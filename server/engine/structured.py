@@ -124,8 +124,7 @@ def mask_rows(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int], voca
     inside = tokens < vocab
     tokens, owners = tokens[inside], owners[inside]
     kept = logits[owners, tokens]
-    for row in rows:
-        logits[row, :vocab] = float("-inf")
+    logits[index, :vocab] = float("-inf")
     logits[owners, tokens] = kept
 
 

@@ -81,8 +81,7 @@ class WorkerGroup:
     def run(
         self, batch: ModelBatch, forward: Callable[[ModelBatch], ForwardOutput]
     ) -> ForwardOutput:
-        self.check()
-        self._send(tp_wire.step_message(batch))
+        self._send(tp_wire.step_message(batch))  # checks the ranks first
         try:
             return forward(batch)
         except Exception as exc:

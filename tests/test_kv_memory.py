@@ -88,6 +88,9 @@ def test_warm_up_leaves_no_trace(tmp_path: Path) -> None:
 _FRAGMENTED_HEAP = """
 from gemma_serve.server.engine import host_memory
 from tests.stress.clients import rss_bytes
+# The engine's settings: glibc no longer trims the heap's top on its own, so what is freed
+# stays resident wherever the allocator placed the pinning blocks.
+assert host_memory.keep_freed_memory()
 held, freed = [], []
 for _ in range(600):
     freed.append(bytearray(100_000))  # heap blocks (under the 128 KiB mmap threshold)
@@ -101,8 +104,9 @@ print(before, after_free, rss_bytes(), trimmed, len(held))
 
 
 def test_release_free_memory_hands_freed_heap_pages_back() -> None:
-    """Blocks freed inside glibc's heap stay resident until malloc_trim hands their pages
-    back (a fresh process: the heap's state in this one depends on earlier tests)."""
+    """Under the engine's malloc settings, blocks freed inside glibc's heap stay resident
+    until malloc_trim hands their pages back (a fresh process: the heap's state in this one
+    depends on earlier tests)."""
     out = subprocess.run(
         [sys.executable, "-c", _FRAGMENTED_HEAP], capture_output=True, text=True, check=True
     )

@@ -87,8 +87,10 @@ def test_activation_quantiser_is_the_plain_formula(rows: int, vnni: bool, passes
     assert q[1].eq(zero).all() and (passes == 1 or q[rows + 1].eq(zero).all())
 
 
-@pytest.mark.parametrize("vnni", [True, False])
-def test_int8_head_decides_its_top_candidates_at_two_pass_precision(vnni: bool) -> None:
+@pytest.mark.parametrize(("vnni", "vocab"), [(True, 6000), (False, 6000), (True, 8192)])
+def test_int8_head_decides_its_top_candidates_at_two_pass_precision(
+    vnni: bool, vocab: int
+) -> None:
     """One pass over the vocabulary, the second for each row's top candidates: those logits are
     the two-pass head's bit for bit, every other one the one-pass head's, and the argmax is the
     two-pass argmax (activations with norm-like outlier channels, as the head's input has)."""
@@ -96,7 +98,7 @@ def test_int8_head_decides_its_top_candidates_at_two_pass_precision(vnni: bool) 
     norm = torch.ones(96)
     norm[torch.randperm(96, generator=g)[:4]] = torch.tensor([300.0, 120, 40, 20])
     x = torch.randn(24, 96, generator=g) * norm
-    q, s = int8_gemm.quantize_rows(torch.randn(6000, 96, generator=g) * 0.05)
+    q, s = int8_gemm.quantize_rows(torch.randn(vocab, 96, generator=g) * 0.05)
     head = int8_gemm.Int8Head(q, s, refine=16, vnni=vnni)
     y = head(x)
     one, two = (int8_gemm.Int8Linear(q, s, passes=p, vnni=vnni)(x) for p in (1, 2))
@@ -108,6 +110,28 @@ def test_int8_head_decides_its_top_candidates_at_two_pass_precision(vnni: bool) 
     assert (one - two).abs().max() > 100 * (y.gather(1, top) - two.gather(1, top)).abs().max()
     # A row's logits do not depend on the other rows.
     assert torch.equal(head(x[5:6]), y[5:6])
+
+
+@pytest.mark.parametrize("vocab", [16384, 262144, 6000])
+def test_top_candidates_are_topks(vocab: int) -> None:
+    """The block-maximum search finds each row's top k as topk does (the fast path where the
+    row splits into blocks, topk itself otherwise): spread rows, rows whose top values
+    crowd into one block or sit one per block, and ties at the k-th value."""
+    g = torch.Generator().manual_seed(3)
+    y = torch.randn(6, vocab, generator=g)
+    y[1, 256:288] += 50.0  # the whole top 32 inside one block
+    y[2, torch.arange(32) * 128 + 5] += 50.0  # one per block
+    y[3] = torch.randint(0, 4, (vocab,), generator=g).float()  # thousands tie at the top
+    y[4, :10] = 9.0
+    y[4, 100:140] = 8.0  # a tie across the k-th
+    y[5, -1] = 99.0  # the last column
+    got = int8_gemm.top_candidates(y, 32)
+    want = y.topk(32, dim=1)
+    assert got.shape == (6, 32)
+    assert torch.equal(y.gather(1, got).sort(1, descending=True).values, want.values)
+    assert all(len(set(row.tolist())) == 32 for row in got)
+    distinct = [0, 1, 2, 5]  # no ties: the very same columns
+    assert torch.equal(got[distinct].sort(1).values, want.indices[distinct].sort(1).values)
 
 
 def test_int8_embedding_rows_are_the_lm_heads_rows() -> None:

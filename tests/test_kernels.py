@@ -137,19 +137,37 @@ def test_prefill_softcap_matters_and_tile_shapes():
     _close(out, uncapped)
 
 
+@pytest.mark.parametrize("softcap", [CAP, None])
 @pytest.mark.parametrize(
     "ring_blocks,window,group",
     [(0, None, 2), (0, 10, 4), (3, 10, 1), (3, 10, 2)],
 )
-def test_prefill_chunk_with_cached_context(ring_blocks, window, group):
+def test_prefill_chunk_with_cached_context(ring_blocks, window, group, softcap):
     """Chunked prefill: context in the paged cache, or in a ring of 3x4 slots that has wrapped
-    (contexts 23 and 30 > 12) while still holding the window's 9 previous positions."""
+    (contexts 23 and 30 > 12) while still holding the window's 9 previous positions (the
+    uncapped case through the reference's masked SDPA)."""
     ctx, lens, hkv, d, bs = [0, 5, 23, 30], [7, 1, 12, 20], 2, 16, 4
     k_cache, v_cache, tables = _cache(ctx, hkv, d, bs, ring_blocks, torch.float32)
     q, k, v = _qkv(sum(lens), hkv * group, hkv, d, torch.float32)
     args = (q, k, v, _cu(lens), torch.tensor(ctx, dtype=torch.int32), k_cache, v_cache, tables)
-    kw = dict(block_size=bs, ring_blocks=ring_blocks, window=window, softcap=CAP, scale=SCALE)
+    kw = dict(block_size=bs, ring_blocks=ring_blocks, window=window, softcap=softcap, scale=SCALE)
     _close(triton_ops.prefill_attention(*args, **kw), reference.prefill_attention(*args, **kw))
+
+
+@pytest.mark.parametrize("window", [None, 10])
+def test_reference_capped_prefill_in_row_slices(monkeypatch, window):
+    """The soft-capped reference takes long chunks in slices of query rows (its scores
+    bounded): the same result as in one piece, for fresh chunks and chunks with context."""
+    ctx, lens, hkv, d, bs = [0, 23], [40, 30], 2, 16, 4
+    k_cache, v_cache, tables = _cache(ctx, hkv, d, bs, 0, torch.float32)
+    q, k, v = _qkv(sum(lens), 4, hkv, d, torch.float32)
+    args = (q, k, v, _cu(lens), torch.tensor(ctx, dtype=torch.int32), k_cache, v_cache, tables)
+    kw = dict(block_size=bs, ring_blocks=0, window=window, softcap=CAP, scale=SCALE)
+    whole = reference.prefill_attention(*args, **kw)
+    monkeypatch.setattr(reference, "SCORE_ELEMENTS", 4 * 53 * 7)  # 7 rows of 53 keys
+    sliced = reference.prefill_attention(*args, **kw)
+    torch.testing.assert_close(sliced, whole, rtol=1e-6, atol=1e-6)
+    _close(triton_ops.prefill_attention(*args, **kw), sliced)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -88,9 +88,7 @@ def test_activation_quantiser_is_the_plain_formula(rows: int, vnni: bool, passes
 
 
 @pytest.mark.parametrize(("vnni", "vocab"), [(True, 6000), (False, 6000), (True, 8192)])
-def test_int8_head_decides_its_top_candidates_at_two_pass_precision(
-    vnni: bool, vocab: int
-) -> None:
+def test_int8_head_decides_its_top_candidates_at_two_pass_precision(vnni: bool, vocab: int) -> None:
     """One pass over the vocabulary, the second for each row's top candidates: those logits are
     the two-pass head's bit for bit, every other one the one-pass head's, and the argmax is the
     two-pass argmax (activations with norm-like outlier channels, as the head's input has)."""

@@ -8,6 +8,7 @@ of continuations identical to the `none` ones, and the mean length of the common
 
     .venv/bin/python -m benchmarks.quant_fidelity                       # none vs int8, 20k tokens
     .venv/bin/python -m benchmarks.quant_fidelity --tokens 2000 --modes none int8
+    .venv/bin/python -m benchmarks.quant_fidelity --modes none int8 int8/bfloat16  # KV dtype
 
 Prints one JSON line per mode, then the comparison (recorded in benchmarks/RESULTS.md).
 """
@@ -70,12 +71,15 @@ def greedy(engine: LLMEngine, tokens: list[int], prompts: int, output: int, bos:
 
 
 def run_mode(mode: str, args: argparse.Namespace) -> dict:
+    """mode: a --quantization, optionally /KV_CACHE_DTYPE (int8/bfloat16)."""
+    quantization, _, kv_dtype = mode.partition("/")
     start = time.perf_counter()
     engine = LLMEngine(
         EngineConfig(
             model=args.model,
             device="cpu",
-            quantization=mode,
+            quantization=quantization,
+            kv_cache_dtype=kv_dtype or "auto",
             max_model_len=args.window + 1 + args.output + 64,
             max_num_batched_tokens=args.max_num_batched_tokens,
         )

@@ -12,7 +12,13 @@ from gemma_serve.server.connections import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_REQUEST_READ_TIMEOUT_S,
 )
-from gemma_serve.server.engine.config import DEVICES, DTYPES, LOAD_FORMATS, QUANTIZATIONS
+from gemma_serve.server.engine.config import (
+    DEVICES,
+    DTYPES,
+    KV_CACHE_DTYPES,
+    LOAD_FORMATS,
+    QUANTIZATIONS,
+)
 from gemma_serve.server.engine.spec_config import SpeculativeConfig, parse_speculative_config
 from gemma_serve.server.state import API_KEY_ENV
 
@@ -74,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--block-size", type=int, help="tokens per KV-cache block")
     add("--kv-cache-memory", type=byte_size, metavar="BYTES", help="KV-cache budget on CPU")
+    add(
+        "--kv-cache-dtype",
+        choices=KV_CACHE_DTYPES,
+        help="KV-cache dtype (auto: the model's); bfloat16 halves a float32 model's cache "
+        "(default: bfloat16 under --quantization int8, else auto)",
+    )
     add("--gpu-memory-utilization", type=float, metavar="F", help="GPU memory share (0, 1]")
     add("--max-queued-requests", type=int, help="waiting requests before answering 429")
     add("--api-key", default=os.environ.get(API_KEY_ENV), help=f"required key (or ${API_KEY_ENV})")
@@ -186,6 +198,7 @@ ENGINE_FLAGS = (
     "max_long_partial_prefills",
     "block_size",
     "kv_cache_memory",
+    "kv_cache_dtype",
     "gpu_memory_utilization",
     "max_queued_requests",
     "seed",

@@ -180,6 +180,23 @@ def test_prefill_half_with_context(dtype):
     _close(triton_ops.prefill_attention(*args, **kw), reference.prefill_attention(*args, **kw))
 
 
+@pytest.mark.parametrize("softcap", [CAP, None])
+def test_float32_queries_over_a_bfloat16_cache(softcap):
+    """--kv-cache-dtype bfloat16 under a float32 model: the kernels read the cache in the
+    queries' dtype, as the reference does (prefill with context, then decode)."""
+    ctx, lens, hkv, d, bs = [5, 23], [7, 12], 2, 16, 4
+    k_cache, v_cache, tables = _cache(ctx, hkv, d, bs, 0, torch.bfloat16)
+    q, k, v = _qkv(sum(lens), 4, hkv, d, torch.float32)
+    kw = dict(block_size=bs, ring_blocks=0, window=10, softcap=softcap, scale=SCALE)
+    args = (q, k, v, _cu(lens), torch.tensor(ctx, dtype=torch.int32), k_cache, v_cache, tables)
+    _close(triton_ops.prefill_attention(*args, **kw), reference.prefill_attention(*args, **kw))
+    qd = torch.randn(len(ctx), 4, d) * 6.0
+    dargs = (qd, k_cache, v_cache, tables, torch.tensor(ctx, dtype=torch.int32))
+    out = triton_ops.decode_attention(*dargs, **kw)
+    assert out.dtype == torch.float32
+    _close(out, reference.decode_attention(*dargs, **kw))
+
+
 @pytest.mark.parametrize("group", [1, 2, 4])
 @pytest.mark.parametrize("window", [None, 8])
 def test_decode_paged(group, window):

@@ -37,7 +37,8 @@ def test_every_flag() -> None:
     flags = (
         "--model gemma-2-9b --served-model-name g9 --host 0.0.0.0 --port 9000 --device cpu "
         "--dtype bfloat16 --max-model-len 4096 --max-num-seqs 8 --max-num-batched-tokens 512 "
-        "--block-size 32 --kv-cache-memory 2GiB --gpu-memory-utilization 0.5 "
+        "--block-size 32 --kv-cache-memory 2GiB --kv-cache-dtype bfloat16 "
+        "--gpu-memory-utilization 0.5 "
         "--max-queued-requests 10 --api-key k --seed 7 --load-format dummy "
         "--force-reference-kernels --enforce-eager --no-enable-prefix-caching "
         "--allowed-origins http://a,http://b http://c "
@@ -54,6 +55,7 @@ def test_every_flag() -> None:
         max_num_batched_tokens=512,
         block_size=32,
         kv_cache_memory=2 << 30,
+        kv_cache_dtype="bfloat16",
         gpu_memory_utilization=0.5,
         max_queued_requests=10,
         seed=7,
@@ -77,6 +79,7 @@ def test_api_key_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     [
         ["--device", "tpu"],
         ["--load-format", "pickle"],
+        ["--kv-cache-dtype", "fp8"],
         ["--block-size", "3"],
         ["--max-num-seqs", "0"],
         ["--gpu-memory-utilization", "1.5"],

@@ -238,7 +238,7 @@ def test_step_messages_round_trip_without_pickle() -> None:
         assert torch.equal(a.pools[kind].block_tables, pool.block_tables)
         assert a.pools[kind].block_tables.dtype == torch.int32
         assert (a.pools[kind].ring_blocks, a.pools[kind].block_size) == (pool.ring_blocks, 4)
-    layout = CacheLayout(10, 20, 4, 3)
+    layout = CacheLayout(10, 20, 4, 3, "bfloat16")
     assert tp_wire.read(tp_wire.start_message(layout), torch.device("cpu")).layout == layout
     assert tp_wire.read(tp_wire.stop_message(), torch.device("cpu")).kind == "stop"
     with pytest.raises(tp_wire.WireError):

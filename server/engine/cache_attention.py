@@ -15,7 +15,8 @@ class CacheAttention:
 
     Decodes store their K/V first and then read everything from the cache. Prefill chunks attend
     to their fresh K/V plus the cached context and store afterwards: a chunk longer than the ring
-    would otherwise overwrite keys its own first queries still need.
+    would otherwise overwrite keys its own first queries still need. Under a narrower cache
+    dtype the fresh K/V are rounded to it first, as every later reader sees them.
     """
 
     def __init__(
@@ -60,6 +61,10 @@ class CacheAttention:
             ops.store_kv(k, v, k_cache, v_cache, pool.slot_mapping)
             plan = self._plan(kind, kw["window"])
             return ops.decode_attention(q, k_cache, v_cache, tables, batch.seq_lens, **kw, **plan)
+        if k_cache.dtype != k.dtype:
+            # Fresh keys and values as the cache will hold them (--kv-cache-dtype): a prompt's
+            # numerics do not depend on how it was chunked or what came from the prefix cache.
+            k, v = k.to(k_cache.dtype).to(k.dtype), v.to(v_cache.dtype).to(v.dtype)
         out = torch.empty_like(q)
         if nd:
             ops.store_kv(k[:nd], v[:nd], k_cache, v_cache, pool.slot_mapping[:nd])

@@ -11,6 +11,7 @@ from gemma_serve.server.engine.spec_config import NGRAM, SpeculativeConfig
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16")
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16")  # auto: the model's dtype
 DEFAULT_LONG_PREFILL_SHARE = 2  # default long-prefill threshold: max_num_batched_tokens / this
 
 
@@ -27,6 +28,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024
     block_size: int = 16
     kv_cache_memory: int | None = None  # bytes; None: a default share of memory
+    # The KV cache's dtype; None: bfloat16 under int8 weights, else auto (kv_cache.py)
+    kv_cache_dtype: str | None = None
     gpu_memory_utilization: float = 0.9
     max_queued_requests: int = 1024
     seed: int = 0
@@ -54,6 +57,11 @@ class EngineConfig:
         checks = [
             ("device", self.device in DEVICES, f"must be one of {DEVICES}"),
             ("dtype", self.dtype in DTYPES, f"must be one of {DTYPES}"),
+            (
+                "kv_cache_dtype",
+                self.kv_cache_dtype is None or self.kv_cache_dtype in KV_CACHE_DTYPES,
+                f"must be one of {KV_CACHE_DTYPES}",
+            ),
             ("load_format", self.load_format in LOAD_FORMATS, f"must be one of {LOAD_FORMATS}"),
             (
                 "quantization",

@@ -26,7 +26,12 @@ from gemma_serve.kernels.dispatch import AttentionOps
 from gemma_serve.model.config import ModelConfig
 from gemma_serve.server.engine import model_source
 from gemma_serve.server.engine.config import EngineConfig
-from gemma_serve.server.engine.kv_cache import CacheLayout, KVCache, kv_bytes_per_token
+from gemma_serve.server.engine.kv_cache import (
+    CacheLayout,
+    KVCache,
+    kv_bytes_per_token,
+    kv_cache_dtype,
+)
 from gemma_serve.server.engine.kv_manager import KVCacheManager
 from gemma_serve.server.engine.request import Request
 from gemma_serve.server.engine.runner import Runner
@@ -73,6 +78,7 @@ class DraftModelSpeculator:
         spec: SpeculativeConfig,
         loaded: model_source.LoadedModel,
         ops: AttentionOps,
+        kv_dtype: torch.dtype,
         budget: int,
         block_size: int,
         max_model_len: int,
@@ -83,10 +89,10 @@ class DraftModelSpeculator:
         k = spec.num_speculative_tokens
         mcfg = loaded.config
         layout = CacheLayout.from_budget(
-            mcfg, budget, block_size, max_num_seqs, loaded.dtype, max_model_len, k
+            mcfg, budget, block_size, max_num_seqs, kv_dtype, max_model_len, k
         )
         self.kv = KVCacheManager.for_layout(layout, mcfg, enable_prefix_caching, lookahead=k)
-        cache = KVCache(mcfg, layout, loaded.dtype, loaded.device)
+        cache = KVCache(mcfg, layout, loaded.device)
         self.runner = Runner(loaded.model, cache, self.kv, ops, loaded.device)
         self.layout = layout
         # request id -> (tokens of the request the draft had computed before its last draft
@@ -212,11 +218,13 @@ def build_speculator(
     if spec.method == NGRAM:
         return NgramSpeculator(spec, max_model_len), budget
     draft = load_draft(config, spec, loaded)
-    target_bytes, draft_bytes = split_budget(budget, loaded.config, draft.config, draft.dtype)
+    dtype = kv_cache_dtype(config.kv_cache_dtype, draft.dtype, draft.deployment.quantization)
+    target_bytes, draft_bytes = split_budget(budget, loaded.config, draft.config, dtype)
     speculator = DraftModelSpeculator(
         spec,
         draft,
         ops,
+        dtype,
         draft_bytes,
         config.block_size,
         max_model_len,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from gemma_serve.server.engine import host_memory, model_source
 from gemma_serve.server.engine.config import EngineConfig
-from gemma_serve.server.engine.kv_cache import kv_bytes_per_token
+from gemma_serve.server.engine.kv_cache import kv_bytes_per_token, kv_cache_dtype
 
 CPU_KV_TOKENS = 16384
 CPU_KV_BUDGET = 2 << 30
@@ -23,7 +23,8 @@ CPU_KV_RESERVE = 256 << 20
 def default_budget(config: EngineConfig, loaded: model_source.LoadedModel, use_graphs: bool) -> int:
     """The KV budget in bytes when --kv-cache-memory is not given (this rank's KV heads)."""
     mcfg = loaded.model.config
-    per_token = kv_bytes_per_token(mcfg, loaded.dtype)
+    dtype = kv_cache_dtype(config.kv_cache_dtype, loaded.dtype, loaded.deployment.quantization)
+    per_token = kv_bytes_per_token(mcfg, dtype)
     context = config.max_model_len or mcfg.max_position_embeddings
     worst = config.max_num_seqs * context * per_token
     if loaded.device.type != "cuda":

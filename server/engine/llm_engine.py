@@ -16,7 +16,7 @@ from gemma_serve.server.engine.config import EngineConfig
 from gemma_serve.server.engine.cuda_graphs import DecodeGraphs
 from gemma_serve.server.engine.draft_model import build_speculator
 from gemma_serve.server.engine.errors import EngineDeadError
-from gemma_serve.server.engine.kv_cache import CacheLayout, KVCache
+from gemma_serve.server.engine.kv_cache import CacheLayout, KVCache, kv_cache_dtype
 from gemma_serve.server.engine.kv_manager import KVCacheManager
 from gemma_serve.server.engine.output_processor import OutputProcessor
 from gemma_serve.server.engine.outputs import (
@@ -98,7 +98,7 @@ class LLMEngine:
             budget,
             config.block_size,
             config.max_num_seqs,
-            loaded.dtype,
+            kv_cache_dtype(config.kv_cache_dtype, loaded.dtype, loaded.deployment.quantization),
             self.max_model_len,
             lookahead,
         )
@@ -115,8 +115,8 @@ class LLMEngine:
             )
         if loaded.device.type == "cpu":
             host_memory.keep_freed_memory()
-            kv_budget.check_host_memory(self.layout.nbytes(shard_cfg, loaded.dtype))
-        cache = KVCache(shard_cfg, self.layout, loaded.dtype, loaded.device)
+            kv_budget.check_host_memory(self.layout.nbytes(shard_cfg))
+        cache = KVCache(shard_cfg, self.layout, loaded.device)
         if loaded.workers is not None:
             loaded.workers.start(self.layout)  # the other ranks size their caches the same
         self.scheduler = Scheduler(

@@ -317,7 +317,7 @@ def serve_steps(config: EngineConfig, groups: Groups, loaded: model_source.Loade
     if device.type == "cpu":
         host_memory.keep_freed_memory()
     try:
-        cache = KVCache(model.config, msg.layout, loaded.dtype, device)
+        cache = KVCache(model.config, msg.layout, device)
     except Exception as exc:
         groups.report_status("cache", f"{type(exc).__name__}: {exc}")
         raise

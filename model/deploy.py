@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from gemma_serve.model import cpu_gemm, int8_gemm
 from gemma_serve.model.config import QUANTIZATIONS
-from gemma_serve.model.gemma import GemmaForCausalLM, Linear, RMSNorm
+from gemma_serve.model.gemma import Attention, GemmaForCausalLM, Linear, RMSNorm
 from torch import nn
 
 EMBED = "model.embed_tokens"
@@ -95,9 +95,11 @@ def install_int8(model: GemmaForCausalLM, state: dict[str, torch.Tensor]) -> Non
 
 
 def freeze_norms(model: nn.Module) -> None:
-    """The weights are final: every RMSNorm computes its 1 + w once."""
+    """The weights are final: every RMSNorm computes its 1 + w once, and attention with q/k
+    norms stacks theirs per head."""
     for module in model.modules():
-        if isinstance(module, RMSNorm):
+        qk_norms = isinstance(module, Attention) and module.q_norm is not None
+        if isinstance(module, RMSNorm) or qk_norms:
             module.freeze()
 
 

@@ -104,19 +104,34 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.q_size, cfg.hidden_size)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.use_qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.use_qk_norm else None
+        self.qk_scale: torch.Tensor | None = None  # the norms' 1 + w per q and k head (freeze)
+
+    def freeze(self) -> None:
+        """The q and k norms' scales stacked per head, once their weights are final: one norm
+        over the q and k heads together instead of two (a decode step runs 36 of them)."""
+        self.qk_scale = self._qk_scale()
+
+    def _qk_scale(self) -> torch.Tensor:
+        assert self.q_norm is not None and self.k_norm is not None
+        q, k = (1.0 + n.weight.detach().float() for n in (self.q_norm, self.k_norm))
+        return torch.cat([q.expand(self.num_heads, -1), k.expand(self.num_kv_heads, -1)])
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn: AttentionBackend
     ) -> torch.Tensor:
-        t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        t, heads = x.shape[0], self.num_heads + self.num_kv_heads
+        qkv = self.qkv_proj(x)
+        # q and k heads as one [t, Hq + Hkv, D] view: normed and rotated together.
+        qk = qkv[:, : self.q_size + self.kv_size].view(t, heads, self.head_dim)
+        v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            # As RMSNorm computes it (x * rsqrt(mean(x^2) + eps), then x (1 + w)), with each
+            # head's own norm weight.
+            scale = self.qk_scale if self.qk_scale is not None else self._qk_scale()
+            qk = F.rms_norm(qk.to(torch.float32), (self.head_dim,), None, self.q_norm.eps)
+            qk = qk.mul_(scale).to(x.dtype)
         cos, sin = rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
         out = attn(self.layer, q, k, v)
         return self.o_proj(out.reshape(t, self.q_size))
 

@@ -126,8 +126,9 @@ def test_greedy_continuation_matches_transformers_generate(tmp_path: Path) -> No
 def test_gemma3_logits_match_transformers(tmp_path: Path, packed: bool) -> None:
     path = make_gemma3(tmp_path, seed=7, qk_scale=3.0, embed_scale=10.0)
     model, cfg = load(path)
-    if packed:
+    if packed:  # deployment also stacks each layer's q/k norm scales (Attention.freeze)
         _pack(model)
+    assert all((lay.self_attn.qk_scale is not None) == packed for lay in model.model.layers)
     assert cfg.use_qk_norm and cfg.attn_logit_softcapping is None
     assert cfg.full_layers == (5,) and cfg.rope_theta != cfg.rope_local_theta
     ref = hf_model(path)

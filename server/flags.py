@@ -83,8 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--kv-cache-dtype",
         choices=KV_CACHE_DTYPES,
-        help="KV-cache dtype (auto: the model's); bfloat16 halves a float32 model's cache "
-        "(default: bfloat16 under --quantization int8, else auto)",
+        help="KV-cache dtype (default: auto, the model's); bfloat16 halves a float32 model's cache",
     )
     add("--gpu-memory-utilization", type=float, metavar="F", help="GPU memory share (0, 1]")
     add("--max-queued-requests", type=int, help="waiting requests before answering 429")

@@ -99,12 +99,12 @@ def test_bfloat16_kv_cache_holds_twice_the_tokens_at_float32_fidelity(tmp_path: 
         assert 0 < max(diffs) < 2e-3  # rounded (not the float32 cache), and close
 
 
-def test_kv_cache_dtype_defaults(tmp_path: Path) -> None:
-    """Unset: bfloat16 under int8 weights, the model's dtype otherwise; auto: the model's."""
+def test_kv_cache_dtype_defaults_to_the_models(tmp_path: Path) -> None:
     ckpt = tiny_checkpoint(tmp_path / "m")
     assert tiny_engine(ckpt).layout.dtype == "float32"
-    assert tiny_engine(ckpt, quantization="int8").layout.dtype == "bfloat16"
-    assert tiny_engine(ckpt, quantization="int8", kv_cache_dtype="auto").layout.dtype == "float32"
+    assert tiny_engine(ckpt, quantization="int8").layout.dtype == "float32"
+    engine = tiny_engine(ckpt, quantization="int8", kv_cache_dtype="bfloat16")
+    assert engine.layout.dtype == "bfloat16"
 
 
 def test_bfloat16_kv_cache_numerics_do_not_depend_on_chunking(tmp_path: Path) -> None:

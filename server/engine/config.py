@@ -28,8 +28,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024
     block_size: int = 16
     kv_cache_memory: int | None = None  # bytes; None: a default share of memory
-    # The KV cache's dtype; None: bfloat16 under int8 weights, else auto (kv_cache.py)
-    kv_cache_dtype: str | None = None
+    kv_cache_dtype: str = "auto"  # the KV cache's dtype; auto: the model's (kv_cache.py)
     gpu_memory_utilization: float = 0.9
     max_queued_requests: int = 1024
     seed: int = 0
@@ -59,7 +58,7 @@ class EngineConfig:
             ("dtype", self.dtype in DTYPES, f"must be one of {DTYPES}"),
             (
                 "kv_cache_dtype",
-                self.kv_cache_dtype is None or self.kv_cache_dtype in KV_CACHE_DTYPES,
+                self.kv_cache_dtype in KV_CACHE_DTYPES,
                 f"must be one of {KV_CACHE_DTYPES}",
             ),
             ("load_format", self.load_format in LOAD_FORMATS, f"must be one of {LOAD_FORMATS}"),

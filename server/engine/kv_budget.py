@@ -23,8 +23,7 @@ CPU_KV_RESERVE = 256 << 20
 def default_budget(config: EngineConfig, loaded: model_source.LoadedModel, use_graphs: bool) -> int:
     """The KV budget in bytes when --kv-cache-memory is not given (this rank's KV heads)."""
     mcfg = loaded.model.config
-    dtype = kv_cache_dtype(config.kv_cache_dtype, loaded.dtype, loaded.deployment.quantization)
-    per_token = kv_bytes_per_token(mcfg, dtype)
+    per_token = kv_bytes_per_token(mcfg, kv_cache_dtype(config.kv_cache_dtype, loaded.dtype))
     context = config.max_model_len or mcfg.max_position_embeddings
     worst = config.max_num_seqs * context * per_token
     if loaded.device.type != "cuda":

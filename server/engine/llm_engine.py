@@ -98,7 +98,7 @@ class LLMEngine:
             budget,
             config.block_size,
             config.max_num_seqs,
-            kv_cache_dtype(config.kv_cache_dtype, loaded.dtype, loaded.deployment.quantization),
+            kv_cache_dtype(config.kv_cache_dtype, loaded.dtype),
             self.max_model_len,
             lookahead,
         )

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from gemma_serve.server.engine.request import Request
-from gemma_serve.server.engine.sampler import Sampler, _row_edit
+from gemma_serve.server.engine.sampler import Sampler, _row_edit, row_argmax
 from gemma_serve.server.engine.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")
@@ -206,3 +206,22 @@ def test_tiny_temperature_is_greedy_not_nan() -> None:
     assert out.token_ids == [1]
     with pytest.raises(ValueError, match="repetition_penalty"):
         SamplingParams(repetition_penalty=1e-300)
+
+
+@pytest.mark.parametrize("vocab", [262144, 8192, 6000, 100])
+def test_row_argmax_is_argmax(vocab: int) -> None:
+    """The two-pass argmax gives argmax's indices: the first of tied maxima (inside a block
+    and across blocks), a NaN as the maximum, all -inf rows; other widths fall back."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(7, vocab, generator=g)
+    x[1, [3, vocab // 2, vocab - 1]] = 50.0  # tied across blocks: the first wins
+    x[2, [vocab - 5, vocab - 3]] = 50.0  # tied inside the last block
+    x[3, vocab // 3] = float("nan")
+    x[3, 0] = 1e9
+    x[4] = float("-inf")
+    x[5, -1] = 99.0
+    x[6] = 0.0  # all tied
+    want = x.argmax(dim=-1)
+    assert torch.equal(row_argmax(x), want)
+    assert want.tolist()[1:6] == [3, vocab - 5, vocab // 3, 0, vocab - 1]
+    assert torch.equal(row_argmax(x[2:3]), want[2:3])

@@ -75,10 +75,7 @@ class Sampler:
             for i, (ids, values) in edits:
                 logits[i, ids] = values
             greedy = [r.params.greedy for r in requests]
-            if all(greedy):
-                tokens = logits.argmax(dim=-1)
-            else:
-                tokens = self._sample(logits, requests, greedy)
+            tokens = row_argmax(logits) if all(greedy) else self._sample(logits, requests, greedy)
         finally:
             for i, ids, values in originals:
                 logits[i, ids] = values
@@ -103,9 +100,9 @@ class Sampler:
         noise = self._noise(probs, requests, greedy)
         # A draw of exactly 0 would make a filtered token's 0 / 0 a NaN, which argmax picks.
         noise.clamp_(min=torch.finfo(noise.dtype).tiny)
-        tokens = (probs / noise).argmax(dim=-1)
+        tokens = row_argmax(probs / noise)
         greedy_mask = torch.tensor(greedy, device=logits.device)
-        return torch.where(greedy_mask, logits.argmax(dim=-1), tokens)
+        return torch.where(greedy_mask, row_argmax(logits), tokens)
 
     def _noise(
         self, probs: torch.Tensor, requests: tuple[Request, ...], greedy: list[bool]
@@ -246,3 +243,23 @@ def token_logprobs(
         TokenLogprob(t[0], f[0], tuple(zip(t[1 : n + 1], f[1 : n + 1], strict=True)))
         for f, t, n in zip(floats, longs, tops, strict=True)
     ]
+
+
+# Columns per block of row_argmax's first pass.
+ARGMAX_BLOCK = 128
+
+
+def row_argmax(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(dim=-1) of a 2-D x, the same indices (the first maximum; a NaN counts as the
+    maximum, as in argmax): on CPUs in two passes, since argmax does not vectorise there and
+    amax does (32 rows of 262,144 logits: 2.6 -> 0.54 ms; one row 0.26 -> 0.04 ms). The block
+    holding a row's first maximum is the first block whose amax is that maximum, and the
+    maximum's first position in it is the row's.
+    """
+    n, v = x.shape
+    if x.device.type != "cpu" or v % ARGMAX_BLOCK or v < 32 * ARGMAX_BLOCK:
+        return x.argmax(dim=-1)
+    blocks = x.unflatten(1, (v // ARGMAX_BLOCK, ARGMAX_BLOCK))
+    best = blocks.amax(2).argmax(1)
+    inner = blocks[torch.arange(n, device=x.device), best].argmax(1)
+    return best * ARGMAX_BLOCK + inner

@@ -87,11 +87,11 @@ class ActivationQuantizer:
         # Floored after the division: 1 / scale stays finite (an all-zero row codes as zeros).
         scale.div_(self.qmax).clamp_(min=torch.finfo(torch.float32).tiny)
         buf = torch.empty((passes * t, x.shape[1]), dtype=torch.float32, device=x.device)
-        y = buf[t:] if passes == 2 else buf
+        hi, y = buf[:t], buf[t:] if passes == 2 else buf
         torch.mul(x, scale.reciprocal(), out=y)
         if passes == 2:
-            torch.round(y, out=buf[:t])
-            y.sub_(buf[:t]).mul_(self.grid)
+            torch.round(y, out=hi)
+            y.sub_(hi).mul_(self.grid)
         y.round_()
         # The zero point added in 8 bits: int8 -> uint8 bits, + zero (mod 256) is q + zero for
         # q in [-qmax, qmax]; an fp32 add would be another pass over 4-byte values.
@@ -152,18 +152,15 @@ class Int8Linear(torch.nn.Module):
         )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        if x.dim() != 2:
-            x = x.reshape(-1, self.in_features)
-        if x.dtype != torch.float32:
-            x = x.float()
+        if x.dim() != 2 or x.dtype != torch.float32:  # the model passes [T, in] fp32 rows
+            y = self(x.reshape(-1, self.in_features).float())
+            return y.reshape(*x.shape[:-1], self.out_features)
         t = x.shape[0]
         q, s_x = self.quantizer(x, self.passes)
         y = self.gemm(q)
         if self.passes == 2:
             y = y[:t].add_(y[t:], alpha=1.0 / self.quantizer.grid)
-        y = y.mul_(s_x)
-        return y if len(lead) == 1 else y.reshape(*lead, self.out_features)
+        return y.mul_(s_x)
 
 
 class Int8Embedding(torch.nn.Module):

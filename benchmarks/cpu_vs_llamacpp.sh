@@ -71,14 +71,17 @@ serve_and_bench() {  # name concurrency port ready-path command...: fresh server
 SYSTEMS=(llama-cpp-python gemma-serve)
 [ -n "${LLAMA_SERVER:-}" ] && SYSTEMS=(llama-cpp-python llama-server gemma-serve)
 [ -n "${ONLY_GEMMA:-}" ] && SYSTEMS=(gemma-serve)  # gemma-serve alone (e.g. before / after)
+runs() { [[ " ${SYSTEMS[*]} " == *" $1 "* ]]; }  # is system $1 in this run
 for c in "${CONCURRENCIES[@]}"; do
-    if [ -n "${LLAMA_SERVER:-}" ] && [ -z "${ONLY_GEMMA:-}" ]; then  # one slot per request, 512 tokens of context each
+    if runs llama-server; then  # one slot per request, 512 tokens of context each
         serve_and_bench llama-server "$c" 8103 /v1/models "$LLAMA_SERVER" -m "$GGUF" \
             --host 127.0.0.1 --port 8103 -t "$(nproc)" -np "$c" -c $((512 * c)) -fa on
     fi
-    [ -z "${ONLY_GEMMA:-}" ] && serve_and_bench llama-cpp-python "$c" 8101 /v1/models "$LLAMA_PY" -m llama_cpp.server \
-        --model "$GGUF" --host 127.0.0.1 --port 8101 --n_ctx 4096 --n_threads "$(nproc)" \
-        --interrupt_requests False
+    if runs llama-cpp-python; then
+        serve_and_bench llama-cpp-python "$c" 8101 /v1/models "$LLAMA_PY" -m llama_cpp.server \
+            --model "$GGUF" --host 127.0.0.1 --port 8101 --n_ctx 4096 --n_threads "$(nproc)" \
+            --interrupt_requests False
+    fi
     # shellcheck disable=SC2086
     serve_and_bench gemma-serve "$c" 8102 /health .venv/bin/gemma-serve --port 8102 ${GEMMA_ARGS:-}
 done

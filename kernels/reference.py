@@ -138,7 +138,7 @@ def prefill_attention(
         keys_k, keys_v = k[start:end], v[start:end]
         mask = None  # plainly causal: a fresh chunk that no window cuts
         if ctx > 0 or (window is not None and n > window):
-            key_pos = torch.arange(ctx, ctx + n, device=q.device)
+            q_pos = key_pos = torch.arange(ctx, ctx + n, device=q.device)
             if ctx > first:
                 assert k_cache is not None and v_cache is not None and block_tables is not None
                 cpos = torch.arange(first, ctx, device=q.device)
@@ -146,7 +146,7 @@ def prefill_attention(
                 keys_k = torch.cat([k_cache.index_select(0, slots).to(k.dtype), keys_k])
                 keys_v = torch.cat([v_cache.index_select(0, slots).to(v.dtype), keys_v])
                 key_pos = torch.cat([cpos, key_pos])
-            diff = torch.arange(ctx, ctx + n, device=q.device)[:, None] - key_pos[None, :]
+            diff = q_pos[:, None] - key_pos[None, :]
             mask = diff >= 0
             if window is not None:
                 mask &= diff < window

@@ -56,9 +56,13 @@ class RMSNorm(nn.Module):
         every later call two ops (a decode step runs ~100 norms)."""
         self.scale = 1.0 + self.weight.detach().float()
 
+    def factor(self) -> torch.Tensor:
+        """1 + w in fp32, what the normalised x is multiplied by."""
+        return self.scale if self.scale is not None else 1.0 + self.weight.float()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # F.rms_norm computes x * rsqrt(mean(x^2) + eps) * w as the reference does, in one op.
-        scale = self.scale if self.scale is not None else 1.0 + self.weight.float()
+        scale = self.factor()
         if x.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), scale, self.eps)
         return F.rms_norm(x.float(), (x.shape[-1],), scale, self.eps).to(x.dtype)
@@ -109,11 +113,12 @@ class Attention(nn.Module):
     def freeze(self) -> None:
         """The q and k norms' scales stacked per head, once their weights are final: one norm
         over the q and k heads together instead of two (a decode step runs 36 of them)."""
-        self.qk_scale = self._qk_scale()
+        self.qk_scale = self._qk_scale().detach()
 
     def _qk_scale(self) -> torch.Tensor:
+        """Each q and k head's norm factor, [Hq + Hkv, D]."""
         assert self.q_norm is not None and self.k_norm is not None
-        q, k = (1.0 + n.weight.detach().float() for n in (self.q_norm, self.k_norm))
+        q, k = self.q_norm.factor(), self.k_norm.factor()
         return torch.cat([q.expand(self.num_heads, -1), k.expand(self.num_kv_heads, -1)])
 
     def forward(

@@ -11,7 +11,7 @@ from gemma_serve.server.engine.spec_config import NGRAM, SpeculativeConfig
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16")
-KV_CACHE_DTYPES = ("auto", "float32", "bfloat16")  # auto: the model's dtype
+KV_CACHE_DTYPES = DTYPES  # auto: the model's dtype
 DEFAULT_LONG_PREFILL_SHARE = 2  # default long-prefill threshold: max_num_batched_tokens / this
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from gemma_serve.server.engine import host_memory, model_source
 from gemma_serve.server.engine.config import EngineConfig
-from gemma_serve.server.engine.kv_cache import kv_bytes_per_token, kv_cache_dtype
+from gemma_serve.server.engine.kv_cache import kv_bytes_per_token
 
 CPU_KV_TOKENS = 16384
 CPU_KV_BUDGET = 2 << 30
@@ -20,10 +20,13 @@ CPU_KV_BUDGET = 2 << 30
 CPU_KV_RESERVE = 256 << 20
 
 
-def default_budget(config: EngineConfig, loaded: model_source.LoadedModel, use_graphs: bool) -> int:
-    """The KV budget in bytes when --kv-cache-memory is not given (this rank's KV heads)."""
+def default_budget(
+    config: EngineConfig, loaded: model_source.LoadedModel, kv_dtype: torch.dtype, use_graphs: bool
+) -> int:
+    """The KV budget in bytes when --kv-cache-memory is not given (this rank's KV heads, in
+    the cache's dtype)."""
     mcfg = loaded.model.config
-    per_token = kv_bytes_per_token(mcfg, kv_cache_dtype(config.kv_cache_dtype, loaded.dtype))
+    per_token = kv_bytes_per_token(mcfg, kv_dtype)
     context = config.max_model_len or mcfg.max_position_embeddings
     worst = config.max_num_seqs * context * per_token
     if loaded.device.type != "cuda":

@@ -88,7 +88,10 @@ class LLMEngine:
         )
         # The KV cache holds this rank's KV heads: a shard's config has only those.
         shard_cfg = loaded.model.config
-        budget = config.kv_cache_memory or kv_budget.default_budget(config, loaded, self.use_graphs)
+        kv_dtype = kv_cache_dtype(config.kv_cache_dtype, loaded.dtype)
+        budget = config.kv_cache_memory or kv_budget.default_budget(
+            config, loaded, kv_dtype, self.use_graphs
+        )
         self.speculator, budget = build_speculator(
             config, loaded, self.ops, budget, self.max_model_len
         )
@@ -98,7 +101,7 @@ class LLMEngine:
             budget,
             config.block_size,
             config.max_num_seqs,
-            kv_cache_dtype(config.kv_cache_dtype, loaded.dtype),
+            kv_dtype,
             self.max_model_len,
             lookahead,
         )

@@ -15,6 +15,13 @@ Attention semantics (Gemma 2, as in the reference implementation):
     s = (q . k) * scale;  s = softcap * tanh(s / softcap) when softcap is set;
     a query at position i sees keys at positions j with 0 <= i - j < window (window None: j <= i);
     softmax in fp32; the result is cast back to q's dtype.
+
+Precision: fp32 throughout, except over a bfloat16 cache without a soft-cap, where q, k and v
+are rounded to bfloat16 and torch's fused SDPA runs in it (fp32 softmax and accumulation
+inside, probabilities and the output rounded to bfloat16): widening every gathered key and
+value to fp32 first is a second pass over them, and on CPUs the gathers are what a large
+decode batch spends its attention time on (RESULTS.md). The Triton kernels compute such a
+cache in fp32; they match this within bfloat16's rounding.
 """
 
 from __future__ import annotations
@@ -54,6 +61,13 @@ def slots_for_positions(
     return block_ids.long() * block_size + positions % block_size
 
 
+def compute_dtype(cache_dtype: torch.dtype, softcap: float | None) -> torch.dtype:
+    """The dtype attention runs in over a cache of cache_dtype (module docstring)."""
+    if cache_dtype == torch.bfloat16 and (softcap is None or softcap <= 0):
+        return torch.bfloat16
+    return torch.float32
+
+
 def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """cache rows at slots (any shape); index_select is several times faster than indexing."""
     return cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[1:])
@@ -77,20 +91,20 @@ def _attend(
 
     Query heads are grouped (GQA): head h uses KV head h // (Hq // Hkv). K/V are not copied.
     One query per sequence without a soft-cap (decoding Gemma 3) goes to torch's
-    scaled_dot_product_attention: one fused op on CPUs, half the time of the explicit form
-    for one sequence. The explicit form below is the same computation spelled out, and what
-    a soft-cap needs (uncapped prefill chunks go to SDPA in prefill_attention).
+    scaled_dot_product_attention in q's dtype (compute_dtype): one fused op on CPUs, half the
+    time of the explicit form for one sequence. The explicit form below is the same
+    computation spelled out in fp32, and what a soft-cap needs (uncapped prefill chunks go to
+    SDPA in prefill_attention).
     """
     *batch, hq, n, d = q.shape
     hkv, m = k.shape[-3], k.shape[-2]
     group = hq // hkv
-    qg = q.float().reshape(*batch, hkv, group * n, d)
+    qg = q.reshape(*batch, hkv, group * n, d)
     if n == 1 and (softcap is None or softcap <= 0):
         # Rows of qg are the group's query heads, all with the one query's mask row.
-        out = F.scaled_dot_product_attention(
-            qg, k.float(), v.float(), attn_mask=mask.unsqueeze(-3), scale=scale
-        )
+        out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask.unsqueeze(-3), scale=scale)
         return out.reshape(*batch, hq, n, d)
+    qg = qg.float()
     scores = torch.matmul(qg, k.float().transpose(-1, -2)) * scale
     scores = _softcap(scores, softcap).reshape(*batch, hkv, group, n, m)
     scores = scores.masked_fill(~mask.unsqueeze(-3).unsqueeze(-4), NEG_INF)
@@ -127,6 +141,7 @@ def prefill_attention(
     this reference reads the lengths on the host anyway and ignores it.
     """
     del max_seqlen
+    dtype = compute_dtype(k.dtype if k_cache is None else k_cache.dtype, softcap)
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
     ctx_list = context_lens.tolist() if context_lens is not None else [0] * (len(bounds) - 1)
@@ -135,7 +150,7 @@ def prefill_attention(
         if n == 0:
             continue
         first = 0 if window is None else max(0, ctx - window + 1)
-        keys_k, keys_v = k[start:end], v[start:end]
+        keys_k, keys_v = k[start:end].to(dtype), v[start:end].to(dtype)
         mask = None  # plainly causal: a fresh chunk that no window cuts
         if ctx > 0 or (window is not None and n > window):
             q_pos = key_pos = torch.arange(ctx, ctx + n, device=q.device)
@@ -143,14 +158,14 @@ def prefill_attention(
                 assert k_cache is not None and v_cache is not None and block_tables is not None
                 cpos = torch.arange(first, ctx, device=q.device)
                 slots = slots_for_positions(cpos, block_tables[s], block_size, ring_blocks)
-                keys_k = torch.cat([k_cache.index_select(0, slots).to(k.dtype), keys_k])
-                keys_v = torch.cat([v_cache.index_select(0, slots).to(v.dtype), keys_v])
+                keys_k = torch.cat([k_cache.index_select(0, slots).to(dtype), keys_k])
+                keys_v = torch.cat([v_cache.index_select(0, slots).to(dtype), keys_v])
                 key_pos = torch.cat([cpos, key_pos])
             diff = q_pos[:, None] - key_pos[None, :]
             mask = diff >= 0
             if window is not None:
                 mask &= diff < window
-        qs, ks, vs = (t.transpose(0, 1).float() for t in (q[start:end], keys_k, keys_v))
+        qs, ks, vs = (t.transpose(0, 1).to(dtype) for t in (q[start:end], keys_k, keys_v))
         if softcap and softcap > 0:
             o = _attend_capped(qs, ks, vs, mask, scale, softcap)
         else:
@@ -292,7 +307,9 @@ def _decode_group(
     scale: float,
 ) -> torch.Tensor:
     """decode_attention for one group of the plan."""
-    keys_k = _gather(k_cache, group.slots).to(q.dtype).transpose(1, 2)  # [S, Hkv, M, D]
-    keys_v = _gather(v_cache, group.slots).to(q.dtype).transpose(1, 2)
-    o = _attend(q.unsqueeze(2), keys_k, keys_v, group.valid[:, None, :], scale, softcap)
+    dtype = compute_dtype(k_cache.dtype, softcap)
+    keys_k = _gather(k_cache, group.slots).to(dtype).transpose(1, 2)  # [S, Hkv, M, D]
+    keys_v = _gather(v_cache, group.slots).to(dtype).transpose(1, 2)
+    qd = q.unsqueeze(2).to(dtype)
+    o = _attend(qd, keys_k, keys_v, group.valid[:, None, :], scale, softcap)
     return o.squeeze(2).to(q.dtype)

@@ -182,19 +182,42 @@ def test_prefill_half_with_context(dtype):
 
 @pytest.mark.parametrize("softcap", [CAP, None])
 def test_float32_queries_over_a_bfloat16_cache(softcap):
-    """--kv-cache-dtype bfloat16 under a float32 model: the kernels read the cache in the
-    queries' dtype, as the reference does (prefill with context, then decode)."""
+    """--kv-cache-dtype bfloat16 under a float32 model (prefill with context, then decode):
+    the kernels read the cache's values and compute in fp32, exactly as the reference does
+    over the same values in a float32 cache; the reference over the bfloat16 cache computes
+    soft-capped attention in fp32 too, and uncapped attention in bfloat16 (compute_dtype),
+    off from fp32 by the queries' rounding and within a bound of the rest."""
     ctx, lens, hkv, d, bs = [5, 23], [7, 12], 2, 16, 4
     k_cache, v_cache, tables = _cache(ctx, hkv, d, bs, 0, torch.bfloat16)
-    q, k, v = _qkv(sum(lens), 4, hkv, d, torch.float32)
+    wide = (k_cache.float(), v_cache.float())
+    q, k, v = _qkv(sum(lens), 4, hkv, d, torch.float32, spread=2.0)
+    k, v = k.bfloat16().float(), v.bfloat16().float()  # fresh K/V as CacheAttention rounds them
     kw = dict(block_size=bs, ring_blocks=0, window=10, softcap=softcap, scale=SCALE)
-    args = (q, k, v, _cu(lens), torch.tensor(ctx, dtype=torch.int32), k_cache, v_cache, tables)
-    _close(triton_ops.prefill_attention(*args, **kw), reference.prefill_attention(*args, **kw))
-    qd = torch.randn(len(ctx), 4, d) * 6.0
-    dargs = (qd, k_cache, v_cache, tables, torch.tensor(ctx, dtype=torch.int32))
-    out = triton_ops.decode_attention(*dargs, **kw)
+    head = (q, k, v, _cu(lens), torch.tensor(ctx, dtype=torch.int32))
+    exact = reference.prefill_attention(*head, *wide, tables, **kw)
+    _close(triton_ops.prefill_attention(*head, k_cache, v_cache, tables, **kw), exact)
+    ref = reference.prefill_attention(*head, k_cache, v_cache, tables, **kw)
+    qd = torch.randn(len(ctx), 4, d) * 2.0
+    dhead = (torch.tensor(ctx, dtype=torch.int32),)
+    dexact = reference.decode_attention(qd, *wide, tables, *dhead, **kw)
+    out = triton_ops.decode_attention(qd, k_cache, v_cache, tables, *dhead, **kw)
     assert out.dtype == torch.float32
-    _close(out, reference.decode_attention(*dargs, **kw))
+    _close(out, dexact)
+    dref = reference.decode_attention(qd, k_cache, v_cache, tables, *dhead, **kw)
+    assert ref.dtype == dref.dtype == torch.float32
+    if softcap:
+        _close(ref, exact)
+        _close(dref, dexact)
+        return
+    # Against fp32 arithmetic over the queries rounded to bfloat16 too, what is left is the
+    # rounding of the probabilities and of the output (2^-9 relative each): <= 2^-8 max|v|.
+    vmax = max(v_cache.float().nan_to_num().abs().amax().item(), v.abs().amax().item())
+    bound = 2**-8 * vmax + 1e-5
+    rounded = reference.prefill_attention(q.bfloat16().float(), *head[1:], *wide, tables, **kw)
+    drounded = reference.decode_attention(qd.bfloat16().float(), *wide, tables, *dhead, **kw)
+    for got, want, close in ((ref, exact, rounded), (dref, dexact, drounded)):
+        assert (got - want).abs().max() > 1e-3  # the queries' rounding shows
+        assert (got - close).abs().max().item() <= bound
 
 
 @pytest.mark.parametrize("group", [1, 2, 4])

@@ -99,12 +99,15 @@ def test_bfloat16_kv_cache_holds_twice_the_tokens_at_float32_fidelity(tmp_path: 
         assert 0 < max(diffs) < 2e-3  # rounded (not the float32 cache), and close
 
 
-def test_kv_cache_dtype_defaults_to_the_models(tmp_path: Path) -> None:
+def test_kv_cache_dtype_defaults_to_bfloat16_under_int8_else_the_models(tmp_path: Path) -> None:
     ckpt = tiny_checkpoint(tmp_path / "m")
     assert tiny_engine(ckpt).layout.dtype == "float32"
-    assert tiny_engine(ckpt, quantization="int8").layout.dtype == "float32"
-    engine = tiny_engine(ckpt, quantization="int8", kv_cache_dtype="bfloat16")
-    assert engine.layout.dtype == "bfloat16"
+    assert tiny_engine(ckpt, quantization="none").layout.dtype == "float32"
+    int8 = tiny_engine(ckpt, quantization="int8")
+    assert int8.layout.dtype == "bfloat16"
+    assert {k.dtype for pair in int8.runner.cache.layers for k in pair} == {torch.bfloat16}
+    engine = tiny_engine(ckpt, quantization="int8", kv_cache_dtype="float32")
+    assert engine.layout.dtype == "float32"
 
 
 def test_bfloat16_kv_cache_numerics_do_not_depend_on_chunking(tmp_path: Path) -> None:

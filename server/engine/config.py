@@ -11,7 +11,7 @@ from gemma_serve.server.engine.spec_config import NGRAM, SpeculativeConfig
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16")
-KV_CACHE_DTYPES = DTYPES  # auto: the model's dtype
+KV_CACHE_DTYPES = DTYPES  # auto: bfloat16 under int8 weights, else the model's dtype
 DEFAULT_LONG_PREFILL_SHARE = 2  # default long-prefill threshold: max_num_batched_tokens / this
 
 
@@ -28,7 +28,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024
     block_size: int = 16
     kv_cache_memory: int | None = None  # bytes; None: a default share of memory
-    kv_cache_dtype: str = "auto"  # the KV cache's dtype; auto: the model's (kv_cache.py)
+    kv_cache_dtype: str = "auto"  # the KV cache's dtype; auto: see kv_cache.kv_cache_dtype
     gpu_memory_utilization: float = 0.9
     max_queued_requests: int = 1024
     seed: int = 0

@@ -218,7 +218,7 @@ def build_speculator(
     if spec.method == NGRAM:
         return NgramSpeculator(spec, max_model_len), budget
     draft = load_draft(config, spec, loaded)
-    dtype = kv_cache_dtype(config.kv_cache_dtype, draft.dtype)
+    dtype = kv_cache_dtype(config.kv_cache_dtype, draft.dtype, draft.deployment.quantization)
     target_bytes, draft_bytes = split_budget(budget, loaded.config, draft.config, dtype)
     speculator = DraftModelSpeculator(
         spec,

@@ -14,17 +14,20 @@ from gemma_serve.server.engine.block_table import cdiv
 from gemma_serve.server.engine.ring_table import ring_size
 
 
-def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
-    """The dtype --kv-cache-dtype names ("auto": the model's).
+def kv_cache_dtype(name: str, model_dtype: torch.dtype, quantization: str) -> torch.dtype:
+    """The dtype --kv-cache-dtype names. "auto": bfloat16 under int8 weights, else the model's.
 
-    Attention reads cached keys and values in the model's dtype (the kernels and the reference
-    cast them), so a bfloat16 cache under a float32 model halves the cache's bytes for one
-    rounding of each K/V entry: under int8 weights no measurable cost in perplexity (13.2408
-    against 13.2432 with a float32 cache, the same greedy continuations) and the same engine
-    step times, but served at 32 concurrent requests on a 2-core machine 10% fewer tokens/s
-    (RESULTS.md), so it is not the default.
+    A bfloat16 cache under a float32 model halves the cache's bytes for one rounding of each
+    K/V entry, and uncapped attention over it runs in bfloat16 (kernels/reference.py): on CPUs
+    the decode step's gathers read and write half the bytes and nothing widens them again.
+    Under int8 weights (the speed-first mode) that costs nothing measurable in perplexity
+    (13.2465 against 13.2432 with a float32 cache, none 13.2554) and makes a decode step
+    faster at 1, 8 and 32 sequences (RESULTS.md), so it is int8's default; the exact path
+    (--quantization none) keeps the model's dtype.
     """
-    return model_dtype if name == "auto" else getattr(torch, name)
+    if name != "auto":
+        return getattr(torch, name)
+    return torch.bfloat16 if quantization == "int8" else model_dtype
 
 
 def kv_bytes_per_layer_token(cfg: ModelConfig, dtype: torch.dtype) -> int:

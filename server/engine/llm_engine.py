@@ -88,7 +88,9 @@ class LLMEngine:
         )
         # The KV cache holds this rank's KV heads: a shard's config has only those.
         shard_cfg = loaded.model.config
-        kv_dtype = kv_cache_dtype(config.kv_cache_dtype, loaded.dtype)
+        kv_dtype = kv_cache_dtype(
+            config.kv_cache_dtype, loaded.dtype, loaded.deployment.quantization
+        )
         budget = config.kv_cache_memory or kv_budget.default_budget(
             config, loaded, kv_dtype, self.use_graphs
         )

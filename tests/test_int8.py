@@ -54,6 +54,31 @@ def test_int8_linear_within_its_bound_of_the_fp32_product(rows, k, out, vnni, pa
     assert rel < (0.03 if passes == 1 else 0.01), rel  # typical errors: far inside the bound
 
 
+@pytest.mark.skipif(not int8_gemm.has_vnni(), reason="the one-row path runs only with VNNI")
+@pytest.mark.parametrize("passes", [1, 2])
+@pytest.mark.parametrize(("k", "out"), [(64, 48), (640, 1536), (2048, 640)])
+def test_one_row_through_int_mm_is_the_batch_row_bit_for_bit(k: int, out: int, passes: int):
+    """A single row takes torch._int_mm over the plain weights, a batch oneDNN's packed GEMM:
+    the same integer sums scaled the same way, so each row's result is bit-identical, also
+    where every product is at the codes' extremes (no saturation anywhere)."""
+    layer = int8_gemm.Int8Linear(*int8_gemm.quantize_rows(_weights(out, k, seed=k)), passes)
+    assert layer.rows is not None
+    g = torch.Generator().manual_seed(out)
+    x = torch.randn(9, k, generator=g)
+    x[:, 1] *= 30
+    batch = layer(x)
+    for i in range(len(x)):
+        assert torch.equal(layer(x[i : i + 1]), batch[i : i + 1]), i
+    signs = torch.where(torch.randn(out, k, generator=g) > 0, 1.0, -1.0)
+    signs[0] = 1.0  # one output sums 127 * 127 * k
+    extreme = int8_gemm.Int8Linear(*int8_gemm.quantize_rows(signs), passes)
+    ones = torch.ones(2, k)  # every code 127 (the residual pass: 0)
+    one, both = extreme(ones[:1]), extreme(ones)
+    assert torch.equal(one, both[:1]) and torch.equal(both[0], both[1])
+    want = signs.double().sum(1)  # 127 x 127 x sum(signs) x (1 / 127) x (1 / 127)
+    assert torch.allclose(one[0].double(), want, rtol=1e-6, atol=0) and want[0] == k
+
+
 def test_two_passes_leave_the_weights_as_the_only_real_error() -> None:
     """Against the product with quantised weights and exact activations, the second pass cuts
     the activations' error by two orders of magnitude."""

@@ -75,8 +75,10 @@ def int8_state(model: GemmaForCausalLM) -> dict[str, torch.Tensor]:
 def install_int8(model: GemmaForCausalLM, state: dict[str, torch.Tensor]) -> None:
     """Swap the int8 modules of `state` in; the model's norms take its float tensors."""
     vnni = int8_gemm.has_vnni()  # read /proc/cpuinfo once, not per layer
+    # What the modules keep is copied out of the cache's file map (`int8_cache`): a view would
+    # keep the whole map, table included, in the process's RSS.
     for name, parent, attr in _linears(model):
-        q, scale = state[f"{name}.q"], state[f"{name}.scale"]
+        q, scale = state[f"{name}.q"].clone(), state[f"{name}.scale"]
         setattr(parent, attr, int8_gemm.Int8Linear(q, scale, vnni=vnni))
     # The table is read into memory (not left a view of the cache's file map): the head's
     # candidates and the embedding's lookups read its rows at random.

@@ -4,7 +4,8 @@ fp32 weights entirely (no fp32 copy is ever allocated, and start-up reads 4x few
 One safetensors file: per projection `<name>.q` (int8) and `<name>.scale` (an untied LM head's
 as `lm_head.q` / `.scale`), the embedding table's `model.embed_tokens.q` / `.scale`, and every float
 parameter the int8 model keeps (the norms). The int8 tensors are read through a memory map:
-they are only copied into oneDNN's packed layout, so the file's pages are not kept resident.
+what the model keeps of them is copied out (oneDNN's packed layout, the plain rows of
+`deploy.install_int8`), and the map is dropped, so the file's pages are not kept resident.
 """
 
 from __future__ import annotations

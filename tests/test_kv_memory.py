@@ -3,6 +3,7 @@ refused at start with a message naming the flag, not OOM-killed later."""
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 from pathlib import Path
@@ -65,6 +66,7 @@ def test_kv_budget_beyond_host_memory_is_refused(
 def test_kv_cache_is_resident_from_start(tmp_path: Path) -> None:
     ckpt = tiny_checkpoint(tmp_path / "m")
     budget = 192 << 20
+    gc.collect()  # earlier tests' engines freed now, not while this one is built
     before = rss_bytes()
     engine = tiny_engine(ckpt, kv_cache_memory=budget)
     kv = engine.layout.nbytes(engine.loaded.config)

@@ -156,6 +156,7 @@ def uvicorn_config(
         log_level=options.log_level,
         timeout_graceful_shutdown=round(options.grace_s),
         http=GuardedH11Protocol.factory(guard),
+        loop="uvloop",
         timeout_keep_alive=options.timeout_keep_alive,  # type: ignore[arg-type]
         h11_max_incomplete_event_size=options.max_header_bytes,
     )

@@ -29,7 +29,7 @@ class Deployment:
     """What `deploy` did, for logs and benchmark records."""
 
     quantization: str  # "none" or "int8"
-    linear: str  # the kernel the projections run: "torch", "onednn-fp32-packed", "onednn-w8a8"
+    linear: str  # the projections' kernels: "torch", "onednn-fp32-packed", int8_gemm.kernels()
     from_cache: bool = False  # int8 weights read from the conversion cache
 
 
@@ -72,8 +72,9 @@ def int8_state(model: GemmaForCausalLM) -> dict[str, torch.Tensor]:
     return state
 
 
-def install_int8(model: GemmaForCausalLM, state: dict[str, torch.Tensor]) -> None:
-    """Swap the int8 modules of `state` in; the model's norms take its float tensors."""
+def install_int8(model: GemmaForCausalLM, state: dict[str, torch.Tensor]) -> str:
+    """Swap the int8 modules of `state` in; the model's norms take its float tensors. Returns
+    the kernels the projections run (`Deployment.linear`)."""
     vnni = int8_gemm.has_vnni()  # read /proc/cpuinfo once, not per layer
     # What the modules keep is copied out of the cache's file map (`int8_cache`): a view would
     # keep the whole map, table included, in the process's RSS.
@@ -94,6 +95,7 @@ def install_int8(model: GemmaForCausalLM, state: dict[str, torch.Tensor]) -> Non
         for name, p in model.named_parameters():
             p.copy_(state[name])
     freeze_norms(model)
+    return int8_gemm.kernels(vnni)
 
 
 def freeze_norms(model: nn.Module) -> None:
@@ -111,8 +113,7 @@ def deploy(
     """Apply the swaps for `quantization` (and fp32 packing when `pack`) in place."""
     check(quantization, device, dtype)
     if quantization == "int8":  # installing reallocates the norms, then freezes them
-        install_int8(model, int8_state(model))
-        return Deployment("int8", "onednn-w8a8")
+        return Deployment("int8", install_int8(model, int8_state(model)))
     freeze_norms(model)
     if pack and cpu_gemm.should_pack(device, dtype):
         for _, parent, attr in _linears(model):

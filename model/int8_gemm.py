@@ -53,6 +53,12 @@ def has_vnni() -> bool:
     return any(f in flags.split() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
+def kernels(vnni: bool) -> str:
+    """What the int8 projections run, for logs and benchmark records: oneDNN's u8 x s8 GEMM
+    (8-bit activations with VNNI, 7-bit without) and, with VNNI, torch._int_mm for one row."""
+    return "onednn-w8a8 + int_mm one-row" if vnni else "onednn-w8a7"
+
+
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [rows, k] (float) -> (q int8 [rows, k], fp32 scale [rows]), symmetric per row."""
     w = w.detach().float()

@@ -13,6 +13,7 @@ import pytest
 import torch
 from gemma_serve.kernels import triton_ops
 from gemma_serve.kernels.dispatch import AttentionOps
+from gemma_serve.model import int8_gemm
 from gemma_serve.server.engine.sampling_params import SamplingParams
 
 from tests.engine_helpers import tiny_checkpoint, tiny_engine
@@ -72,7 +73,8 @@ def test_int8_engine_through_the_triton_kernels(checkpoint: Path) -> None:
     ref = tiny_engine(checkpoint, **kw)
     tri = tiny_engine(checkpoint, **kw)
     tri.runner.ops = TRITON_OPS
-    assert ref.loaded.deployment.linear == tri.loaded.deployment.linear == "onednn-w8a8"
+    linear = int8_gemm.kernels(int8_gemm.has_vnni())
+    assert ref.loaded.deployment.linear == tri.loaded.deployment.linear == linear
     for w, g in zip(ref.generate(prompts, params), tri.generate(prompts, params), strict=True):
         assert g.token_ids == w.token_ids
         got, want = ([lp.logprob for lp in r.logprobs] for r in (g, w))

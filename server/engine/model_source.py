@@ -119,8 +119,7 @@ def _load_int8(
     if state is not None:
         model = meta_model(mcfg)
         try:
-            install_int8(model, state)
-            return model, Deployment("int8", "onednn-w8a8", from_cache=True)
+            return model, Deployment("int8", install_int8(model, state), from_cache=True)
         except (KeyError, RuntimeError) as exc:
             log.warning("int8 cache %s does not fit the model (%s): rebuilding it", path, exc)
     model = load_safetensors(model_dir, mcfg, torch.float32, torch.device("cpu"))
@@ -130,8 +129,7 @@ def _load_int8(
             int8_cache.save(path, state)
         except OSError as exc:  # a read-only cache still serves, only slower to start
             log.warning("could not write the int8 cache %s: %s", path, exc)
-    install_int8(model, state)
-    return model, Deployment("int8", "onednn-w8a8")
+    return model, Deployment("int8", install_int8(model, state))
 
 
 def prepare(cfg: EngineConfig) -> None:

@@ -86,9 +86,9 @@ class ActivationQuantizer:
     def codes(self, x: torch.Tensor, passes: int) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, k] fp32 -> (int8 codes [passes * T, k] in [-qmax, qmax], scale [T, 1]): the
         first pass, then the residual on the finer grid (module docstring). Few ops and few
-        passes over memory,
-        written in place into one buffer: a decode step runs this for every projection, a
-        prefill chunk over [1024, 2048]-sized activations (it was 14% of a prefill step).
+        passes over memory, written in place into one buffer: a decode step runs this for
+        every projection, a prefill chunk over [1024, 2048]-sized activations (it was 14% of a
+        prefill step).
 
         No clamps: |x| / scale <= qmax, and |y - round(y)| <= 1/2 makes the residual's steps
         at most grid / 2 = qmax (both exact in fp32: y - round(y) is computed exactly).

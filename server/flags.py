@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--kv-cache-dtype",
         choices=KV_CACHE_DTYPES,
-        help="KV-cache dtype (default: auto, the model's); bfloat16 halves a float32 model's cache",
+        help="KV-cache dtype (default: auto: bfloat16 under --quantization int8, else the "
+        "model's); bfloat16 halves a float32 model's cache",
     )
     add("--gpu-memory-utilization", type=float, metavar="F", help="GPU memory share (0, 1]")
     add("--max-queued-requests", type=int, help="waiting requests before answering 429")

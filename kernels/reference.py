@@ -165,7 +165,8 @@ def prefill_attention(
             mask = diff >= 0
             if window is not None:
                 mask &= diff < window
-        qs, ks, vs = (t.transpose(0, 1).to(dtype) for t in (q[start:end], keys_k, keys_v))
+        qs = q[start:end].transpose(0, 1).to(dtype)  # the keys are in dtype already
+        ks, vs = keys_k.transpose(0, 1), keys_v.transpose(0, 1)
         if softcap and softcap > 0:
             o = _attend_capped(qs, ks, vs, mask, scale, softcap)
         else:

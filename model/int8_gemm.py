@@ -143,12 +143,13 @@ class Int8Linear(torch.nn.Module):
 
     Rows go through oneDNN's GEMM over its packed copy of the weights, except a single row (a
     decode step of one sequence), which goes through torch._int_mm over the plain int8 weights
-    (`rows`), once per pass: oneDNN's matrix-vector path without qlinear's per-call set-up
-    (qlinear ~36 / 25 / 106 / 55 us against 12 / 9 / 90 / 29 us on the default model's four
-    projections, one row). The integer sums are exact either way and are scaled by the same
-    fp32 operations, so a row's result is bit-identical alone or in a batch. Only with VNNI
-    (8-bit codes), where both GEMMs' u8 x s8 products cannot saturate; the plain weights cost
-    the default model 101 MB beside the packed copy.
+    (`rows`, kept as the [in, out] operand `_int_mm` takes), once per pass: oneDNN's
+    matrix-vector path without qlinear's per-call set-up (qlinear ~36 / 25 / 106 / 55 us
+    against 12 / 9 / 90 / 29 us on the default model's four projections, one row). The integer
+    sums are exact either way and are scaled by the same fp32 operations, so a row's result is
+    bit-identical alone or in a batch. Only with VNNI (8-bit codes), where both GEMMs' u8 x s8
+    products cannot saturate; the plain weights cost the default model 101 MB beside the
+    packed copy.
     """
 
     def __init__(
@@ -161,7 +162,8 @@ class Int8Linear(torch.nn.Module):
         self.packed = torch.ops.onednn.qlinear_prepack(q, None)
         self.scale = scale.float().contiguous()
         self.zero_points = torch.zeros(self.out_features, dtype=torch.int64)
-        self.rows = q if self.quantizer.qmax == 127 else None  # int8 [out, in], for one row
+        # The plain int8 weights as the one-row GEMM's [in, out] operand (a view of q).
+        self.rows = q.t() if self.quantizer.qmax == 127 else None
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, passes: int = 2) -> Int8Linear:
@@ -194,10 +196,9 @@ class Int8Linear(torch.nn.Module):
         scales), combined as forward combines them."""
         assert self.rows is not None
         codes, s_x = self.quantizer.codes(x, self.passes)
-        weights = self.rows.t()
-        y = torch._int_mm(codes[:1], weights).float().mul_(self.scale)
+        y = torch._int_mm(codes[:1], self.rows).float().mul_(self.scale)
         if self.passes == 2:
-            lo = torch._int_mm(codes[1:], weights).float().mul_(self.scale)
+            lo = torch._int_mm(codes[1:], self.rows).float().mul_(self.scale)
             y.add_(lo, alpha=1.0 / self.quantizer.grid)
         return y.mul_(s_x)
 

@@ -11,6 +11,8 @@ q/k/v and gate/up projections are fused (one matmul each); the loader splits HF 
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from gemma_serve.model.attention import AttentionBackend
@@ -124,6 +126,13 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn: AttentionBackend
     ) -> torch.Tensor:
+        return self.output(attn(self.layer, *self.project(x, rope)))
+
+    def project(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normed x [t, hidden] -> the attention's q [t, Hq, D], k and v [t, Hkv, D]: q and k
+        normed (Gemma 3) and rotated."""
         t, heads = x.shape[0], self.num_heads + self.num_kv_heads
         qkv = self.qkv_proj(x)
         # q and k heads as one [t, Hq + Hkv, D] view: normed and rotated together.
@@ -137,8 +146,11 @@ class Attention(nn.Module):
             qk = qk.mul_(scale).to(x.dtype)
         cos, sin = rope
         q, k = apply_rope(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
-        out = attn(self.layer, q, k, v)
-        return self.o_proj(out.reshape(t, self.q_size))
+        return q, k, v
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        """The attention's output [t, Hq, D] (or [t, Hq * D]) -> o_proj's [t, hidden]."""
+        return self.o_proj(out.reshape(out.shape[0], self.q_size))
 
 
 class MLP(nn.Module):
@@ -167,8 +179,22 @@ class DecoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn: AttentionBackend
     ) -> torch.Tensor:
-        h = self.self_attn(self.input_layernorm(x), rope, attn)
-        x = x + self.post_attention_layernorm(h)
+        q, k, v = self.attention_inputs(x, rope)
+        return self.after_attention(x, attn(self.self_attn.layer, q, k, v))
+
+    # The layer in two halves around the attention backend (which reads and writes the KV
+    # cache): pure functions of the layer's weights and their inputs, which is what
+    # model/compiled_layers.py compiles.
+
+    def attention_inputs(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The residual stream x [t, hidden] -> the attention's q, k, v."""
+        return self.self_attn.project(self.input_layernorm(x), rope)
+
+    def after_attention(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The residual stream x and the attention's output -> the layer's output."""
+        x = x + self.post_attention_layernorm(self.self_attn.output(out))
         h = self.mlp(self.pre_feedforward_layernorm(x))
         return x + self.post_feedforward_layernorm(h)
 
@@ -184,6 +210,18 @@ class GemmaModel(nn.Module):
         self.rope_local = RotaryEmbedding(cfg.head_dim, cfg.rope_local_theta)
 
 
+class LayerStep(Protocol):
+    """What runs a decoder layer in place of its forward (same arguments, same result)."""
+
+    def __call__(
+        self,
+        layer: DecoderLayer,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        attn: AttentionBackend,
+    ) -> torch.Tensor: ...
+
+
 class GemmaForCausalLM(nn.Module):
     """Parameter names follow Hugging Face's (model.layers.N...), with fused qkv/gate_up."""
 
@@ -197,6 +235,9 @@ class GemmaForCausalLM(nn.Module):
         self.lm_head: nn.Module | None = (
             None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
         )
+        # Compiled decoder layers for one-row forwards (a decode step of one sequence), set
+        # by the engine once compiled (model/compiled_layers.py); None: every forward eager.
+        self.compiled_layers: LayerStep | None = None
 
     def forward(
         self,
@@ -225,8 +266,10 @@ class GemmaForCausalLM(nn.Module):
         x = x * torch.tensor(cfg.hidden_size**0.5, dtype=x.dtype)
         rope_g = m.rope_global.cos_sin(positions, x.dtype)
         rope_l = m.rope_local.cos_sin(positions, x.dtype)
+        step = self.compiled_layers if x.shape[0] == 1 else None
         for i, layer in enumerate(m.layers):
-            x = layer(x, rope_l if cfg.is_sliding(i) else rope_g, attn)
+            rope = rope_l if cfg.is_sliding(i) else rope_g
+            x = layer(x, rope, attn) if step is None else step(layer, x, rope, attn)
         if rows is not None:
             x = x[rows]
         return m.norm(x)

@@ -111,6 +111,20 @@ class ActivationQuantizer:
         y.round_()
         return buf.to(torch.int8), scale
 
+    def row_codes(self, x: torch.Tensor, passes: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """x [1, k] fp32 -> (one int8 code row [1, k] per pass, scale [1, 1]): the rows of
+        `codes` (the same operations, so the same values) as separate tensors, as the one-row
+        GEMM takes them. Separate, not slices of one buffer: inductor (model/compiled_layers.py)
+        hands torch._int_mm wrong data for a row sliced out of a buffer it computed."""
+        scale = x.abs().amax(dim=1, keepdim=True)
+        scale.div_(self.qmax).clamp_(min=torch.finfo(torch.float32).tiny)
+        y = x * scale.reciprocal()
+        if passes == 1:
+            return [y.round_().to(torch.int8)], scale
+        hi = torch.round(y)
+        lo = y.sub_(hi).mul_(self.grid).round_()
+        return [hi.to(torch.int8), lo.to(torch.int8)], scale
+
     def dequantize(self, q: torch.Tensor, scale: torch.Tensor, passes: int) -> torch.Tensor:
         """What the GEMM sees: the activations as the int8 rows represent them."""
         t = scale.shape[0]
@@ -195,10 +209,10 @@ class Int8Linear(torch.nn.Module):
         docstring): the same sums, scaled as oneDNN scales them (int32 -> fp32, x the weights'
         scales), combined as forward combines them."""
         assert self.rows is not None
-        codes, s_x = self.quantizer.codes(x, self.passes)
-        y = torch._int_mm(codes[:1], self.rows).float().mul_(self.scale)
+        codes, s_x = self.quantizer.row_codes(x, self.passes)
+        y = torch._int_mm(codes[0], self.rows).float().mul_(self.scale)
         if self.passes == 2:
-            lo = torch._int_mm(codes[1:], self.rows).float().mul_(self.scale)
+            lo = torch._int_mm(codes[1], self.rows).float().mul_(self.scale)
             y.add_(lo, alpha=1.0 / self.quantizer.grid)
         return y.mul_(s_x)
 

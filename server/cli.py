@@ -273,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BaseException:
             engine.close()  # tensor-parallel ranks too
             raise
-        return AsyncEngine(engine)
+        return AsyncEngine(engine, compile_layers=True)  # serving starts eagerly meanwhile
 
     return serve(provider, options)
 

@@ -106,7 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
         "no speculation with more running requests than that)",
     )
     add("--force-reference-kernels", action="store_true", help="pure-torch kernels, no Triton")
-    add("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    add(
+        "--enforce-eager",
+        action="store_true",
+        help="no CUDA graphs for decode steps; on CPUs, no compiled one-row decode layers "
+        "(int8; compiled by inductor in the background after start-up)",
+    )
     add(
         "--enable-prefix-caching",
         action=argparse.BooleanOptionalAction,

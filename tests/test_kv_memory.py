@@ -66,7 +66,10 @@ def test_kv_budget_beyond_host_memory_is_refused(
 def test_kv_cache_is_resident_from_start(tmp_path: Path) -> None:
     ckpt = tiny_checkpoint(tmp_path / "m")
     budget = 192 << 20
-    gc.collect()  # earlier tests' engines freed now, not while this one is built
+    # Earlier tests' engines freed now, and their pages handed back (malloc_trim): the cache
+    # would otherwise reuse memory that is resident already, and RSS would not show it.
+    gc.collect()
+    host_memory.release_free_memory()
     before = rss_bytes()
     engine = tiny_engine(ckpt, kv_cache_memory=budget)
     kv = engine.layout.nbytes(engine.loaded.config)

@@ -40,8 +40,11 @@ class _Abort:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, compile_layers: bool = False) -> None:
+        """compile_layers: compile the decode layers in the background once started
+        (LLMEngine.compile_layers; the server does, tests keep the eager layers)."""
         self.engine = engine
+        self._compile_layers = compile_layers
         self.tokenizer = engine.tokenizer
         self.model_name = engine.model_name
         self.max_model_len = engine.max_model_len
@@ -76,6 +79,8 @@ class AsyncEngine:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
+        if self._compile_layers:  # from here, not at load: its imports hold the GIL for ~1 s
+            self.engine.compile_layers(background=True)
 
     async def shutdown(self) -> None:
         """Abort whatever is in flight and stop the engine thread.

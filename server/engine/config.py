@@ -35,7 +35,9 @@ class EngineConfig:
     load_format: str = "auto"
     force_reference_kernels: bool = False
     pack_cpu_weights: bool = True  # fp32 on CPU: oneDNN GEMMs on packed weights (cpu_gemm.py)
-    enforce_eager: bool = False  # on CUDA: no CUDA graphs for decode steps (cuda_graphs.py)
+    # No CUDA graphs for decode steps (cuda_graphs.py); on CPUs, no compiled decode layers
+    # (LLMEngine.compile_layers).
+    enforce_eager: bool = False
     enable_prefix_caching: bool = True  # share cached prompt-prefix blocks (kv_manager.py)
     # None: int8 for the embedded model and GGUF checkpoints on CPU, else "none" (deploy.py)
     quantization: str | None = None

@@ -5,11 +5,16 @@ schedule -> build batch -> forward -> sample -> update -> detokenize / stop stri
 
 from __future__ import annotations
 
+import gc
 import logging
+import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from gemma_serve.kernels.dispatch import select_ops
+from gemma_serve.model import compiled_layers
+from gemma_serve.model.gguf_convert import cache_root
 from gemma_serve.server.engine import host_memory, kv_budget, model_source, tp_workers
 from gemma_serve.server.engine.block_table import cdiv
 from gemma_serve.server.engine.config import EngineConfig
@@ -407,6 +412,39 @@ class LLMEngine:
             return RequestOutput.ended(
                 req.request_id, req.num_prompt_tokens, n, FINISH_ERROR, req.error
             )
+
+    def compile_layers(self, background: bool = False) -> bool:
+        """Compile the decoder layers for one-row steps (model/compiled_layers.py), unless
+        --enforce-eager or they cannot be compiled here (logged). In the background, steps
+        run eagerly until the compiled layers are ready, then switch. Returns whether they
+        are compiled (or compiling, in the background)."""
+        model = self.runner.model
+        reason = "--enforce-eager" if self.config.enforce_eager else None
+        if reason is None and self.loaded.workers is not None:
+            reason = "not under tensor parallelism"
+        reason = reason or compiled_layers.unavailable_reason(model)
+        if reason is not None:
+            log.info("decode layers run eagerly: %s", reason)
+            return False
+
+        def run() -> bool:
+            start = time.monotonic()
+            try:  # torch.compile's imports alone take ~1 s: all of it off the caller's thread
+                layers = compiled_layers.CompiledLayers(model, cache_root() / "inductor")
+                layers.compile()
+            except Exception:  # the eager layers still serve: never take the engine down
+                log.exception("compiling the decode layers failed: they run eagerly")
+                return False
+            model.compiled_layers = layers
+            log.info("compiled decode layers ready in %.1fs", time.monotonic() - start)
+            gc.collect()  # the compiler's graphs and sympy expressions (~100 MB of objects)
+            host_memory.release_free_memory()
+            return True
+
+        if not background:
+            return run()
+        threading.Thread(target=run, name="compile-layers", daemon=True).start()
+        return True
 
     # -- offline helper -------------------------------------------------------------------
 

@@ -1,0 +1,117 @@
+"""Compiled decoder layers (model/compiled_layers.py): the default model's one-row steps through
+inductor's graphs give the eager layers' tokens, and the engine compiles only where it may."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from gemma_serve.model import compiled_layers, int8_gemm
+from gemma_serve.server.engine.config import EngineConfig
+from gemma_serve.server.engine.llm_engine import LLMEngine
+from gemma_serve.server.engine.sampling_params import SamplingParams
+
+from tests.engine_helpers import tiny_checkpoint, tiny_engine
+
+needs_compiler = pytest.mark.skipif(
+    not int8_gemm.has_vnni(), reason="the compiled layers need the one-row int8 GEMM (VNNI)"
+)
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a land far away,",
+    "The three laws of thermodynamics are",
+]
+
+
+def _default_engine(**overrides) -> LLMEngine:
+    return LLMEngine(
+        EngineConfig(device="cpu", kv_cache_memory=64 << 20, max_model_len=512, **overrides)
+    )
+
+
+def _alone(engine: LLMEngine, n: int) -> list:
+    params = SamplingParams(max_tokens=n, temperature=0.0, logprobs=1)
+    return [engine.generate([p], params)[0] for p in PROMPTS]
+
+
+@needs_compiler
+@pytest.mark.slow
+def test_compiled_one_row_steps_give_the_eager_tokens() -> None:
+    """Greedy continuations of four prompts, each alone (every decode step one row), eager
+    and compiled: the same tokens, and logprobs within 0.1 (fp32 rounding order, carried on
+    by the int8 activation rounding: ~0.01-0.03 measured)."""
+    engine = _default_engine()
+    assert compiled_layers.unavailable_reason(engine.runner.model) is None
+    eager = _alone(engine, 24)
+    assert engine.compile_layers()
+    layers = engine.runner.model.compiled_layers
+    assert isinstance(layers, compiled_layers.CompiledLayers)
+    calls: list[int] = []
+
+    def counting(*args):
+        calls.append(1)
+        return layers(*args)
+
+    engine.runner.model.compiled_layers = counting
+    compiled = _alone(engine, 24)
+    # Every decode step (23 a prompt) and no prefill ran the compiled layers, all 18.
+    n_layers = engine.loaded.config.num_hidden_layers
+    assert len(calls) == len(PROMPTS) * 23 * n_layers
+    for a, b in zip(eager, compiled, strict=True):
+        assert a.token_ids == b.token_ids, (a.text, b.text)
+        diff = max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs, strict=True))
+        assert diff < 0.1, diff
+    # A batch of several rows still runs the eager layers, to the same tokens.
+    calls.clear()
+    crowd = engine.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=0.0))
+    assert [r.token_ids for r in crowd] == [r.token_ids[:8] for r in eager]
+    assert calls == []
+
+
+@needs_compiler
+def test_compiling_in_the_background_switches_when_ready() -> None:
+    engine = _default_engine()
+    assert engine.runner.model.compiled_layers is None
+    assert engine.compile_layers(background=True)
+    deadline = time.monotonic() + 120
+    while engine.runner.model.compiled_layers is None:
+        assert time.monotonic() < deadline, "the layers never got compiled"
+        time.sleep(0.1)
+    out = engine.generate(PROMPTS[:1], SamplingParams(max_tokens=4, temperature=0.0))
+    assert len(out[0].token_ids) == 4
+
+
+def test_the_engine_compiles_only_where_it_may(tmp_path: Path, monkeypatch) -> None:
+    """--enforce-eager, the exact fp32 path and a missing C++ compiler each keep the eager
+    layers, with the reason logged, and nothing is compiled."""
+    eager = _default_engine(enforce_eager=True)
+    assert not eager.compile_layers() and eager.runner.model.compiled_layers is None
+    exact = tiny_engine(tiny_checkpoint(tmp_path / "tiny"), quantization="none")
+    reason = compiled_layers.unavailable_reason(exact.runner.model)
+    assert reason is not None and "int8" in reason
+    assert not exact.compile_layers() and exact.runner.model.compiled_layers is None
+    if int8_gemm.has_vnni():
+        int8 = _default_engine()
+        monkeypatch.setenv("CXX", "no-such-compiler-gemma-serve")
+        assert "no-such-compiler" in compiled_layers.unavailable_reason(int8.runner.model)
+        assert not int8.compile_layers() and int8.runner.model.compiled_layers is None
+        with pytest.raises(ValueError, match="C\\+\\+ compiler"):
+            compiled_layers.CompiledLayers(int8.runner.model)
+
+
+def test_row_codes_are_the_batch_quantisers_rows() -> None:
+    """The one-row quantiser (separate code tensors, as the compiled graphs need them) gives
+    `codes`' values bit for bit, outliers and an all-zero row included."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 640, generator=g) * torch.linspace(0.01, 300, 640)
+    x[2] = 0.0
+    for vnni in (True, False):
+        quantizer = int8_gemm.ActivationQuantizer(vnni)
+        for passes in (1, 2):
+            for row in x.split(1):
+                want, want_scale = quantizer.codes(row, passes)
+                got, scale = quantizer.row_codes(row, passes)
+                assert torch.equal(torch.cat(got), want) and torch.equal(scale, want_scale)

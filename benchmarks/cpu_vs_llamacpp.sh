@@ -4,7 +4,8 @@
 # (llama.cpp's idle threads spin and would slow the other). With LLAMA_SERVER set, llama.cpp's
 # own llama-server (continuous batching, one slot per concurrent request, flash attention) runs
 # the workload too. Every server is started fresh for each concurrency and warmed (8 short
-# unmeasured requests) before the measured run. GEMMA_ARGS adds gemma-serve flags (e.g.
+# unmeasured requests, and gemma-serve's decode layers compiled) before the measured run.
+# GEMMA_ARGS adds gemma-serve flags (e.g.
 # "--quantization none" for the exact fp32 path); ONLY_GEMMA=1 runs gemma-serve alone.
 #
 #   LLAMA_PY=/tmp/llama-venv/bin/python [LLAMA_SERVER=.../llama-server] [GEMMA_ARGS=...] \
@@ -59,6 +60,13 @@ serve_and_bench() {  # name concurrency port ready-path command...: fresh server
     "$@" >"$OUT/$name-c$c.log" 2>&1 &
     local pid=$!
     wait_ready "http://127.0.0.1:$port$ready"
+    if [ "$name" = gemma-serve ]; then  # warmed includes its compiled decode layers (or why not)
+        for _ in $(seq 1 120); do
+            grep -q "compiled decode layers ready\|decode layers run eagerly\|compiling the decode" \
+                "$OUT/$name-c$c.log" && break
+            sleep 1
+        done
+    fi
     "$PY" -m benchmarks.serve --base-url "http://127.0.0.1:$port" \
         --prompts-file "$OUT/prompts.jsonl" --concurrency "$c" --no-progress \
         --warmup-requests 8 --extra-body '{"logit_bias": {"1": -100, "106": -100}}' \

@@ -10,20 +10,23 @@ attention backend stays eager between the halves (`DecoderLayer.attention_inputs
 
 Only int8 layers with the one-row GEMM (model/int8_gemm.py, VNNI) are compiled, and only one
 row: a batch's per-op cost is shared by its rows. One compiled graph per half serves every
-layer (the layer's tensors are graph inputs, not constants). The numerics are the eager
-layers' up to fp32 rounding order (inductor's reductions and fused arithmetic), which the
-int8 activation rounding can carry on as it does batch-shape noise: logits differ from the
-eager path's by up to a few tenths on the default model, greedy tokens agree (tests).
+layer (the layer's tensors are graph inputs, not constants). The halves are compiled ahead of
+their calls (dynamo's aot_compile), and dynamo's guards are checked once for every layer at
+compile time instead of on every call (`CompiledLayers.compile`): with torch.compile's usual
+entry, dynamo's frame handling and guards cost ~20-25 us of each ~50 us call.
+
+The numerics are the eager layers' up to fp32 rounding order (inductor's reductions and fused
+arithmetic), which the int8 activation rounding can carry on as it does batch-shape noise:
+logits differ from the eager path's by up to a few tenths on the default model, greedy tokens
+agree (tests).
 
 Needs a C++ compiler at run time. The first compile takes ~10 s; inductor caches its output
 on disk (TORCHINDUCTOR_CACHE_DIR), after which compiling takes ~3 s, mostly one-time imports.
-The server compiles in the background and switches when ready (server/cli.py).
+The server compiles in the background and switches when ready (LLMEngine.compile_layers).
 """
 
 from __future__ import annotations
 
-import functools
-import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -33,8 +36,6 @@ import torch
 from gemma_serve.model.attention import AttentionBackend
 from gemma_serve.model.gemma import DecoderLayer, GemmaForCausalLM
 from gemma_serve.model.int8_gemm import Int8Linear
-
-log = logging.getLogger(__name__)
 
 
 def unavailable_reason(model: GemmaForCausalLM) -> str | None:
@@ -65,17 +66,14 @@ def _after_attention(layer: DecoderLayer, x: torch.Tensor, out: torch.Tensor) ->
     return layer.after_attention(x, out)
 
 
-@functools.cache
-def _compiled() -> tuple[Callable, Callable]:
-    """The two compiled halves, made once per process: dynamo keeps its graphs per compiled
-    callable, so engines built later in the process reuse them instead of compiling again."""
+def _compile(fn: Callable, example: tuple) -> Callable:
+    """fn compiled ahead of its calls for arguments like `example` (dynamo's aot_compile: a
+    callable that runs the graph without dynamo's per-call frame handling)."""
     # C++ wrapper: the graph's kernels are called from C++, not from generated Python
-    # (16.0 -> 12.8 ms a step here, against 14.4 ms with the Python wrapper).
+    # (a one-row forward 12.8 ms against 14.4 with the Python wrapper, 16.0 eager).
     options = {"cpp_wrapper": True, "compile_threads": 1}
-    return tuple(
-        torch.compile(fn, dynamic=False, fullgraph=True, options=options)
-        for fn in (_attention_inputs, _after_attention)
-    )
+    compiled = torch.compile(fn, dynamic=False, fullgraph=True, options=options)
+    return compiled.aot_compile((example, {}))
 
 
 class CompiledLayers:
@@ -89,7 +87,8 @@ class CompiledLayers:
         if cache_dir is not None:  # inductor reads it when it first writes (not at import)
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
         self.model = model
-        self._inputs, self._after = _compiled()
+        self._inputs: Callable | None = None
+        self._after: Callable | None = None
 
     def __call__(
         self,
@@ -98,18 +97,32 @@ class CompiledLayers:
         rope: tuple[torch.Tensor, torch.Tensor],
         attn: AttentionBackend,
     ) -> torch.Tensor:
+        assert self._inputs is not None and self._after is not None, "compile() first"
         q, k, v = self._inputs(layer, x, *rope)
         out = attn(layer.self_attn.layer, q, k, v)
         return self._after(layer, x, out.reshape(1, -1))
 
     @torch.inference_mode()
     def compile(self) -> None:
-        """Compile both halves on the first layer's weights and a zero row (the inputs a
-        decode step gives them: the same shapes, dtypes and strides, so its calls find the
-        graphs ready)."""
+        """Compile both halves for the inputs a decode step gives them (the first layer's
+        weights, a zero row: the same shapes, dtypes and strides), then check dynamo's guards
+        once for every layer and both RoPE tables and turn them off: they cost ~25 us a call
+        (a tenth of a step), and every call is one of the cases checked here."""
         m = self.model.model
-        layer = m.layers[0]
         x = torch.zeros(1, self.model.config.hidden_size)
-        rope = m.rope_global.cos_sin(torch.zeros(1, dtype=torch.long), x.dtype)
-        q, _, _ = self._inputs(layer, x, *rope)
-        self._after(layer, x, torch.zeros_like(q).reshape(1, -1))
+        position = torch.zeros(1, dtype=torch.long)
+        ropes = [r.cos_sin(position, x.dtype) for r in (m.rope_global, m.rope_local)]
+        first = m.layers[0]
+        inputs = _compile(_attention_inputs, (first, x, *ropes[0]))
+        q, _, _ = inputs(first, x, *ropes[0])
+        out = torch.zeros_like(q).reshape(1, -1)
+        after = _compile(_after_attention, (first, x, out))
+        for layer in m.layers:
+            for rope in ropes:
+                if not inputs.guard_check(layer, x, *rope):
+                    raise ValueError(f"layer {layer.self_attn.layer} differs from the first")
+            if not after.guard_check(layer, x, out):
+                raise ValueError(f"layer {layer.self_attn.layer} differs from the first")
+        inputs.disable_guard_check()
+        after.disable_guard_check()
+        self._inputs, self._after = inputs, after

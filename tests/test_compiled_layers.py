@@ -133,3 +133,16 @@ def test_a_gemma2_models_compiled_layers_match_its_eager_ones(tmp_path: Path) ->
         assert a.token_ids == b.token_ids
         diff = max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs, strict=True))
         assert diff < 1e-3, diff
+
+
+@needs_compiler
+def test_a_layer_unlike_the_first_keeps_the_eager_layers() -> None:
+    """The compiled halves run without dynamo's per-call guards, so compiling checks them once
+    for every layer: a layer whose graph would differ (here one projection quantised in one
+    pass) makes the engine keep its eager layers."""
+    engine = _default_engine()
+    engine.runner.model.model.layers[5].mlp.gate_up_proj.passes = 1
+    assert not engine.compile_layers()
+    assert engine.runner.model.compiled_layers is None
+    with pytest.raises(ValueError, match="layer 5 differs"):
+        compiled_layers.CompiledLayers(engine.runner.model).compile()

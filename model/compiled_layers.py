@@ -50,10 +50,13 @@ def unavailable_reason(model: GemmaForCausalLM) -> str | None:
         return "only int8 layers with the one-row GEMM (--quantization int8, VNNI) compile"
     if first.input_layernorm.weight.device.type != "cpu":
         return "compiled layers are for CPUs"
+    return missing_compiler()
+
+
+def missing_compiler() -> str | None:
+    """Why inductor has no C++ compiler here ($CXX, else g++), or None if it has one."""
     compiler = os.environ.get("CXX", "g++")
-    if shutil.which(compiler) is None:
-        return f"no C++ compiler ({compiler}) for inductor"
-    return None
+    return None if shutil.which(compiler) else f"no C++ compiler ({compiler}) for inductor"
 
 
 def _attention_inputs(
@@ -118,10 +121,8 @@ class CompiledLayers:
         out = torch.zeros_like(q).reshape(1, -1)
         after = _compile(_after_attention, (first, x, out))
         for layer in m.layers:
-            for rope in ropes:
-                if not inputs.guard_check(layer, x, *rope):
-                    raise ValueError(f"layer {layer.self_attn.layer} differs from the first")
-            if not after.guard_check(layer, x, out):
+            same = all(inputs.guard_check(layer, x, *rope) for rope in ropes)
+            if not (same and after.guard_check(layer, x, out)):
                 raise ValueError(f"layer {layer.self_attn.layer} differs from the first")
         inputs.disable_guard_check()
         after.disable_guard_check()

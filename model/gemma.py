@@ -11,7 +11,7 @@ q/k/v and gate/up projections are fused (one matmul each); the loader splits HF 
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +99,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
 
 
 class Attention(nn.Module):
+    """Self-attention's projections: `project` before the backend, `output` after it
+    (DecoderLayer calls the backend between them)."""
+
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
@@ -122,11 +125,6 @@ class Attention(nn.Module):
         assert self.q_norm is not None and self.k_norm is not None
         q, k = self.q_norm.factor(), self.k_norm.factor()
         return torch.cat([q.expand(self.num_heads, -1), k.expand(self.num_kv_heads, -1)])
-
-    def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn: AttentionBackend
-    ) -> torch.Tensor:
-        return self.output(attn(self.layer, *self.project(x, rope)))
 
     def project(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
@@ -210,16 +208,11 @@ class GemmaModel(nn.Module):
         self.rope_local = RotaryEmbedding(cfg.head_dim, cfg.rope_local_theta)
 
 
-class LayerStep(Protocol):
-    """What runs a decoder layer in place of its forward (same arguments, same result)."""
-
-    def __call__(
-        self,
-        layer: DecoderLayer,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        attn: AttentionBackend,
-    ) -> torch.Tensor: ...
+# What runs a decoder layer in place of its forward: (layer, x, rope, attn) -> the same result.
+LayerStep = Callable[
+    [DecoderLayer, torch.Tensor, tuple[torch.Tensor, torch.Tensor], AttentionBackend],
+    torch.Tensor,
+]
 
 
 class GemmaForCausalLM(nn.Module):

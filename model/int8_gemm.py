@@ -83,6 +83,17 @@ class ActivationQuantizer:
         # q in [-qmax, qmax]; an fp32 add would be another pass over 4-byte values.
         return q.view(torch.uint8).add_(self.zero), scale
 
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        """Each row's first-pass step, max |x| / qmax [T, 1]."""
+        # linalg.vector_norm(inf) does not vectorise (15-20x slower); abs() writes a copy that
+        # amax reads back, so many rows take amax and amin (two reads).
+        if x.shape[0] > 16:
+            scale = torch.maximum(x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True).neg_())
+        else:
+            scale = x.abs().amax(dim=1, keepdim=True)
+        # Floored after the division: 1 / scale stays finite (an all-zero row codes as zeros).
+        return scale.div_(self.qmax).clamp_(min=torch.finfo(torch.float32).tiny)
+
     def codes(self, x: torch.Tensor, passes: int) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, k] fp32 -> (int8 codes [passes * T, k] in [-qmax, qmax], scale [T, 1]): the
         first pass, then the residual on the finer grid (module docstring). Few ops and few
@@ -94,14 +105,7 @@ class ActivationQuantizer:
         at most grid / 2 = qmax (both exact in fp32: y - round(y) is computed exactly).
         """
         t = x.shape[0]
-        # max |x| per row. linalg.vector_norm(inf) does not vectorise (15-20x slower); abs()
-        # writes a copy that amax reads back, so many rows take amax and amin (two reads).
-        if t > 16:
-            scale = torch.maximum(x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True).neg_())
-        else:
-            scale = x.abs().amax(dim=1, keepdim=True)
-        # Floored after the division: 1 / scale stays finite (an all-zero row codes as zeros).
-        scale.div_(self.qmax).clamp_(min=torch.finfo(torch.float32).tiny)
+        scale = self.scale(x)
         buf = torch.empty((passes * t, x.shape[1]), dtype=torch.float32, device=x.device)
         hi, y = buf[:t], buf[t:] if passes == 2 else buf
         torch.mul(x, scale.reciprocal(), out=y)
@@ -116,8 +120,7 @@ class ActivationQuantizer:
         `codes` (the same operations, so the same values) as separate tensors, as the one-row
         GEMM takes them. Separate, not slices of one buffer: inductor (model/compiled_layers.py)
         hands torch._int_mm wrong data for a row sliced out of a buffer it computed."""
-        scale = x.abs().amax(dim=1, keepdim=True)
-        scale.div_(self.qmax).clamp_(min=torch.finfo(torch.float32).tiny)
+        scale = self.scale(x)
         y = x * scale.reciprocal()
         if passes == 1:
             return [y.round_().to(torch.int8)], scale

@@ -3,8 +3,6 @@ inductor's graphs give the eager layers' tokens, and the engine compiles only wh
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from gemma_serve.server.engine.sampling_params import SamplingParams
 from tests.engine_helpers import tiny_checkpoint, tiny_engine
 
 needs_compiler = pytest.mark.skipif(
-    not int8_gemm.has_vnni() or shutil.which(os.environ.get("CXX", "g++")) is None,
+    not int8_gemm.has_vnni() or compiled_layers.missing_compiler() is not None,
     reason="the compiled layers need the one-row int8 GEMM (VNNI) and a C++ compiler",
 )
 PROMPTS = [

@@ -419,10 +419,12 @@ class LLMEngine:
         run eagerly until the compiled layers are ready, then switch. Returns whether they
         are compiled (or compiling, in the background)."""
         model = self.runner.model
-        reason = "--enforce-eager" if self.config.enforce_eager else None
-        if reason is None and self.loaded.workers is not None:
+        if self.config.enforce_eager:
+            reason: str | None = "--enforce-eager"
+        elif self.loaded.workers is not None:
             reason = "not under tensor parallelism"
-        reason = reason or compiled_layers.unavailable_reason(model)
+        else:
+            reason = compiled_layers.unavailable_reason(model)
         if reason is not None:
             log.info("decode layers run eagerly: %s", reason)
             return False

@@ -294,6 +294,41 @@ def decode_attention(
     return out
 
 
+def window_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    table: torch.Tensor,
+    seq_len: torch.Tensor,
+    *,
+    block_size: int,
+    window: int,
+    softcap: float | None,
+    scale: float,
+) -> torch.Tensor:
+    """store_kv and decode_attention for one decoding sequence over its ring (a sliding-window
+    layer), with every shape fixed: the keys are always `window` slots, those before position 0
+    masked. Written for compiled decoder layers (model/compiled_layers.py), which run it inside
+    their graph: no data-dependent branch, no host sync.
+
+    q [1, Hq, D], k and v [1, Hkv, D] (the decode token's); table [ring_blocks] int32 (the
+    sequence's ring, padded); seq_len [1] int32 (the token's position + 1). Stores k and v,
+    then returns decode_attention's output [1, Hq, D] (the same keys and arithmetic, up to
+    the padded keys' exact zeros in the softmax).
+    """
+    ring = table.shape[0]
+    assert ring * block_size >= window, "a ring shorter than the window"
+    pos = seq_len.long() - window + torch.arange(window, device=q.device)  # the last: the token
+    valid = pos >= 0
+    slots = slots_for_positions(pos.clamp(min=0), table, block_size, ring)
+    k_cache.index_copy_(0, slots[-1:], k.to(k_cache.dtype))
+    v_cache.index_copy_(0, slots[-1:], v.to(v_cache.dtype))
+    group = DecodeGroup(None, slots[None], valid[None])
+    return _decode_group(q, k_cache, v_cache, group, softcap, scale)
+
+
 # Sequences per decode group: padding within a group of similar lengths is small, and the
 # per-group op overhead stays far below the copying it saves.
 DECODE_GROUP = 16

@@ -7,11 +7,24 @@ cache bookkeeping and lets the engine plug in paged/ring caches and Triton kerne
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from gemma_serve.kernels.dispatch import REFERENCE_OPS, AttentionOps
 from gemma_serve.model.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class RowWindow:
+    """One decoding sequence's cache at a sliding-window layer, for compiled layers that store
+    and attend inside their own graph (kernels.reference.window_decode's arguments)."""
+
+    k_cache: torch.Tensor  # [slots, Hkv, D], the layer's
+    v_cache: torch.Tensor
+    table: torch.Tensor  # [ring_blocks] int32: the sequence's ring (padded)
+    seq_len: torch.Tensor  # [1] int32: the decode token's position + 1
+    block_size: int
 
 
 class AttentionBackend(Protocol):
@@ -21,6 +34,11 @@ class AttentionBackend(Protocol):
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
         """q [T, Hq, D], k and v [T, Hkv, D] for the batch's T tokens -> output [T, Hq, D]."""
+        ...
+
+    def row_window(self, layer: int) -> RowWindow | None:
+        """The cache of a step that is one decode row, at a sliding-window layer over a ring;
+        None otherwise (then the layer calls the backend)."""
         ...
 
 
@@ -57,3 +75,6 @@ class VarlenAttention:
             softcap=cfg.attn_logit_softcapping,
             scale=cfg.scale,
         )
+
+    def row_window(self, layer: int) -> RowWindow | None:
+        return None  # no cache

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from gemma_serve.kernels.dispatch import AttentionOps
+from gemma_serve.model.attention import RowWindow
 from gemma_serve.model.config import ModelConfig
 from gemma_serve.server.engine.attention_batch import AttentionBatch
 from gemma_serve.server.engine.block_table import PoolKind
@@ -24,6 +26,7 @@ class CacheAttention:
     ) -> None:
         self.cfg, self.cache, self.batch, self.ops = cfg, cache, batch, ops
         self._plans: dict[PoolKind, object] = {}  # ops.decode_plan per pool, for every layer
+        self._ring: torch.Tensor | None = None  # row_window's table, for every layer
 
     def _plan(self, kind: PoolKind, window: int | None) -> dict:
         """decode_attention's `plan` keyword for this pool (none for ops without plans)."""
@@ -39,6 +42,22 @@ class CacheAttention:
                 window=window,
             )
         return {"plan": self._plans[kind]}
+
+    def row_window(self, layer: int) -> RowWindow | None:
+        """The one decoding sequence's ring at a sliding-window layer (compiled layers store
+        and attend through it themselves), when the step is that one decode row."""
+        batch = self.batch
+        one_decode = batch.num_decodes == 1 and batch.cu_seqlens.numel() == 1
+        if not (one_decode and self.cfg.is_sliding(layer)):
+            return None
+        pool = batch.pools[PoolKind.LOCAL]
+        if pool.ring_blocks == 0:  # the window spans the whole context: a paged pool
+            return None
+        if self._ring is None:  # a short sequence's ring has fewer blocks so far: padded
+            row = pool.block_tables[0]
+            self._ring = F.pad(row, (0, pool.ring_blocks - row.shape[0]))
+        k_cache, v_cache = self.cache.layers[layer]
+        return RowWindow(k_cache, v_cache, self._ring, batch.seq_lens, pool.block_size)
 
     def __call__(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -86,3 +105,21 @@ class CacheAttention:
         )
         ops.store_kv(k[nd:], v[nd:], k_cache, v_cache, pool.slot_mapping[nd:])
         return out
+
+
+def row_windows(
+    cfg: ModelConfig, cache: KVCache, block_size: int, ring_blocks: int
+) -> dict[int, RowWindow]:
+    """Every sliding-window layer's RowWindow as CacheAttention.row_window will hand it over
+    (a zero ring, a first position): what compiled layers are compiled and checked for. Empty
+    when the sliding layers' pool is paged (no ring)."""
+    if ring_blocks == 0:
+        return {}
+    device = cache.layers[0][0].device
+    table = torch.zeros(ring_blocks, dtype=torch.int32, device=device)
+    seq_len = torch.ones(1, dtype=torch.int32, device=device)
+    return {
+        i: RowWindow(*cache.layers[i], table, seq_len, block_size)
+        for i in range(cfg.num_hidden_layers)
+        if cfg.is_sliding(i)
+    }

@@ -94,26 +94,19 @@ class CacheLayout:
 
 
 class KVCache:
-    """One [slots, Hkv, D] key and value tensor per layer, from its pool's storage."""
+    """One [slots, Hkv, D] key and value tensor per layer, sized by its pool."""
 
     def __init__(self, cfg: ModelConfig, layout: CacheLayout, device: torch.device) -> None:
         shape = (cfg.num_key_value_heads, cfg.head_dim)
         dtype = layout.torch_dtype
         b = layout.block_size
-        n_full, n_local = len(cfg.full_layers), len(cfg.sliding_layers)
         # Zeroed, so every page is touched now: the process's memory after start-up is what it
         # will be (a lazily touched cache grows RSS for hours and passes a container limit at
         # start only to be OOM-killed later). Attention never reads a slot before it is written.
-        g = torch.zeros(n_full, 2, layout.num_global_blocks * b, *shape, dtype=dtype, device=device)
-        loc = torch.zeros(
-            n_local, 2, layout.num_local_blocks * b, *shape, dtype=dtype, device=device
-        )
+        # Each tensor its own allocation: compiled layers write a layer's cache inside their
+        # graph, where inputs sharing a storage would be treated as aliases of each other.
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
-        gi = li = 0
         for i in range(cfg.num_hidden_layers):
-            if cfg.is_sliding(i):
-                self.layers.append((loc[li, 0], loc[li, 1]))
-                li += 1
-            else:
-                self.layers.append((g[gi, 0], g[gi, 1]))
-                gi += 1
+            blocks = layout.num_local_blocks if cfg.is_sliding(i) else layout.num_global_blocks
+            k, v = (torch.zeros(blocks * b, *shape, dtype=dtype, device=device) for _ in "kv")
+            self.layers.append((k, v))

@@ -294,35 +294,45 @@ def decode_attention(
     return out
 
 
-def window_decode(
+def row_slots(
+    table: torch.Tensor,
+    seq_len: int,
+    *,
+    block_size: int,
+    ring_blocks: int,
+    window: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys one decoding sequence sees, as row_decode takes them: (slots [M] int64, valid
+    [M] bool), the decode token's own slot last. A window layer: always M = window slots,
+    those before position 0 padding (valid False); otherwise M = seq_len, all valid."""
+    if window is None:
+        pos = torch.arange(seq_len, device=table.device)
+    else:
+        pos = torch.arange(seq_len - window, seq_len, device=table.device)
+    valid = pos >= 0
+    return slots_for_positions(pos.clamp_(min=0), table, block_size, ring_blocks), valid
+
+
+def row_decode(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    table: torch.Tensor,
-    seq_len: torch.Tensor,
+    slots: torch.Tensor,
+    valid: torch.Tensor,
     *,
-    block_size: int,
-    window: int,
     softcap: float | None,
     scale: float,
 ) -> torch.Tensor:
-    """store_kv and decode_attention for one decoding sequence over its ring (a sliding-window
-    layer), with every shape fixed: the keys are always `window` slots, those before position 0
-    masked. Written for compiled decoder layers (model/compiled_layers.py), which run it inside
-    their graph: no data-dependent branch, no host sync.
+    """store_kv and decode_attention for one decoding sequence, over the keys of row_slots:
+    no data-dependent branch and no host sync, so that compiled decoder layers
+    (model/compiled_layers.py) run it inside their graph.
 
-    q [1, Hq, D], k and v [1, Hkv, D] (the decode token's); table [ring_blocks] int32 (the
-    sequence's ring, padded); seq_len [1] int32 (the token's position + 1). Stores k and v,
+    q [1, Hq, D], k and v [1, Hkv, D] (the decode token's). Stores k and v at the last slot,
     then returns decode_attention's output [1, Hq, D] (the same keys and arithmetic, up to
-    the padded keys' exact zeros in the softmax).
+    a window's padding: exact zeros in the softmax).
     """
-    ring = table.shape[0]
-    assert ring * block_size >= window, "a ring shorter than the window"
-    pos = seq_len.long() - window + torch.arange(window, device=q.device)  # the last: the token
-    valid = pos >= 0
-    slots = slots_for_positions(pos.clamp(min=0), table, block_size, ring)
     k_cache.index_copy_(0, slots[-1:], k.to(k_cache.dtype))
     v_cache.index_copy_(0, slots[-1:], v.to(v_cache.dtype))
     group = DecodeGroup(None, slots[None], valid[None])

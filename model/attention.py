@@ -16,15 +16,14 @@ from gemma_serve.model.config import ModelConfig
 
 
 @dataclass(frozen=True)
-class RowWindow:
-    """One decoding sequence's cache at a sliding-window layer, for compiled layers that store
-    and attend inside their own graph (kernels.reference.window_decode's arguments)."""
+class RowCache:
+    """A layer's cache and the keys of a step that is one decode row, for compiled layers that
+    store and attend inside their own graph (kernels.reference.row_decode's arguments)."""
 
     k_cache: torch.Tensor  # [slots, Hkv, D], the layer's
     v_cache: torch.Tensor
-    table: torch.Tensor  # [ring_blocks] int32: the sequence's ring (padded)
-    seq_len: torch.Tensor  # [1] int32: the decode token's position + 1
-    block_size: int
+    slots: torch.Tensor  # [M] int64: the keys' slots, the decode token's own last
+    valid: torch.Tensor  # [M] bool: False for a window's padding
 
 
 class AttentionBackend(Protocol):
@@ -36,9 +35,9 @@ class AttentionBackend(Protocol):
         """q [T, Hq, D], k and v [T, Hkv, D] for the batch's T tokens -> output [T, Hq, D]."""
         ...
 
-    def row_window(self, layer: int) -> RowWindow | None:
-        """The cache of a step that is one decode row, at a sliding-window layer over a ring;
-        None otherwise (then the layer calls the backend)."""
+    def row_cache(self, layer: int) -> RowCache | None:
+        """The layer's cache and keys when the step is one decode row; None otherwise (then
+        the layer calls the backend)."""
         ...
 
 
@@ -76,5 +75,5 @@ class VarlenAttention:
             scale=cfg.scale,
         )
 
-    def row_window(self, layer: int) -> RowWindow | None:
+    def row_cache(self, layer: int) -> RowCache | None:
         return None  # no cache

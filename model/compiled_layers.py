@@ -6,15 +6,13 @@ time as the GEMMs (benchmarks/RESULTS.md). Inductor fuses a layer's norms, activ
 quantiser, GEMM epilogues, RoPE and residuals into a few C++ loops around the GEMMs
 (`torch._int_mm`, left to ATen), and with its C++ wrapper calls them without Python.
 
-Two kinds of graph:
-- a sliding-window layer whole (`_window_layer`): the decode token's K/V stored into the
-  sequence's ring and attention over the window's slots inside the graph
-  (kernels.reference.window_decode: always `sliding_window` slots, those before position 0
-  masked, so every shape is fixed), when the backend hands over the ring
-  (`AttentionBackend.row_window`);
-- otherwise each half of a layer around the attention backend (`DecoderLayer.attention_inputs`
-  and `after_attention`), which reads and writes the KV cache through the batch's tables: the
-  global layers, whose context grows with every token.
+A decode row's layer runs whole (`_row_layer`): projections, the decode token's K/V stored
+into the cache and attention over its keys (kernels.reference.row_decode), all inside the
+graph, when the backend hands over the cache and the keys' slots (`AttentionBackend.row_cache`).
+Two graphs: the sliding-window layers' (always `sliding_window` slots, those before position 0
+masked: every shape fixed) and the global layers' (as many slots as the context: one dynamic
+dimension). A one-row forward the backend keeps (a one-token prompt chunk) runs each half of a
+layer around it (`DecoderLayer.attention_inputs` and `after_attention`).
 
 Only int8 layers with the one-row GEMM (model/int8_gemm.py, VNNI) are compiled, and only one
 row: a batch's per-op cost is shared by its rows. One graph of each kind serves every layer
@@ -42,8 +40,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
-from gemma_serve.kernels.reference import window_decode
-from gemma_serve.model.attention import AttentionBackend, RowWindow
+from gemma_serve.kernels.reference import row_decode
+from gemma_serve.model.attention import AttentionBackend, RowCache
 from gemma_serve.model.config import ModelConfig
 from gemma_serve.model.gemma import DecoderLayer, GemmaForCausalLM
 from gemma_serve.model.int8_gemm import Int8Linear
@@ -80,8 +78,8 @@ def _after_attention(layer: DecoderLayer, x: torch.Tensor, out: torch.Tensor) ->
     return layer.after_attention(x, out)
 
 
-def _window_layer(cfg: ModelConfig, block_size: int) -> Callable:
-    """A sliding-window layer for one decode row, its ring read and written in place."""
+def _row_layer(cfg: ModelConfig) -> Callable:
+    """A decoder layer for one decode row, its cache written and read in place."""
 
     def step(
         layer: DecoderLayer,
@@ -90,13 +88,12 @@ def _window_layer(cfg: ModelConfig, block_size: int) -> Callable:
         sin: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
-        table: torch.Tensor,
-        seq_len: torch.Tensor,
+        slots: torch.Tensor,
+        valid: torch.Tensor,
     ) -> torch.Tensor:
         q, k, v = layer.attention_inputs(x, (cos, sin))
-        out = window_decode(
-            q, k, v, k_cache, v_cache, table, seq_len,
-            block_size=block_size, window=cfg.sliding_window,
+        out = row_decode(
+            q, k, v, k_cache, v_cache, slots, valid,
             softcap=cfg.attn_logit_softcapping, scale=cfg.scale,
         )  # fmt: skip
         return layer.after_attention(x, out.reshape(1, -1))
@@ -104,13 +101,16 @@ def _window_layer(cfg: ModelConfig, block_size: int) -> Callable:
     return step
 
 
-def _compile(fn: Callable, example: tuple) -> Callable:
+def _compile(fn: Callable, example: tuple, dynamic: bool = False) -> Callable:
     """fn compiled ahead of its calls for arguments like `example` (dynamo's aot_compile: a
-    callable that runs the graph without dynamo's per-call frame handling)."""
+    callable that runs the graph without dynamo's per-call frame handling). Every shape is
+    fixed, but with `dynamic` the dimensions marked dynamic in `example`."""
     # C++ wrapper: the graph's kernels are called from C++, not from generated Python
     # (a one-row forward 12.8 ms against 14.4 with the Python wrapper, 16.0 eager).
     options = {"cpp_wrapper": True, "compile_threads": 1}
-    compiled = torch.compile(fn, dynamic=False, fullgraph=True, options=options)
+    compiled = torch.compile(
+        fn, dynamic=None if dynamic else False, fullgraph=True, options=options
+    )
     return compiled.aot_compile((example, {}))
 
 
@@ -127,7 +127,7 @@ class CompiledLayers:
         self.model = model
         self._inputs: Callable | None = None
         self._after: Callable | None = None
-        self._window: Callable | None = None
+        self._rows: dict[bool, Callable] = {}  # the whole-layer graphs, by "sliding window"
 
     def __call__(
         self,
@@ -138,24 +138,23 @@ class CompiledLayers:
     ) -> torch.Tensor:
         assert self._inputs is not None and self._after is not None, "compile() first"
         index = layer.self_attn.layer
-        ring = attn.row_window(index) if self._window is not None else None
-        if ring is not None:
-            assert self._window is not None
-            return self._window(
-                layer, x, *rope, ring.k_cache, ring.v_cache, ring.table, ring.seq_len
-            )
+        graph = self._rows.get(self.model.config.is_sliding(index))
+        row = attn.row_cache(index) if graph is not None else None
+        if row is not None:
+            assert graph is not None
+            return graph(layer, x, *rope, row.k_cache, row.v_cache, row.slots, row.valid)
         q, k, v = self._inputs(layer, x, *rope)
         out = attn(index, q, k, v)
         return self._after(layer, x, out.reshape(1, -1))
 
     @torch.inference_mode()
-    def compile(self, windows: Mapping[int, RowWindow] | None = None) -> None:
+    def compile(self, rows: Mapping[int, RowCache] | None = None, max_keys: int = 2) -> None:
         """Compile the halves for the inputs a decode step gives them (the first layer's
-        weights, a zero row: the same shapes, dtypes and strides), and with `windows` (each
-        sliding-window layer's cache, as its backend will hand it over) the whole-layer graph
-        of those layers; then check dynamo's guards once for every layer and turn them off:
-        they cost ~25 us a call (a tenth of a step), and every call is one of the cases
-        checked here."""
+        weights, a zero row: the same shapes, dtypes and strides), and with `rows` (every
+        layer's cache and example keys, as its backend will hand them over) the whole-layer
+        graphs, the global layers' for 2 to `max_keys` keys; then check dynamo's guards once
+        for every layer and turn them off: they cost ~25 us a call (a tenth of a step), and
+        every call is one of the cases checked here."""
         m = self.model.model
         x = torch.zeros(1, self.model.config.hidden_size)
         position = torch.zeros(1, dtype=torch.long)
@@ -169,28 +168,48 @@ class CompiledLayers:
             same = all(inputs.guard_check(layer, x, *rope) for rope in ropes)
             if not (same and after.guard_check(layer, x, out)):
                 raise ValueError(f"layer {layer.self_attn.layer} differs from the first")
-        window = self._compile_window(windows, x, ropes[1]) if windows else None
+        graphs = {}
+        for sliding in (True, False):
+            mine = {i: r for i, r in (rows or {}).items() if m.config.is_sliding(i) == sliding}
+            if mine:  # the global layers' number of keys grows with the context
+                keys = None if sliding else max_keys
+                graphs[sliding] = self._compile_rows(mine, x, ropes[int(sliding)], keys)
         inputs.disable_guard_check()
         after.disable_guard_check()
-        self._inputs, self._after, self._window = inputs, after, window
+        self._inputs, self._after, self._rows = inputs, after, graphs
 
-    def _compile_window(
-        self, windows: Mapping[int, RowWindow], x: torch.Tensor, rope: tuple[torch.Tensor, ...]
+    def _compile_rows(
+        self,
+        rows: Mapping[int, RowCache],
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, ...],
+        max_keys: int | None,
     ) -> Callable:
-        """The sliding-window layers' graph, guards checked for each of `windows`' layers."""
+        """One whole-layer graph for `rows`' layers, its guards checked for each of them; with
+        `max_keys` the number of keys is dynamic, checked for 2 and max_keys too."""
         layers = self.model.model.layers
-        index, example = next(iter(windows.items()))
+        index, example = next(iter(rows.items()))
         # Compiled against copies (compiling never writes into a cache that is serving), made
-        # as the caches were: an inference tensor or not is part of the guards.
+        # as the caches were: an inference tensor or not is part of the guards. The keys are
+        # made here, in inference mode, as the backend makes them in the forward pass.
         with torch.inference_mode(example.k_cache.is_inference()):
             k_cache, v_cache = example.k_cache.clone(), example.v_cache.clone()
-        step = _window_layer(self.model.config, example.block_size)
-        args = (x, *rope, k_cache, v_cache, example.table, example.seq_len)
-        window = _compile(step, (layers[index], *args))
-        for i, w in windows.items():
-            if w.block_size != example.block_size or not window.guard_check(
-                layers[i], x, *rope, w.k_cache, w.v_cache, w.table, w.seq_len
-            ):
-                raise ValueError(f"sliding-window layer {i} differs from layer {index}")
-        window.disable_guard_check()
-        return window
+        slots, valid = example.slots.clone(), example.valid.clone()
+        keys = [(slots.clone(), valid.clone())]
+        if max_keys is not None:
+            torch._dynamo.mark_dynamic(slots, 0)
+            torch._dynamo.mark_dynamic(valid, 0)
+        step = _row_layer(self.model.config)
+        example_args = (layers[index], x, *rope, k_cache, v_cache, slots, valid)
+        graph = _compile(step, example_args, dynamic=max_keys is not None)
+        if max_keys is not None:
+            keys += [
+                (torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.bool))
+                for n in (2, max_keys)
+            ]
+        for i, r in rows.items():
+            for s, v in keys:
+                if not graph.guard_check(layers[i], x, *rope, r.k_cache, r.v_cache, s, v):
+                    raise ValueError(f"layer {i} differs from layer {index} ({len(s)} keys)")
+        graph.disable_guard_check()
+        return graph

@@ -56,13 +56,14 @@ def test_compiled_one_row_steps_give_the_eager_tokens() -> None:
         return layers(*args)
 
     engine.runner.model.compiled_layers = counting
-    window_calls = _count_window_calls(layers)
+    rows = _count_row_calls(layers)
     compiled = _alone(engine, 24)
-    # Every decode step (23 a prompt) and no prefill ran the compiled layers, all 18; the 15
-    # sliding-window layers as whole-layer graphs.
+    # Every decode step (23 a prompt) and no prefill ran the compiled layers, all 18, each as
+    # its whole-layer graph (15 sliding-window layers, 3 global).
     cfg = engine.loaded.config
     assert len(calls) == len(PROMPTS) * 23 * cfg.num_hidden_layers
-    assert len(window_calls) == len(PROMPTS) * 23 * len(cfg.sliding_layers) > 0
+    assert len(rows[True]) == len(PROMPTS) * 23 * len(cfg.sliding_layers) > 0
+    assert len(rows[False]) == len(PROMPTS) * 23 * len(cfg.full_layers) > 0
     for a, b in zip(eager, compiled, strict=True):
         assert a.token_ids == b.token_ids, (a.text, b.text)
         diff = max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs, strict=True))
@@ -74,23 +75,22 @@ def test_compiled_one_row_steps_give_the_eager_tokens() -> None:
     assert calls == []
 
 
-def _count_window_calls(layers: compiled_layers.CompiledLayers) -> list[int]:
-    """Count the calls of the sliding-window layers' graph."""
-    calls: list[int] = []
-    window = layers._window
-    assert window is not None
+def _count_row_calls(layers: compiled_layers.CompiledLayers) -> dict[bool, list[int]]:
+    """Count the calls of the whole-layer graphs, by "sliding window"."""
+    calls: dict[bool, list[int]] = {True: [], False: []}
+    for sliding, graph in list(layers._rows.items()):
 
-    def counting(*args):
-        calls.append(1)
-        return window(*args)
+        def counting(*args, graph=graph, sliding=sliding):
+            calls[sliding].append(1)
+            return graph(*args)
 
-    layers._window = counting
+        layers._rows[sliding] = counting
     return calls
 
 
 @needs_compiler
 @pytest.mark.slow
-def test_compiled_window_layers_past_the_window() -> None:
+def test_compiled_layers_past_the_window() -> None:
     """A context longer than the sliding window (the ring wrapped, every window slot real):
     compiled one-row steps give the eager tokens, logprobs within 0.1."""
     engine = _default_engine(max_model_len=1024)
@@ -104,9 +104,11 @@ def test_compiled_window_layers_past_the_window() -> None:
     assert engine.compile_layers()
     layers = engine.runner.model.compiled_layers
     assert isinstance(layers, compiled_layers.CompiledLayers)
-    window_calls = _count_window_calls(layers)
+    rows = _count_row_calls(layers)
     compiled = engine.generate([prompt], params)[0]
-    assert len(window_calls) == 23 * len(engine.loaded.config.sliding_layers)
+    cfg = engine.loaded.config
+    assert len(rows[True]) == 23 * len(cfg.sliding_layers)
+    assert len(rows[False]) == 23 * len(cfg.full_layers)
     assert eager.token_ids == compiled.token_ids
     diff = max(
         abs(x.logprob - y.logprob) for x, y in zip(eager.logprobs, compiled.logprobs, strict=True)
@@ -162,8 +164,8 @@ def test_row_codes_are_the_batch_quantisers_rows() -> None:
 
 @needs_compiler
 def test_a_gemma2_models_compiled_layers_match_its_eager_ones(tmp_path: Path) -> None:
-    """Gemma 2's layers (no q/k norms; soft-capped attention in fp32, eager between the
-    global layers' halves, inside the sliding-window layers' graph, past the window):
+    """Gemma 2's layers (no q/k norms; soft-capped attention in fp32 inside the whole-layer
+    graphs, past the window):
     compiled and eager one-row steps of a tiny int8 model give the same greedy tokens and
     logprobs within 1e-3."""
     engine = tiny_engine(tiny_checkpoint(tmp_path / "tiny"), quantization="int8")
@@ -174,12 +176,13 @@ def test_a_gemma2_models_compiled_layers_match_its_eager_ones(tmp_path: Path) ->
     assert engine.compile_layers()
     layers = engine.runner.model.compiled_layers
     assert isinstance(layers, compiled_layers.CompiledLayers)
-    window_calls = _count_window_calls(layers)
+    rows = _count_row_calls(layers)
     compiled = [engine.generate([p], params)[0] for p in prompts]
     # 11 decode steps a prompt, 15 tokens in all: past the window of 8 (the ring wrapped).
     cfg = engine.loaded.config
     assert cfg.sliding_window < 15 and engine.layout.ring_blocks > 0
-    assert len(window_calls) == len(prompts) * 11 * len(cfg.sliding_layers) > 0
+    assert len(rows[True]) == len(prompts) * 11 * len(cfg.sliding_layers) > 0
+    assert len(rows[False]) == len(prompts) * 11 * len(cfg.full_layers) > 0
     for a, b in zip(eager, compiled, strict=True):
         assert a.token_ids == b.token_ids
         diff = max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs, strict=True))

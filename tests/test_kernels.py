@@ -280,6 +280,36 @@ def test_decode_split_k_and_softcap_matters():
     _close(triton_ops.decode_attention(*args, **{**kw, "softcap": None}), uncapped)
 
 
+@pytest.mark.parametrize("ring_blocks,window", [(0, None), (0, 7), (3, 8)])
+@pytest.mark.parametrize("softcap,dtype", [(CAP, torch.float32), (None, torch.bfloat16)])
+def test_row_decode_is_store_and_decode_of_one_sequence(ring_blocks, window, softcap, dtype):
+    """row_slots + row_decode (what compiled layers run for a decode row, every shape fixed
+    but a global layer's number of keys) store the token's K/V where store_kv does and
+    return decode_attention's output, before, at and past the window and a ring's wraps."""
+    hkv, d, bs = 2, 16, 4
+    for n in (1, 2, 7, 8, 9, 13, 25, 37):
+        k_cache, v_cache, tables = _cache([n], hkv, d, bs, ring_blocks, dtype)
+        q = (torch.randn(1, 2 * hkv, d) * 6.0).to(dtype)
+        k, v = (torch.randn(1, hkv, d) * 6.0).to(dtype), torch.randn(1, hkv, d).to(dtype)
+        kw = dict(softcap=softcap, scale=SCALE)
+        seq_lens = torch.tensor([n], dtype=torch.int32)
+        ref_k, ref_v = k_cache.clone(), v_cache.clone()
+        slot = reference.slots_for_positions(seq_lens.long() - 1, tables[0], bs, ring_blocks)
+        reference.store_kv(k, v, ref_k, ref_v, slot)
+        ref = reference.decode_attention(
+            q, ref_k, ref_v, tables, seq_lens, block_size=bs, ring_blocks=ring_blocks,
+            window=window, **kw,
+        )  # fmt: skip
+        slots, valid = reference.row_slots(
+            tables[0], n, block_size=bs, ring_blocks=ring_blocks, window=window
+        )
+        assert len(slots) == (window or n) and int(valid.sum()) == min(n, window or n)
+        out = reference.row_decode(q, k, v, k_cache, v_cache, slots, valid, **kw)
+        assert torch.equal(k_cache.nan_to_num(), ref_k.nan_to_num()), n
+        assert torch.equal(v_cache.nan_to_num(), ref_v.nan_to_num()), n
+        _close(out, ref)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_decode_half_split(dtype):
     lens, hkv, d, bs = [3, 29, 17], 2, 32, 8

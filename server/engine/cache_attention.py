@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+from gemma_serve.kernels import reference
 from gemma_serve.kernels.dispatch import AttentionOps
-from gemma_serve.model.attention import RowWindow
+from gemma_serve.model.attention import RowCache
 from gemma_serve.model.config import ModelConfig
 from gemma_serve.server.engine.attention_batch import AttentionBatch
 from gemma_serve.server.engine.block_table import PoolKind
@@ -26,7 +26,7 @@ class CacheAttention:
     ) -> None:
         self.cfg, self.cache, self.batch, self.ops = cfg, cache, batch, ops
         self._plans: dict[PoolKind, object] = {}  # ops.decode_plan per pool, for every layer
-        self._ring: torch.Tensor | None = None  # row_window's table, for every layer
+        self._rows: dict[PoolKind, tuple[torch.Tensor, torch.Tensor]] = {}  # row_cache's keys
 
     def _plan(self, kind: PoolKind, window: int | None) -> dict:
         """decode_attention's `plan` keyword for this pool (none for ops without plans)."""
@@ -43,21 +43,25 @@ class CacheAttention:
             )
         return {"plan": self._plans[kind]}
 
-    def row_window(self, layer: int) -> RowWindow | None:
-        """The one decoding sequence's ring at a sliding-window layer (compiled layers store
-        and attend through it themselves), when the step is that one decode row."""
+    def row_cache(self, layer: int) -> RowCache | None:
+        """The layer's cache and the one decoding sequence's keys (reference.row_slots, once
+        per pool and step), when the step is that one decode row: compiled layers store and
+        attend through it themselves."""
         batch = self.batch
-        one_decode = batch.num_decodes == 1 and batch.cu_seqlens.numel() == 1
-        if not (one_decode and self.cfg.is_sliding(layer)):
+        if not (batch.num_decodes == 1 and batch.cu_seqlens.numel() == 1):
             return None
-        pool = batch.pools[PoolKind.LOCAL]
-        if pool.ring_blocks == 0:  # the window spans the whole context: a paged pool
-            return None
-        if self._ring is None:  # a short sequence's ring has fewer blocks so far: padded
-            row = pool.block_tables[0]
-            self._ring = F.pad(row, (0, pool.ring_blocks - row.shape[0]))
-        k_cache, v_cache = self.cache.layers[layer]
-        return RowWindow(k_cache, v_cache, self._ring, batch.seq_lens, pool.block_size)
+        sliding = self.cfg.is_sliding(layer)
+        kind = PoolKind.LOCAL if sliding else PoolKind.GLOBAL
+        if kind not in self._rows:
+            pool = batch.pools[kind]
+            self._rows[kind] = reference.row_slots(
+                pool.block_tables[0],
+                int(batch.seq_lens[0]),
+                block_size=pool.block_size,
+                ring_blocks=pool.ring_blocks,
+                window=self.cfg.sliding_window if sliding else None,
+            )
+        return RowCache(*self.cache.layers[layer], *self._rows[kind])
 
     def __call__(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -107,19 +111,18 @@ class CacheAttention:
         return out
 
 
-def row_windows(
-    cfg: ModelConfig, cache: KVCache, block_size: int, ring_blocks: int
-) -> dict[int, RowWindow]:
-    """Every sliding-window layer's RowWindow as CacheAttention.row_window will hand it over
-    (a zero ring, a first position): what compiled layers are compiled and checked for. Empty
-    when the sliding layers' pool is paged (no ring)."""
-    if ring_blocks == 0:
-        return {}
+def row_caches(cfg: ModelConfig, cache: KVCache, context: int) -> dict[int, RowCache]:
+    """Every layer's RowCache as CacheAttention.row_cache hands it over (example keys, a
+    global layer's for `context` tokens): what compiled layers are compiled and checked for."""
     device = cache.layers[0][0].device
-    table = torch.zeros(ring_blocks, dtype=torch.int32, device=device)
-    seq_len = torch.ones(1, dtype=torch.int32, device=device)
+    examples = {}
+    for sliding in (True, False):
+        m = cfg.sliding_window if sliding else context
+        examples[sliding] = (
+            torch.zeros(m, dtype=torch.long, device=device),
+            torch.ones(m, dtype=torch.bool, device=device),
+        )
     return {
-        i: RowWindow(*cache.layers[i], table, seq_len, block_size)
+        i: RowCache(*cache.layers[i], *examples[cfg.is_sliding(i)])
         for i in range(cfg.num_hidden_layers)
-        if cfg.is_sliding(i)
     }

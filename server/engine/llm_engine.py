@@ -17,7 +17,7 @@ from gemma_serve.model import compiled_layers
 from gemma_serve.model.gguf_convert import cache_root
 from gemma_serve.server.engine import host_memory, kv_budget, model_source, tp_workers
 from gemma_serve.server.engine.block_table import cdiv
-from gemma_serve.server.engine.cache_attention import row_windows
+from gemma_serve.server.engine.cache_attention import row_caches
 from gemma_serve.server.engine.config import EngineConfig
 from gemma_serve.server.engine.cuda_graphs import DecodeGraphs
 from gemma_serve.server.engine.draft_model import build_speculator
@@ -434,12 +434,8 @@ class LLMEngine:
             start = time.monotonic()
             try:  # torch.compile's imports alone take ~1 s: all of it off the caller's thread
                 layers = compiled_layers.CompiledLayers(model, cache_root() / "inductor")
-                layout = self.layout
-                layers.compile(
-                    row_windows(
-                        model.config, self.runner.cache, layout.block_size, layout.ring_blocks
-                    )
-                )
+                rows = row_caches(model.config, self.runner.cache, context=64)
+                layers.compile(rows, max_keys=self.max_model_len)
             except Exception:  # the eager layers still serve: never take the engine down
                 log.exception("compiling the decode layers failed: they run eagerly")
                 return False

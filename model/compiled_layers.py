@@ -8,14 +8,14 @@ quantiser, GEMM epilogues, RoPE and residuals into a few C++ loops around the GE
 
 A decode row's layer runs whole (`_row_layer`): projections, the decode token's K/V stored
 into the cache and attention over its keys (kernels.reference.row_decode), all inside the
-graph, when the backend hands over the cache and the keys' slots (`AttentionBackend.row_cache`).
-Two graphs: the sliding-window layers' (always `sliding_window` slots, those before position 0
-masked: every shape fixed) and the global layers' (as many slots as the context: one dynamic
-dimension). A one-row forward the backend keeps (a one-token prompt chunk) runs each half of a
-layer around it (`DecoderLayer.attention_inputs` and `after_attention`).
+graph, through the cache and the keys' slots its backend hands over
+(`AttentionBackend.row_cache`). Two graphs: the sliding-window layers' (always
+`sliding_window` slots, those before position 0 masked: every shape fixed) and the global
+layers' (as many slots as the context: one dynamic dimension). A one-row forward that is not
+a decode row over at least two keys (a one-token prompt's first step) runs the eager layers.
 
 Only int8 layers with the one-row GEMM (model/int8_gemm.py, VNNI) are compiled, and only one
-row: a batch's per-op cost is shared by its rows. One graph of each kind serves every layer
+row: a batch's per-op cost is shared by its rows. Each graph serves every layer of its kind
 (the layer's tensors, its caches included, are graph inputs, not constants). They are compiled
 ahead of their calls (dynamo's aot_compile), and dynamo's guards are checked once for every
 layer at compile time instead of on every call (`CompiledLayers.compile`): with
@@ -68,16 +68,6 @@ def missing_compiler() -> str | None:
     return None if shutil.which(compiler) else f"no C++ compiler ({compiler}) for inductor"
 
 
-def _attention_inputs(
-    layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return layer.attention_inputs(x, (cos, sin))
-
-
-def _after_attention(layer: DecoderLayer, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    return layer.after_attention(x, out)
-
-
 def _row_layer(cfg: ModelConfig) -> Callable:
     """A decoder layer for one decode row, its cache written and read in place."""
 
@@ -115,8 +105,8 @@ def _compile(fn: Callable, example: tuple, dynamic: bool = False) -> Callable:
 
 
 class CompiledLayers:
-    """`GemmaForCausalLM.compiled_layers`: runs a decoder layer, one row, through its compiled
-    graph (module docstring)."""
+    """`GemmaForCausalLM.compiled_layers`: runs a decoder layer, one decode row, through its
+    compiled graph (module docstring)."""
 
     def __init__(self, model: GemmaForCausalLM, cache_dir: Path | None = None) -> None:
         reason = unavailable_reason(model)
@@ -125,9 +115,7 @@ class CompiledLayers:
         if cache_dir is not None:  # inductor reads it when it first writes (not at import)
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
         self.model = model
-        self._inputs: Callable | None = None
-        self._after: Callable | None = None
-        self._rows: dict[bool, Callable] = {}  # the whole-layer graphs, by "sliding window"
+        self._graphs: dict[bool, Callable] = {}  # by "sliding window"
 
     def __call__(
         self,
@@ -136,49 +124,36 @@ class CompiledLayers:
         rope: tuple[torch.Tensor, torch.Tensor],
         attn: AttentionBackend,
     ) -> torch.Tensor:
-        assert self._inputs is not None and self._after is not None, "compile() first"
         index = layer.self_attn.layer
-        graph = self._rows.get(self.model.config.is_sliding(index))
+        graph = self._graphs.get(self.model.config.is_sliding(index))
         row = attn.row_cache(index) if graph is not None else None
-        if row is not None:
-            assert graph is not None
-            return graph(layer, x, *rope, row.k_cache, row.v_cache, row.slots, row.valid)
-        q, k, v = self._inputs(layer, x, *rope)
-        out = attn(index, q, k, v)
-        return self._after(layer, x, out.reshape(1, -1))
+        # Eager: not compiled, not a decode row, or one key (a one-token prompt's step; the
+        # graphs' shapes are checked from 2 keys on: dynamo specialises sizes 0 and 1).
+        if graph is None or row is None or row.slots.shape[0] < 2:
+            return layer(x, rope, attn)
+        return graph(layer, x, *rope, row.k_cache, row.v_cache, row.slots, row.valid)
 
     @torch.inference_mode()
-    def compile(self, rows: Mapping[int, RowCache] | None = None, max_keys: int = 2) -> None:
-        """Compile the halves for the inputs a decode step gives them (the first layer's
-        weights, a zero row: the same shapes, dtypes and strides), and with `rows` (every
-        layer's cache and example keys, as its backend will hand them over) the whole-layer
-        graphs, the global layers' for 2 to `max_keys` keys; then check dynamo's guards once
-        for every layer and turn them off: they cost ~25 us a call (a tenth of a step), and
-        every call is one of the cases checked here."""
+    def compile(self, rows: Mapping[int, RowCache], max_keys: int) -> None:
+        """Compile the whole-layer graphs for the inputs a decode step gives them: a zero row,
+        the first layer's weights and `rows`' caches and example keys (every layer's, as its
+        backend will hand them over), the global layers' for 2 to `max_keys` keys. Then check
+        dynamo's guards once for every layer and turn them off: they cost ~25 us a call (a
+        tenth of a step), and every call is one of the cases checked here."""
         m = self.model.model
         x = torch.zeros(1, self.model.config.hidden_size)
         position = torch.zeros(1, dtype=torch.long)
-        ropes = [r.cos_sin(position, x.dtype) for r in (m.rope_global, m.rope_local)]
-        first = m.layers[0]
-        inputs = _compile(_attention_inputs, (first, x, *ropes[0]))
-        q, _, _ = inputs(first, x, *ropes[0])
-        out = torch.zeros_like(q).reshape(1, -1)
-        after = _compile(_after_attention, (first, x, out))
-        for layer in m.layers:
-            same = all(inputs.guard_check(layer, x, *rope) for rope in ropes)
-            if not (same and after.guard_check(layer, x, out)):
-                raise ValueError(f"layer {layer.self_attn.layer} differs from the first")
+        ropes = {False: m.rope_global, True: m.rope_local}
         graphs = {}
-        for sliding in (True, False):
-            mine = {i: r for i, r in (rows or {}).items() if m.config.is_sliding(i) == sliding}
+        for sliding, rope in ropes.items():
+            mine = {i: r for i, r in rows.items() if m.config.is_sliding(i) == sliding}
             if mine:  # the global layers' number of keys grows with the context
+                cos_sin = rope.cos_sin(position, x.dtype)
                 keys = None if sliding else max_keys
-                graphs[sliding] = self._compile_rows(mine, x, ropes[int(sliding)], keys)
-        inputs.disable_guard_check()
-        after.disable_guard_check()
-        self._inputs, self._after, self._rows = inputs, after, graphs
+                graphs[sliding] = self._compile_graph(mine, x, cos_sin, keys)
+        self._graphs = graphs
 
-    def _compile_rows(
+    def _compile_graph(
         self,
         rows: Mapping[int, RowCache],
         x: torch.Tensor,
@@ -199,14 +174,13 @@ class CompiledLayers:
         if max_keys is not None:
             torch._dynamo.mark_dynamic(slots, 0)
             torch._dynamo.mark_dynamic(valid, 0)
-        step = _row_layer(self.model.config)
-        example_args = (layers[index], x, *rope, k_cache, v_cache, slots, valid)
-        graph = _compile(step, example_args, dynamic=max_keys is not None)
-        if max_keys is not None:
             keys += [
                 (torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.bool))
                 for n in (2, max_keys)
             ]
+        step = _row_layer(self.model.config)
+        example_args = (layers[index], x, *rope, k_cache, v_cache, slots, valid)
+        graph = _compile(step, example_args, dynamic=max_keys is not None)
         for i, r in rows.items():
             for s, v in keys:
                 if not graph.guard_check(layers[i], x, *rope, r.k_cache, r.v_cache, s, v):

@@ -181,8 +181,8 @@ class DecoderLayer(nn.Module):
         return self.after_attention(x, attn(self.self_attn.layer, q, k, v))
 
     # The layer in two halves around the attention backend (which reads and writes the KV
-    # cache): pure functions of the layer's weights and their inputs, which is what
-    # model/compiled_layers.py compiles.
+    # cache): pure functions of the layer's weights and their inputs, which
+    # model/compiled_layers.py compiles around its own attention.
 
     def attention_inputs(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]

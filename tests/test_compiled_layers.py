@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from gemma_serve.model import compiled_layers, int8_gemm
+from gemma_serve.server.engine.cache_attention import row_caches
 from gemma_serve.server.engine.config import EngineConfig
 from gemma_serve.server.engine.llm_engine import LLMEngine
 from gemma_serve.server.engine.sampling_params import SamplingParams
@@ -68,6 +69,19 @@ def test_compiled_one_row_steps_give_the_eager_tokens() -> None:
         assert a.token_ids == b.token_ids, (a.text, b.text)
         diff = max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs, strict=True))
         assert diff < 0.1, diff
+    # A one-token prompt: its first step is a one-row decode over one key, which the global
+    # layers' graph (checked from two keys on) leaves to the eager layers.
+    calls.clear()
+    bos = [engine.tokenizer.bos_id]
+    greedy6 = SamplingParams(max_tokens=6, temperature=0.0)
+    alone = engine.generate([bos], greedy6)[0]
+    engine.runner.model.compiled_layers = None
+    assert alone.token_ids == engine.generate([bos], greedy6)[0].token_ids
+    assert len(calls) == 6 * cfg.num_hidden_layers  # the first step's and 5 decodes' layers
+    steps = len(PROMPTS) * 23
+    assert len(rows[True]) == (steps + 6) * len(cfg.sliding_layers)  # a window: fixed shapes
+    assert len(rows[False]) == (steps + 5) * len(cfg.full_layers)
+    engine.runner.model.compiled_layers = counting
     # A batch of several rows still runs the eager layers, to the same tokens.
     calls.clear()
     crowd = engine.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=0.0))
@@ -78,13 +92,13 @@ def test_compiled_one_row_steps_give_the_eager_tokens() -> None:
 def _count_row_calls(layers: compiled_layers.CompiledLayers) -> dict[bool, list[int]]:
     """Count the calls of the whole-layer graphs, by "sliding window"."""
     calls: dict[bool, list[int]] = {True: [], False: []}
-    for sliding, graph in list(layers._rows.items()):
+    for sliding, graph in list(layers._graphs.items()):
 
         def counting(*args, graph=graph, sliding=sliding):
             calls[sliding].append(1)
             return graph(*args)
 
-        layers._rows[sliding] = counting
+        layers._graphs[sliding] = counting
     return calls
 
 
@@ -191,12 +205,14 @@ def test_a_gemma2_models_compiled_layers_match_its_eager_ones(tmp_path: Path) ->
 
 @needs_compiler
 def test_a_layer_unlike_the_first_keeps_the_eager_layers() -> None:
-    """The compiled halves run without dynamo's per-call guards, so compiling checks them once
-    for every layer: a layer whose graph would differ (here one projection quantised in one
-    pass) makes the engine keep its eager layers."""
+    """The compiled graphs run without dynamo's per-call guards, so compiling checks them once
+    for every layer: a layer whose graph would differ from the first of its kind (here one
+    projection quantised in one pass) makes the engine keep its eager layers."""
     engine = _default_engine()
-    engine.runner.model.model.layers[5].mlp.gate_up_proj.passes = 1
+    assert engine.loaded.config.is_sliding(4) and engine.loaded.config.is_sliding(0)
+    engine.runner.model.model.layers[4].mlp.gate_up_proj.passes = 1
     assert not engine.compile_layers()
     assert engine.runner.model.compiled_layers is None
-    with pytest.raises(ValueError, match="layer 5 differs"):
-        compiled_layers.CompiledLayers(engine.runner.model).compile()
+    rows = row_caches(engine.loaded.config, engine.runner.cache, context=64)
+    with pytest.raises(ValueError, match="layer 4 differs from layer 0"):
+        compiled_layers.CompiledLayers(engine.runner.model).compile(rows, max_keys=512)

@@ -29,13 +29,18 @@ agree (tests).
 
 Needs a C++ compiler at run time. The first compile takes ~10-20 s; inductor caches its output
 on disk (TORCHINDUCTOR_CACHE_DIR), after which compiling takes ~3-5 s, mostly one-time imports.
-The server compiles in the background and switches when ready (LLMEngine.compile_layers).
+The server compiles in the background and switches when ready (LLMEngine.compile_layers), in
+a child process: `record` writes what model/layer_graphs.py needs to run the graphs in the
+server without dynamo or inductor (their modules cost ~200 MiB of RSS).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -45,6 +50,7 @@ from gemma_serve.model.attention import AttentionBackend, RowCache
 from gemma_serve.model.config import ModelConfig
 from gemma_serve.model.gemma import DecoderLayer, GemmaForCausalLM
 from gemma_serve.model.int8_gemm import Int8Linear
+from safetensors.torch import save_file
 
 
 def unavailable_reason(model: GemmaForCausalLM) -> str | None:
@@ -66,6 +72,14 @@ def missing_compiler() -> str | None:
     """Why inductor has no C++ compiler here ($CXX, else g++), or None if it has one."""
     compiler = os.environ.get("CXX", "g++")
     return None if shutil.which(compiler) else f"no C++ compiler ({compiler}) for inductor"
+
+
+# A row's inputs of the whole-layer graphs, after the layer, in their order.
+_ROW = ("x", "cos", "sin", "k_cache", "v_cache", "slots", "valid")
+# A generated C++ module's name ends so in sys.modules; how many input handles it takes (its
+# source says).
+_ENTRY = ".inductor_entry_cpp"
+_INPUTS = re.compile(r"steal_from_raw_handles_to_raii_handles\(input_handles, (\d+)\)")
 
 
 def _row_layer(cfg: ModelConfig) -> Callable:
@@ -116,6 +130,8 @@ class CompiledLayers:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
         self.model = model
         self._graphs: dict[bool, Callable] = {}  # by "sliding window"
+        self._example_caches: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._modules: dict[bool, list] = {}  # the C++ modules each compile loaded (record)
 
     def __call__(
         self,
@@ -164,6 +180,10 @@ class CompiledLayers:
         `max_keys` the number of keys is dynamic, checked for 2 and max_keys too."""
         layers = self.model.model.layers
         index, example = next(iter(rows.items()))
+        self._example_caches[self.model.config.is_sliding(index)] = (
+            example.k_cache,
+            example.v_cache,
+        )
         # Compiled against copies (compiling never writes into a cache that is serving), made
         # as the caches were: an inference tensor or not is part of the guards. The keys are
         # made here, in inference mode, as the backend makes them in the forward pass.
@@ -180,10 +200,119 @@ class CompiledLayers:
             ]
         step = _row_layer(self.model.config)
         example_args = (layers[index], x, *rope, k_cache, v_cache, slots, valid)
+        before = set(sys.modules)
         graph = _compile(step, example_args, dynamic=max_keys is not None)
+        self._modules[self.model.config.is_sliding(index)] = [
+            sys.modules[name] for name in set(sys.modules) - before if name.endswith(_ENTRY)
+        ]
         for i, r in rows.items():
             for s, v in keys:
                 if not graph.guard_check(layers[i], x, *rope, r.k_cache, r.v_cache, s, v):
                     raise ValueError(f"layer {i} differs from layer {index} ({len(s)} keys)")
         graph.disable_guard_check()
         return graph
+
+    @torch.inference_mode()
+    def record(self, directory: Path) -> None:
+        """Write what runs the compiled graphs without dynamo or inductor in the process
+        (model/layer_graphs.py) to `directory`: graphs.json (each graph's C++ module, the
+        number of its inputs and where each comes from) and reference.safetensors (one call
+        of each, on zeroed caches, to check the loaded graphs against).
+
+        Inductor's C++-wrapper output is a CPython extension module whose
+        `inductor_entry_cpp` takes the graph's inputs as tensor handles; their order is
+        dynamo's, read here by identity from one call: a layer tensor by its attribute path,
+        a row input by name, the dynamic number of keys ("size:slots") as an integer."""
+        loaded = [m for name, m in list(sys.modules.items()) if name.endswith(_ENTRY)]
+        cfg, m = self.model.config, self.model.model
+        graphs: list[dict] = []
+        reference: dict[str, torch.Tensor] = {}
+        for sliding, graph in self._graphs.items():
+            index = next(i for i in range(cfg.num_hidden_layers) if cfg.is_sliding(i) == sliding)
+            rope = (m.rope_local if sliding else m.rope_global).cos_sin(
+                torch.tensor([70]), torch.float32
+            )
+            keys = cfg.sliding_window if sliding else 64
+            g = torch.Generator().manual_seed(index)
+            row = {
+                "x": torch.randn(1, cfg.hidden_size, generator=g),
+                "cos": rope[0],
+                "sin": rope[1],
+                "slots": torch.arange(keys),
+                "valid": torch.ones(keys, dtype=torch.bool),
+            }
+            caches = self._example_caches[sliding]
+            row["k_cache"], row["v_cache"] = (torch.zeros_like(c) for c in caches)
+            args = _captured_inputs(graph, m.layers[index], row)
+            # The module its compile loaded (or, from an earlier compile, the one module with
+            # as many inputs).
+            found = [m for m in self._modules[sliding] or loaded if _inputs(m) == len(args)]
+            if len(found) != 1:
+                raise ValueError(f"{len(found)} C++ modules with {len(args)} inputs, not one")
+            module = found[0]
+            sources = [_source(a, m.layers[index], row) for a in args]
+            row["k_cache"], row["v_cache"] = (torch.zeros_like(c) for c in caches)
+            out = graph(m.layers[index], *(row[k] for k in _ROW))
+            graphs.append(
+                {
+                    "sliding": sliding,
+                    "library": module.__file__,
+                    "inputs": len(args),
+                    "sources": sources,
+                }
+            )
+            kind = "sliding" if sliding else "global"
+            graphs[-1]["reference"] = {
+                "layer": index,
+                "cache_shape": list(caches[0].shape),
+                "cache_dtype": str(caches[0].dtype).removeprefix("torch."),
+            }
+            for k in _ROW:
+                if "cache" not in k:
+                    reference[f"{kind}.{k}"] = row[k].contiguous()
+            reference[f"{kind}.out"] = out
+        (directory / "graphs.json").write_text(json.dumps({"graphs": graphs}))
+        save_file(reference, directory / "reference.safetensors")
+
+
+def _captured_inputs(graph: Callable, layer: DecoderLayer, row: dict) -> list:
+    """The inputs dynamo hands the compiled graph for one call, in its order."""
+    compiled = graph._artifacts.compiled_fn  # type: ignore[attr-defined]
+    env = graph.fn.__globals__  # type: ignore[attr-defined]
+    names = [k for k, v in env.items() if v is compiled]
+    if len(names) != 1:
+        raise ValueError("the compiled graph's entry is not where dynamo puts it")
+    captured: list[tuple] = []
+
+    def spy(*args: object) -> object:
+        captured.append(args)
+        return compiled(*args)
+
+    env[names[0]] = spy
+    try:
+        graph(layer, *(row[k] for k in _ROW))
+    finally:
+        env[names[0]] = compiled
+    return list(captured[0])
+
+
+def _source(arg: object, layer: DecoderLayer, row: dict) -> str:
+    """Where a graph input comes from: "row:NAME", "layer:ATTRIBUTE.PATH" or "size:slots"."""
+    if isinstance(arg, int) and arg == row["slots"].shape[0]:
+        return "size:slots"
+    for name in _ROW:
+        if arg is row[name]:
+            return f"row:{name}"
+    for module_name, module in layer.named_modules():
+        found = {**vars(module), **module._parameters, **module._buffers}
+        for attr, value in found.items():
+            if value is arg:
+                return f"layer:{module_name}.{attr}" if module_name else f"layer:{attr}"
+    raise ValueError(f"a graph input from nowhere known: {arg!r:.80}")
+
+
+def _inputs(module: object) -> int:
+    """How many input handles a generated C++ module takes (its source beside it says)."""
+    source = Path(module.__file__).with_suffix(".cpp").read_text()  # type: ignore[attr-defined]
+    found = _INPUTS.search(source)
+    return int(found.group(1)) if found else -1

@@ -9,10 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 from gemma_serve.model import compiled_layers, int8_gemm
+from gemma_serve.model.gguf_convert import cache_root
+from gemma_serve.model.layer_graphs import LoadedLayers
+from gemma_serve.server.engine import layer_compiler
 from gemma_serve.server.engine.cache_attention import row_caches
 from gemma_serve.server.engine.config import EngineConfig
 from gemma_serve.server.engine.llm_engine import LLMEngine
 from gemma_serve.server.engine.sampling_params import SamplingParams
+from safetensors.torch import load_file, save_file
 
 from tests.engine_helpers import tiny_checkpoint, tiny_engine
 
@@ -47,7 +51,7 @@ def test_compiled_one_row_steps_give_the_eager_tokens() -> None:
     engine = _default_engine()
     assert compiled_layers.unavailable_reason(engine.runner.model) is None
     eager = _alone(engine, 24)
-    assert engine.compile_layers()
+    assert engine.compile_layers(in_child=False)  # compiled in this process
     layers = engine.runner.model.compiled_layers
     assert isinstance(layers, compiled_layers.CompiledLayers)
     calls: list[int] = []
@@ -89,9 +93,19 @@ def test_compiled_one_row_steps_give_the_eager_tokens() -> None:
     assert calls == []
 
 
-def _count_row_calls(layers: compiled_layers.CompiledLayers) -> dict[bool, list[int]]:
-    """Count the calls of the whole-layer graphs, by "sliding window"."""
+def _count_row_calls(layers) -> dict[bool, list[int]]:
+    """Count the whole-layer graphs' calls, by "sliding window", compiled here
+    (CompiledLayers) or loaded from a child process (LoadedLayers)."""
     calls: dict[bool, list[int]] = {True: [], False: []}
+    if isinstance(layers, LoadedLayers):
+        cfg, call = layers.model.config, layers._call
+
+        def counting_call(index, row):
+            calls[cfg.is_sliding(index)].append(1)
+            return call(index, row)
+
+        layers._call = counting_call
+        return calls
     for sliding, graph in list(layers._graphs.items()):
 
         def counting(*args, graph=graph, sliding=sliding):
@@ -115,9 +129,9 @@ def test_compiled_layers_past_the_window() -> None:
     ).tolist()
     params = SamplingParams(max_tokens=24, temperature=0.0, logprobs=1, ignore_eos=True)
     eager = engine.generate([prompt], params)[0]
-    assert engine.compile_layers()
+    assert engine.compile_layers()  # in a child process, loaded here without the compiler
     layers = engine.runner.model.compiled_layers
-    assert isinstance(layers, compiled_layers.CompiledLayers)
+    assert isinstance(layers, LoadedLayers)
     rows = _count_row_calls(layers)
     compiled = engine.generate([prompt], params)[0]
     cfg = engine.loaded.config
@@ -187,9 +201,9 @@ def test_a_gemma2_models_compiled_layers_match_its_eager_ones(tmp_path: Path) ->
     prompts = [[engine.tokenizer.bos_id, 5 + i, 9, 12 + 2 * i] for i in range(3)]
     params = SamplingParams(max_tokens=12, temperature=0.0, logprobs=1, ignore_eos=True)
     eager = [engine.generate([p], params)[0] for p in prompts]
-    assert engine.compile_layers()
+    assert engine.compile_layers()  # in a child process, loaded here without the compiler
     layers = engine.runner.model.compiled_layers
-    assert isinstance(layers, compiled_layers.CompiledLayers)
+    assert isinstance(layers, LoadedLayers)
     rows = _count_row_calls(layers)
     compiled = [engine.generate([p], params)[0] for p in prompts]
     # 11 decode steps a prompt, 15 tokens in all: past the window of 8 (the ring wrapped).
@@ -211,8 +225,40 @@ def test_a_layer_unlike_the_first_keeps_the_eager_layers() -> None:
     engine = _default_engine()
     assert engine.loaded.config.is_sliding(4) and engine.loaded.config.is_sliding(0)
     engine.runner.model.model.layers[4].mlp.gate_up_proj.passes = 1
-    assert not engine.compile_layers()
+    assert not engine.compile_layers(in_child=False)
     assert engine.runner.model.compiled_layers is None
-    rows = row_caches(engine.loaded.config, engine.runner.cache, context=64)
+    rows = row_caches(engine.loaded.config, engine.runner.cache.layers, context=64)
     with pytest.raises(ValueError, match="layer 4 differs from layer 0"):
         compiled_layers.CompiledLayers(engine.runner.model).compile(rows, max_keys=512)
+
+
+@needs_compiler
+def test_loaded_graphs_are_checked_against_the_compiling_process(tmp_path: Path) -> None:
+    """The child's records load into this process; a graph whose check call differs from the
+    child's (here a tampered reference) is refused."""
+    engine = _default_engine()
+    caches = [
+        (tuple(k.shape), str(k.dtype).removeprefix("torch.")) for k, _ in engine.runner.cache.layers
+    ]
+    job = layer_compiler.Job(engine.config, caches, engine.max_model_len, cache_root() / "inductor")
+    layer_compiler.compile_in_child(job, tmp_path)
+    loaded = LoadedLayers(engine.runner.model, tmp_path)
+    cfg = engine.loaded.config
+    assert sorted(loaded._bound) == list(range(cfg.num_hidden_layers))
+    reference = load_file(tmp_path / "reference.safetensors")
+    reference["global.out"] = reference["global.out"] + 1e-3
+    save_file(reference, tmp_path / "reference.safetensors")
+    with pytest.raises(ValueError, match="computes otherwise"):
+        LoadedLayers(engine.runner.model, tmp_path)
+
+
+@needs_compiler
+def test_a_failing_child_falls_back_to_compiling_here(monkeypatch) -> None:
+    engine = _default_engine()
+
+    def failing(job, directory):
+        raise RuntimeError("the compiling process failed: (test)")
+
+    monkeypatch.setattr(layer_compiler, "compile_in_child", failing)
+    assert engine.compile_layers()
+    assert isinstance(engine.runner.model.compiled_layers, compiled_layers.CompiledLayers)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from gemma_serve.kernels import reference
 from gemma_serve.kernels.dispatch import AttentionOps
@@ -111,10 +113,13 @@ class CacheAttention:
         return out
 
 
-def row_caches(cfg: ModelConfig, cache: KVCache, context: int) -> dict[int, RowCache]:
-    """Every layer's RowCache as CacheAttention.row_cache hands it over (example keys, a
-    global layer's for `context` tokens): what compiled layers are compiled and checked for."""
-    device = cache.layers[0][0].device
+def row_caches(
+    cfg: ModelConfig, caches: Sequence[tuple[torch.Tensor, torch.Tensor]], context: int
+) -> dict[int, RowCache]:
+    """Every layer's RowCache as CacheAttention.row_cache hands it over, over `caches` (each
+    layer's K and V; KVCache.layers), with example keys (a global layer's for `context`
+    tokens): what compiled layers are compiled and checked for."""
+    device = caches[0][0].device
     examples = {}
     for sliding in (True, False):
         m = cfg.sliding_window if sliding else context
@@ -123,6 +128,5 @@ def row_caches(cfg: ModelConfig, cache: KVCache, context: int) -> dict[int, RowC
             torch.ones(m, dtype=torch.bool, device=device),
         )
     return {
-        i: RowCache(*cache.layers[i], *examples[cfg.is_sliding(i)])
-        for i in range(cfg.num_hidden_layers)
+        i: RowCache(*caches[i], *examples[cfg.is_sliding(i)]) for i in range(cfg.num_hidden_layers)
     }

@@ -7,15 +7,25 @@ from __future__ import annotations
 
 import gc
 import logging
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from gemma_serve.kernels.dispatch import select_ops
 from gemma_serve.model import compiled_layers
+from gemma_serve.model.gemma import LayerStep
 from gemma_serve.model.gguf_convert import cache_root
-from gemma_serve.server.engine import host_memory, kv_budget, model_source, tp_workers
+from gemma_serve.model.layer_graphs import LoadedLayers
+from gemma_serve.server.engine import (
+    host_memory,
+    kv_budget,
+    layer_compiler,
+    model_source,
+    tp_workers,
+)
 from gemma_serve.server.engine.block_table import cdiv
 from gemma_serve.server.engine.cache_attention import row_caches
 from gemma_serve.server.engine.config import EngineConfig
@@ -414,11 +424,13 @@ class LLMEngine:
                 req.request_id, req.num_prompt_tokens, n, FINISH_ERROR, req.error
             )
 
-    def compile_layers(self, background: bool = False) -> bool:
+    def compile_layers(self, background: bool = False, in_child: bool = True) -> bool:
         """Compile the decoder layers for one-row steps (model/compiled_layers.py), unless
-        --enforce-eager or they cannot be compiled here (logged). In the background, steps
-        run eagerly until the compiled layers are ready, then switch. Returns whether they
-        are compiled (or compiling, in the background)."""
+        --enforce-eager or they cannot be compiled here (logged): in a child process whose
+        graphs this process loads without the compiler (server/engine/layer_compiler.py),
+        or here if that fails (or not `in_child`). In the background, steps run eagerly
+        until the compiled layers are ready, then switch. Returns whether they are compiled
+        (or compiling, in the background)."""
         model = self.runner.model
         if self.config.enforce_eager:
             reason: str | None = "--enforce-eager"
@@ -432,15 +444,24 @@ class LLMEngine:
 
         def run() -> bool:
             start = time.monotonic()
-            try:  # torch.compile's imports alone take ~1 s: all of it off the caller's thread
-                layers = compiled_layers.CompiledLayers(model, cache_root() / "inductor")
-                rows = row_caches(model.config, self.runner.cache, context=64)
-                layers.compile(rows, max_keys=self.max_model_len)
-            except Exception:  # the eager layers still serve: never take the engine down
-                log.exception("compiling the decode layers failed: they run eagerly")
-                return False
+            layers: LayerStep | None = None
+            if in_child:
+                try:
+                    layers = self._layers_from_child()
+                except Exception as e:  # compiled here instead, at the cost of its memory
+                    log.warning("compiling the decode layers in a child process failed: %s", e)
+            if layers is None:
+                try:  # torch.compile's imports alone take ~1 s: off the caller's thread
+                    here = compiled_layers.CompiledLayers(model, cache_root() / "inductor")
+                    rows = row_caches(model.config, self.runner.cache.layers, context=64)
+                    here.compile(rows, max_keys=self.max_model_len)
+                    layers = here
+                except Exception:  # the eager layers still serve: never take the engine down
+                    log.exception("compiling the decode layers failed: they run eagerly")
+                    return False
             model.compiled_layers = layers
-            log.info("compiled decode layers ready in %.1fs", time.monotonic() - start)
+            where = "here" if isinstance(layers, compiled_layers.CompiledLayers) else "in a child"
+            log.info("compiled decode layers ready in %.1fs (%s)", time.monotonic() - start, where)
             gc.collect()  # the compiler's graphs and sympy expressions (~100 MB of objects)
             host_memory.release_free_memory()
             return True
@@ -449,6 +470,17 @@ class LLMEngine:
             return run()
         threading.Thread(target=run, name="compile-layers", daemon=True).start()
         return True
+
+    def _layers_from_child(self) -> LoadedLayers:
+        """The decode layers compiled by a child process for this engine's caches, loaded."""
+        caches = [
+            (tuple(k.shape), str(k.dtype).removeprefix("torch."))
+            for k, _ in self.runner.cache.layers
+        ]
+        job = layer_compiler.Job(self.config, caches, self.max_model_len, cache_root() / "inductor")
+        with tempfile.TemporaryDirectory(prefix="gemma-serve-layers-") as tmp:
+            layer_compiler.compile_in_child(job, Path(tmp))
+            return LoadedLayers(self.runner.model, Path(tmp))
 
     # -- offline helper -------------------------------------------------------------------
 

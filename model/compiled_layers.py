@@ -46,10 +46,11 @@ from pathlib import Path
 
 import torch
 from gemma_serve.kernels.reference import row_decode
-from gemma_serve.model.attention import AttentionBackend, RowCache
+from gemma_serve.model.attention import RowCache
 from gemma_serve.model.config import ModelConfig
 from gemma_serve.model.gemma import DecoderLayer, GemmaForCausalLM
 from gemma_serve.model.int8_gemm import Int8Linear
+from gemma_serve.model.layer_graphs import RowLayers
 from safetensors.torch import save_file
 
 
@@ -118,7 +119,7 @@ def _compile(fn: Callable, example: tuple, dynamic: bool = False) -> Callable:
     return compiled.aot_compile((example, {}))
 
 
-class CompiledLayers:
+class CompiledLayers(RowLayers):
     """`GemmaForCausalLM.compiled_layers`: runs a decoder layer, one decode row, through its
     compiled graph (module docstring)."""
 
@@ -133,20 +134,13 @@ class CompiledLayers:
         self._example_caches: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
         self._modules: dict[bool, list] = {}  # the C++ modules each compile loaded (record)
 
-    def __call__(
-        self,
-        layer: DecoderLayer,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        attn: AttentionBackend,
+    def _has_graph(self, index: int) -> bool:
+        return self.model.config.is_sliding(index) in self._graphs
+
+    def _graph_call(
+        self, layer: DecoderLayer, x: torch.Tensor, rope: tuple[torch.Tensor, ...], row: RowCache
     ) -> torch.Tensor:
-        index = layer.self_attn.layer
-        graph = self._graphs.get(self.model.config.is_sliding(index))
-        row = attn.row_cache(index) if graph is not None else None
-        # Eager: not compiled, not a decode row, or one key (a one-token prompt's step; the
-        # graphs' shapes are checked from 2 keys on: dynamo specialises sizes 0 and 1).
-        if graph is None or row is None or row.slots.shape[0] < 2:
-            return layer(x, rope, attn)
+        graph = self._graphs[self.model.config.is_sliding(layer.self_attn.layer)]
         return graph(layer, x, *rope, row.k_cache, row.v_cache, row.slots, row.valid)
 
     @torch.inference_mode()

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from gemma_serve.model.attention import AttentionBackend
+from gemma_serve.model.attention import AttentionBackend, RowCache
 from gemma_serve.model.gemma import DecoderLayer, GemmaForCausalLM
 from safetensors.torch import load_file
 
@@ -67,9 +67,36 @@ def _run(entry: Callable, inputs: list) -> torch.Tensor:
     return torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs(entry(handles))[0]  # type: ignore[attr-defined]
 
 
-class LoadedLayers:
-    """`GemmaForCausalLM.compiled_layers` from recorded graphs (module docstring): runs a decode
-    row's layer through its graph, anything else through the eager layer."""
+class RowLayers:
+    """`GemmaForCausalLM.compiled_layers`' common call: a decode row's layer through its graph
+    (`_graph_call`), anything else through the eager layer: not a decode row, or one key (a
+    one-token prompt's first step; the graphs are checked from two keys on, dynamo
+    specialising sizes 0 and 1)."""
+
+    def _has_graph(self, index: int) -> bool:
+        raise NotImplementedError
+
+    def _graph_call(
+        self, layer: DecoderLayer, x: torch.Tensor, rope: tuple[torch.Tensor, ...], row: RowCache
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(
+        self,
+        layer: DecoderLayer,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        attn: AttentionBackend,
+    ) -> torch.Tensor:
+        index = layer.self_attn.layer
+        row = attn.row_cache(index) if self._has_graph(index) else None
+        if row is None or row.slots.shape[0] < 2:
+            return layer(x, rope, attn)
+        return self._graph_call(layer, x, rope, row)
+
+
+class LoadedLayers(RowLayers):
+    """`GemmaForCausalLM.compiled_layers` from recorded graphs (module docstring)."""
 
     def __init__(self, model: GemmaForCausalLM, directory: Path) -> None:
         self.model = model
@@ -118,20 +145,14 @@ class LoadedLayers:
             )
         return _run(bound.entry, inputs)
 
-    def __call__(
-        self,
-        layer: DecoderLayer,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        attn: AttentionBackend,
+    def _has_graph(self, index: int) -> bool:
+        return index in self._bound
+
+    def _graph_call(
+        self, layer: DecoderLayer, x: torch.Tensor, rope: tuple[torch.Tensor, ...], row: RowCache
     ) -> torch.Tensor:
-        index = layer.self_attn.layer
-        row = attn.row_cache(index) if index in self._bound else None
-        # Eager: not a decode row, or one key (the graphs were checked from two on).
-        if row is None or row.slots.shape[0] < 2:
-            return layer(x, rope, attn)
         values = {
             "x": x, "cos": rope[0], "sin": rope[1], "k_cache": row.k_cache,
             "v_cache": row.v_cache, "slots": row.slots, "valid": row.valid,
         }  # fmt: skip
-        return self._call(index, values)
+        return self._call(layer.self_attn.layer, values)

@@ -50,7 +50,7 @@ from gemma_serve.model.attention import RowCache
 from gemma_serve.model.config import ModelConfig
 from gemma_serve.model.gemma import DecoderLayer, GemmaForCausalLM
 from gemma_serve.model.int8_gemm import Int8Linear
-from gemma_serve.model.layer_graphs import RowLayers
+from gemma_serve.model.layer_graphs import ROW, RowLayers
 from safetensors.torch import save_file
 
 
@@ -75,8 +75,6 @@ def missing_compiler() -> str | None:
     return None if shutil.which(compiler) else f"no C++ compiler ({compiler}) for inductor"
 
 
-# A row's inputs of the whole-layer graphs, after the layer, in their order.
-_ROW = ("x", "cos", "sin", "k_cache", "v_cache", "slots", "valid")
 # A generated C++ module's name ends so in sys.modules; how many input handles it takes (its
 # source says).
 _ENTRY = ".inductor_entry_cpp"
@@ -131,8 +129,10 @@ class CompiledLayers(RowLayers):
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
         self.model = model
         self._graphs: dict[bool, Callable] = {}  # by "sliding window"
-        self._example_caches: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._modules: dict[bool, list] = {}  # the C++ modules each compile loaded (record)
+        # Per graph (by "sliding window"): the layer and row it was compiled on, and the C++
+        # modules its compile loaded (what `record` writes down).
+        self._examples: dict[bool, tuple[int, RowCache]] = {}
+        self._modules: dict[bool, list] = {}
 
     def _has_graph(self, index: int) -> bool:
         return self.model.config.is_sliding(index) in self._graphs
@@ -174,10 +174,8 @@ class CompiledLayers(RowLayers):
         `max_keys` the number of keys is dynamic, checked for 2 and max_keys too."""
         layers = self.model.model.layers
         index, example = next(iter(rows.items()))
-        self._example_caches[self.model.config.is_sliding(index)] = (
-            example.k_cache,
-            example.v_cache,
-        )
+        sliding = self.model.config.is_sliding(index)
+        self._examples[sliding] = (index, example)
         # Compiled against copies (compiling never writes into a cache that is serving), made
         # as the caches were: an inference tensor or not is part of the guards. The keys are
         # made here, in inference mode, as the backend makes them in the forward pass.
@@ -196,7 +194,7 @@ class CompiledLayers(RowLayers):
         example_args = (layers[index], x, *rope, k_cache, v_cache, slots, valid)
         before = set(sys.modules)
         graph = _compile(step, example_args, dynamic=max_keys is not None)
-        self._modules[self.model.config.is_sliding(index)] = [
+        self._modules[sliding] = [
             sys.modules[name] for name in set(sys.modules) - before if name.endswith(_ENTRY)
         ]
         for i, r in rows.items():
@@ -217,51 +215,45 @@ class CompiledLayers(RowLayers):
         `inductor_entry_cpp` takes the graph's inputs as tensor handles; their order is
         dynamo's, read here by identity from one call: a layer tensor by its attribute path,
         a row input by name, the dynamic number of keys ("size:slots") as an integer."""
-        loaded = [m for name, m in list(sys.modules.items()) if name.endswith(_ENTRY)]
-        cfg, m = self.model.config, self.model.model
+        m = self.model.model
         graphs: list[dict] = []
         reference: dict[str, torch.Tensor] = {}
         for sliding, graph in self._graphs.items():
-            index = next(i for i in range(cfg.num_hidden_layers) if cfg.is_sliding(i) == sliding)
+            index, example = self._examples[sliding]
             rope = (m.rope_local if sliding else m.rope_global).cos_sin(
                 torch.tensor([70]), torch.float32
             )
-            keys = cfg.sliding_window if sliding else 64
-            g = torch.Generator().manual_seed(index)
+            keys = example.slots.shape[0]
             row = {
-                "x": torch.randn(1, cfg.hidden_size, generator=g),
+                "x": torch.randn(
+                    1, self.model.config.hidden_size, generator=torch.Generator().manual_seed(index)
+                ),
                 "cos": rope[0],
                 "sin": rope[1],
+                "k_cache": torch.zeros_like(example.k_cache),
+                "v_cache": torch.zeros_like(example.v_cache),
                 "slots": torch.arange(keys),
                 "valid": torch.ones(keys, dtype=torch.bool),
             }
-            caches = self._example_caches[sliding]
-            row["k_cache"], row["v_cache"] = (torch.zeros_like(c) for c in caches)
-            args = _captured_inputs(graph, m.layers[index], row)
-            # The module its compile loaded (or, from an earlier compile, the one module with
-            # as many inputs).
-            found = [m for m in self._modules[sliding] or loaded if _inputs(m) == len(args)]
+            args, out = _captured_call(graph, m.layers[index], row)
+            found = [module for module in self._modules[sliding] if _inputs(module) == len(args)]
             if len(found) != 1:
                 raise ValueError(f"{len(found)} C++ modules with {len(args)} inputs, not one")
-            module = found[0]
-            sources = [_source(a, m.layers[index], row) for a in args]
-            row["k_cache"], row["v_cache"] = (torch.zeros_like(c) for c in caches)
-            out = graph(m.layers[index], *(row[k] for k in _ROW))
+            kind = "sliding" if sliding else "global"
             graphs.append(
                 {
                     "sliding": sliding,
-                    "library": module.__file__,
+                    "library": found[0].__file__,
                     "inputs": len(args),
-                    "sources": sources,
+                    "sources": [_source(a, m.layers[index], row) for a in args],
+                    "reference": {
+                        "layer": index,
+                        "cache_shape": list(example.k_cache.shape),
+                        "cache_dtype": str(example.k_cache.dtype).removeprefix("torch."),
+                    },
                 }
             )
-            kind = "sliding" if sliding else "global"
-            graphs[-1]["reference"] = {
-                "layer": index,
-                "cache_shape": list(caches[0].shape),
-                "cache_dtype": str(caches[0].dtype).removeprefix("torch."),
-            }
-            for k in _ROW:
+            for k in ROW:
                 if "cache" not in k:
                     reference[f"{kind}.{k}"] = row[k].contiguous()
             reference[f"{kind}.out"] = out
@@ -269,8 +261,9 @@ class CompiledLayers(RowLayers):
         save_file(reference, directory / "reference.safetensors")
 
 
-def _captured_inputs(graph: Callable, layer: DecoderLayer, row: dict) -> list:
-    """The inputs dynamo hands the compiled graph for one call, in its order."""
+def _captured_call(graph: Callable, layer: DecoderLayer, row: dict) -> tuple[list, torch.Tensor]:
+    """One call of the graph: the inputs dynamo hands the compiled graph, in its order, and
+    the result."""
     compiled = graph._artifacts.compiled_fn  # type: ignore[attr-defined]
     env = graph.fn.__globals__  # type: ignore[attr-defined]
     names = [k for k, v in env.items() if v is compiled]
@@ -284,17 +277,17 @@ def _captured_inputs(graph: Callable, layer: DecoderLayer, row: dict) -> list:
 
     env[names[0]] = spy
     try:
-        graph(layer, *(row[k] for k in _ROW))
+        out = graph(layer, *(row[k] for k in ROW))
     finally:
         env[names[0]] = compiled
-    return list(captured[0])
+    return list(captured[0]), out
 
 
 def _source(arg: object, layer: DecoderLayer, row: dict) -> str:
     """Where a graph input comes from: "row:NAME", "layer:ATTRIBUTE.PATH" or "size:slots"."""
     if isinstance(arg, int) and arg == row["slots"].shape[0]:
         return "size:slots"
-    for name in _ROW:
+    for name in ROW:
         if arg is row[name]:
             return f"row:{name}"
     for module_name, module in layer.named_modules():

@@ -26,6 +26,11 @@ from gemma_serve.model.attention import AttentionBackend, RowCache
 from gemma_serve.model.gemma import DecoderLayer, GemmaForCausalLM
 from safetensors.torch import load_file
 
+# A row's values in the order compiled_layers records and passes them, and the mark of the
+# dynamic number of keys (the slots' length).
+ROW = ("x", "cos", "sin", "k_cache", "v_cache", "slots", "valid")
+SIZE = -1
+
 
 @dataclass(frozen=True)
 class _Bound:
@@ -33,7 +38,7 @@ class _Bound:
 
     entry: Callable
     inputs: list  # tensors, or None where a row input goes
-    row: list[tuple[int, str]]  # (position, row input or "size:slots")
+    row: list[tuple[int, int]]  # (position, index into the row's values, or SIZE)
 
 
 def _load_entry(library: str) -> Callable:
@@ -107,11 +112,13 @@ class LoadedLayers(RowLayers):
             sources: list[str] = graph["sources"]
             if len(sources) != graph["inputs"]:
                 raise ValueError("the recorded sources do not match the graph's inputs")
-            row = []
+            row = []  # (position, index into a row's values; SIZE: the number of keys)
             for position, source in enumerate(sources):
                 kind, _, what = source.partition(":")
-                if kind in ("row", "size"):
-                    row.append((position, source if kind == "size" else what))
+                if kind == "row" and what in ROW:
+                    row.append((position, ROW.index(what)))
+                elif kind == "size":
+                    row.append((position, SIZE))
                 elif kind != "layer":
                     raise ValueError(f"a graph input from {source!r}")
             entry = _load_entry(graph["library"])
@@ -133,16 +140,16 @@ class LoadedLayers(RowLayers):
             row = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(kind + ".")}
             shape, dtype = ref["cache_shape"], getattr(torch, ref["cache_dtype"])
             row["k_cache"], row["v_cache"] = (torch.zeros(shape, dtype=dtype) for _ in "kv")
-            if not torch.equal(self._call(ref["layer"], row), row["out"]):
+            got = self._call(ref["layer"], tuple(row[name] for name in ROW))
+            if not torch.equal(got, row["out"]):
                 raise ValueError(f"the loaded graph of layer {ref['layer']} computes otherwise")
 
-    def _call(self, index: int, row: dict) -> torch.Tensor:
+    def _call(self, index: int, values: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Layer `index`'s graph on a row's values (in ROW's order)."""
         bound = self._bound[index]
         inputs = list(bound.inputs)
-        for position, name in bound.row:
-            inputs[position] = (
-                torch.tensor(row["slots"].shape[0]) if name == "size:slots" else row[name]
-            )
+        for position, i in bound.row:
+            inputs[position] = torch.tensor(values[5].shape[0]) if i == SIZE else values[i]
         return _run(bound.entry, inputs)
 
     def _has_graph(self, index: int) -> bool:
@@ -151,8 +158,5 @@ class LoadedLayers(RowLayers):
     def _graph_call(
         self, layer: DecoderLayer, x: torch.Tensor, rope: tuple[torch.Tensor, ...], row: RowCache
     ) -> torch.Tensor:
-        values = {
-            "x": x, "cos": rope[0], "sin": rope[1], "k_cache": row.k_cache,
-            "v_cache": row.v_cache, "slots": row.slots, "valid": row.valid,
-        }  # fmt: skip
+        values = (x, *rope, row.k_cache, row.v_cache, row.slots, row.valid)
         return self._call(layer.self_attn.layer, values)

@@ -113,8 +113,14 @@ class CacheAttention:
         return out
 
 
+# A global layer's number of keys in the examples compiled layers are compiled on.
+EXAMPLE_CONTEXT = 64
+
+
 def row_caches(
-    cfg: ModelConfig, caches: Sequence[tuple[torch.Tensor, torch.Tensor]], context: int
+    cfg: ModelConfig,
+    caches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    context: int = EXAMPLE_CONTEXT,
 ) -> dict[int, RowCache]:
     """Every layer's RowCache as CacheAttention.row_cache hands it over, over `caches` (each
     layer's K and V; KVCache.layers), with example keys (a global layer's for `context`

@@ -36,13 +36,23 @@ class Job:
     max_keys: int  # the longest context: the global layers' most keys
     cache_dir: Path  # inductor's
 
+    def write(self, path: Path) -> None:
+        """As JSON (the configuration's model fields: no speculation)."""
+        config = dataclasses.asdict(dataclasses.replace(self.config, speculative_config=None))
+        fields = {"caches": self.caches, "max_keys": self.max_keys}
+        path.write_text(json.dumps({"config": config, **fields, "cache_dir": str(self.cache_dir)}))
+
+    @classmethod
+    def read(cls, path: Path) -> Job:
+        job = json.loads(path.read_text())
+        caches = [(tuple(shape), dtype) for shape, dtype in job["caches"]]
+        return cls(EngineConfig(**job["config"]), caches, job["max_keys"], Path(job["cache_dir"]))
+
 
 def compile_in_child(job: Job, directory: Path) -> None:
     """Run the child on `job`; its records land in `directory`. Raises RuntimeError with the
     end of the child's output if it fails."""
-    config = dataclasses.asdict(dataclasses.replace(job.config, speculative_config=None))
-    spec = {"config": config, "caches": job.caches, "max_keys": job.max_keys}
-    (directory / "job.json").write_text(json.dumps({**spec, "cache_dir": str(job.cache_dir)}))
+    job.write(directory / "job.json")
     cmd = [sys.executable, "-m", "gemma_serve.server.engine.layer_compiler", str(directory)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
     if done.returncode != 0:
@@ -66,13 +76,10 @@ def main(argv: list[str]) -> int:
     from gemma_serve.server.engine.cache_attention import row_caches
 
     directory = Path(argv[0])
-    spec = json.loads((directory / "job.json").read_text())
-    caches = [(tuple(shape), dtype) for shape, dtype in spec["caches"]]
-    config = EngineConfig(**spec["config"])  # the model's fields: no speculation
-    job = Job(config, caches, spec["max_keys"], Path(spec["cache_dir"]))
+    job = Job.read(directory / "job.json")
     loaded = model_source.load(job.config)
     layers = CompiledLayers(loaded.model, job.cache_dir)
-    layers.compile(row_caches(loaded.config, _caches(job), context=64), job.max_keys)
+    layers.compile(row_caches(loaded.config, _caches(job)), job.max_keys)
     layers.record(directory)
     return 0
 

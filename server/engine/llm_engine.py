@@ -453,7 +453,7 @@ class LLMEngine:
             if layers is None:
                 try:  # torch.compile's imports alone take ~1 s: off the caller's thread
                     here = compiled_layers.CompiledLayers(model, cache_root() / "inductor")
-                    rows = row_caches(model.config, self.runner.cache.layers, context=64)
+                    rows = row_caches(model.config, self.runner.cache.layers)
                     here.compile(rows, max_keys=self.max_model_len)
                     layers = here
                 except Exception:  # the eager layers still serve: never take the engine down

@@ -76,17 +76,15 @@ def install_int8(model: GemmaForCausalLM, state: dict[str, torch.Tensor]) -> str
     """Swap the int8 modules of `state` in; the model's norms take its float tensors. Returns
     the kernels the projections run (`Deployment.linear`)."""
     vnni = int8_gemm.has_vnni()  # read /proc/cpuinfo once, not per layer
-    # What the modules keep is copied out of the cache's file map (`int8_cache`): a view would
-    # keep the whole map, table included, in the process's RSS.
+    # The modules keep the int8 tensors they are given, views of the cache's file map when
+    # they come from it (model/int8_cache.py): nothing is copied.
     for name, parent, attr in _linears(model):
-        q, scale = state[f"{name}.q"].clone(), state[f"{name}.scale"]
+        q, scale = state[f"{name}.q"], state[f"{name}.scale"]
         setattr(parent, attr, int8_gemm.Int8Linear(q, scale, vnni=vnni))
-    # The table is read into memory (not left a view of the cache's file map): the head's
-    # candidates and the embedding's lookups read its rows at random.
-    table = int8_gemm.Int8Embedding(state[f"{EMBED}.q"].clone(), state[f"{EMBED}.scale"])
+    table = int8_gemm.Int8Embedding(state[f"{EMBED}.q"], state[f"{EMBED}.scale"])
     model.model.embed_tokens = table
     if "lm_head.q" in state:
-        head_q, head_scale = state["lm_head.q"].clone(), state["lm_head.scale"]
+        head_q, head_scale = state["lm_head.q"], state["lm_head.scale"]
     else:
         head_q, head_scale = table.q, table.scale
     model.lm_head = int8_gemm.Int8Head(head_q, head_scale, vnni=vnni)

@@ -3,17 +3,25 @@ fp32 weights entirely (no fp32 copy is ever allocated, and start-up reads 4x few
 
 One safetensors file: per projection `<name>.q` (int8) and `<name>.scale` (an untied LM head's
 as `lm_head.q` / `.scale`), the embedding table's `model.embed_tokens.q` / `.scale`, and every float
-parameter the int8 model keeps (the norms). The int8 tensors are read through a memory map:
-what the model keeps of them is copied out (oneDNN's packed layout, the plain rows of
-`deploy.install_int8`), and the map is dropped, so the file's pages are not kept resident.
+parameter the int8 model keeps (the norms).
+
+The model serves its plain int8 rows straight from the file's memory map (`Mapped`), as
+llama.cpp serves its weights: after oneDNN's packed copies are made from it, `Mapped.evict`
+drops the pages that packing read from the process, and what is read afterwards comes back
+page by page as it is touched. The embedding table (with a tied head's candidate rows) is the
+one that pays: 160 MiB on the default model, of which a workload's lookups touch the rows of
+the tokens it meets. The pages are the page cache's, clean and shared: the kernel can reclaim
+them under pressure instead of counting them against the process's anonymous memory.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,14 +35,31 @@ FORMAT = "gemma-serve-int8-v2"
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Mapped:
+    """A cache's tensors: the int8 ones views of the file's private, copy-on-write map (never
+    written), the others (scales, norms: small) copied out of it."""
+
+    tensors: dict[str, torch.Tensor]
+    map: mmap.mmap
+
+    def evict(self) -> None:
+        """Unmap every page of the file from this process (the page cache keeps them): a view
+        read afterwards takes its pages back as it touches them."""
+        advice = getattr(mmap, "MADV_DONTNEED", None)
+        if advice is not None:  # Linux and most Unixes
+            self.map.madvise(advice)
+
+
 def save(path: Path, state: dict[str, torch.Tensor]) -> None:
-    """Write atomically (a crash leaves no half-written cache)."""
+    """Write atomically (a crash leaves no half-written cache; a server serving from the
+    previous file keeps its map of the old inode)."""
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata={"format": FORMAT})
     os.replace(tmp, path)
 
 
-def load(path: Path) -> dict[str, torch.Tensor] | None:
+def load(path: Path) -> Mapped | None:
     """The cached state, or None when there is none or it is of another format."""
     if not path.is_file():
         return None
@@ -42,24 +67,27 @@ def load(path: Path) -> dict[str, torch.Tensor] | None:
         with path.open("rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(size))
-        if header.get("__metadata__", {}).get("format") != FORMAT:
-            log.info("int8 cache %s is of another format: rebuilding it", path)
-            return None
-        nbytes = path.stat().st_size
-        data = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=nbytes)
-        raw = torch.empty(0, dtype=torch.uint8).set_(data)
+            if header.get("__metadata__", {}).get("format") != FORMAT:
+                log.info("int8 cache %s is of another format: rebuilding it", path)
+                return None
+            # ACCESS_COPY: a writable buffer for torch (nothing writes to it) that can never
+            # write to the file.
+            data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        raw = torch.frombuffer(data, dtype=torch.uint8)
         state = {}
         for name, info in header.items():
             if name == "__metadata__":
                 continue
             start, end = (8 + size + o for o in info["data_offsets"])
+            if not 8 + size <= start <= end <= len(data):
+                raise ValueError(f"{name}'s data lies outside the file")
             dtype = DTYPES[info["dtype"]]
             chunk = raw[start:end]
-            # int8 stays a view of the map; other dtypes (scales, norms: small) are copied so
-            # that their alignment does not matter.
+            # int8 stays a view of the map; other dtypes are copied so that their alignment
+            # does not matter.
             t = chunk.view(dtype) if dtype.itemsize == 1 else chunk.clone().view(dtype)
             state[name] = t.view(info["shape"])
-        return state
+        return Mapped(state, data)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         log.warning("int8 cache %s is unreadable (%s): rebuilding it", path, exc)
         return None

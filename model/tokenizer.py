@@ -11,7 +11,9 @@ Torch-free. Two rules shape the design:
 
 from __future__ import annotations
 
+import itertools
 import re
+from array import array
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -51,14 +53,19 @@ class Tokenizer:
 
         ids = {p.piece: i for i, p in enumerate(proto.pieces)}
         special: set[int] = set()
-        self._bytes: list[bytes] = []
+        pieces: list[bytes] = []
         for i, p in enumerate(proto.pieces):
             marker = p.type == _PieceType.USER_DEFINED and _MARKER.fullmatch(p.piece) is not None
             if p.type in (_PieceType.CONTROL, _PieceType.UNKNOWN) or marker:
                 special.add(i)
             if marker:
                 p.type = _PieceType.CONTROL  # only in the copy used for encoding
-            self._bytes.append(_piece_bytes(p))
+            pieces.append(_piece_bytes(p))
+        # Every piece's bytes in one buffer, piece i at [_ends[i], _ends[i + 1]): a bytes object
+        # per piece costs ~40 bytes of header for ~7 of text (12 MB on a 262,144-piece vocabulary).
+        self._blob = b"".join(pieces)
+        self._ends = array("L", itertools.accumulate(map(len, pieces), initial=0))
+        del pieces
         self._special = frozenset(special)
         # The control pieces as written in a prompt ("<bos>", "<start_of_turn>"...), longest
         # first so that a marker is never cut short by a shorter one it starts with.
@@ -94,7 +101,7 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         """Number of pieces in the SentencePiece model (ids are 0 .. vocab_size - 1)."""
-        return len(self._bytes)
+        return len(self._ends) - 1
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of `text`, BOS first if `add_bos`. Never yields a special id from the text."""
@@ -116,16 +123,17 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`; special tokens are dropped, or rendered as their piece text."""
         data = bytearray()
+        blob, ends = self._blob, self._ends
         for token_id in ids:
             self._check_id(token_id)
             if not (skip_special_tokens and token_id in self._special):
-                data += self._bytes[token_id]
+                data += blob[ends[token_id] : ends[token_id + 1]]
         return data.decode("utf-8", errors="replace")
 
     def token_bytes(self, token_id: int) -> bytes:
         """Raw bytes of one token: <0xNN> -> that byte, "▁" -> b" ", a special -> its text."""
         self._check_id(token_id)
-        return self._bytes[token_id]
+        return self._blob[self._ends[token_id] : self._ends[token_id + 1]]
 
     def token_text(self, token_id: int) -> str:
         r"""Display text of one token, for logprobs.
@@ -184,8 +192,8 @@ class Tokenizer:
         return ids
 
     def _check_id(self, token_id: int) -> None:
-        if not 0 <= token_id < len(self._bytes):
-            raise ValueError(f"token id {token_id} out of range [0, {len(self._bytes)})")
+        if not 0 <= token_id < len(self._ends) - 1:
+            raise ValueError(f"token id {token_id} out of range [0, {len(self._ends) - 1})")
 
 
 def _piece_bytes(piece: sp_pb2.ModelProto.SentencePiece) -> bytes:

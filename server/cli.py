@@ -24,6 +24,7 @@ import uvicorn
 from fastapi import FastAPI
 from gemma_serve.server.app import Settings, create_app
 from gemma_serve.server.connections import ConnectionGuard, ConnectionLimits, GuardedH11Protocol
+from gemma_serve.server.engine import host_memory
 from gemma_serve.server.engine.config import EngineConfig
 from gemma_serve.server.engine_client import EngineClient, EngineProvider
 from gemma_serve.server.flags import (
@@ -233,9 +234,6 @@ class _Server(uvicorn.Server):
             await engine.shutdown()  # the app's shutdown calls it again: a no-op by then
 
 
-ONEDNN_PRIMITIVE_CACHE = 256  # compiled GEMM primitives kept (oneDNN's default: 1,024)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `gemma-serve`."""
     config, options = parse_args(argv)
@@ -244,11 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logger.info("engine configuration: %s", config)
-    # oneDNN keeps a compiled primitive per GEMM shape (a batch's row count is part of it), up
-    # to 1,024 by default: RSS then climbs for hundreds of requests. 256 keeps every decode
-    # shape in a step hot and bounds the rest (docs/RELIABILITY.md, "Memory"). Read by oneDNN
-    # at its first GEMM, after this; the environment wins.
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_PRIMITIVE_CACHE))
+    host_memory.bound_onednn_cache()  # before any GEMM, in every rank's process
     if not serves_http(config):
         from gemma_serve.server.engine.tp_workers import serve_node
 

@@ -279,13 +279,63 @@ def test_a_gguf_defaults_to_int8_and_starts_from_its_int8_cache(tmp_path, monkey
         lp.logprob for r in b for lp in r.logprobs
     ]
     # A cache of another format is rebuilt, not trusted.
-    state = int8_cache.load(cache)
-    int8_cache.save(cache, state)
+    mapped = int8_cache.load(cache)
+    assert mapped is not None
+    int8_cache.save(cache, mapped.tensors)
     raw = cache.read_bytes().replace(int8_cache.FORMAT.encode(), b"gemma-serve-int8-v0")
-    cache.write_bytes(raw)
+    stale = cache.with_name("stale")  # replaced, not rewritten: the engines above map it
+    stale.write_bytes(raw)
+    stale.replace(cache)
     third = tiny_engine(gguf, kv_cache_memory=16 << 20)
     assert not third.loaded.deployment.from_cache
     assert int8_cache.load(cache) is not None  # rewritten in the current format
     assert [r.token_ids for r in third.generate(prompts, params)] == [r.token_ids for r in a]
+    # Served from the cache's map, not copied out of it: the embedding table (the tied
+    # head's rows) and a projection's plain rows are views of the whole file.
+    model = third.runner.model
+    size = cache.stat().st_size
+    assert model.model.embed_tokens.q.untyped_storage().nbytes() == size
+    assert model.lm_head.q.data_ptr() == model.model.embed_tokens.q.data_ptr()
+    proj = model.model.layers[0].mlp.down_proj
+    assert proj.rows.untyped_storage().nbytes() == size
     exact = tiny_engine(gguf, kv_cache_memory=16 << 20, quantization="none")
     assert exact.loaded.deployment.quantization == "none"
+
+
+def _mapped_rss_kib(path: Path) -> int:
+    """This process's resident KiB of its maps of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if line[:1].isalnum() and "-" in line.split()[0] and not line.endswith(":"):
+            inside = line.split()[-1] == str(path)
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="no /proc/self/smaps")
+def test_the_int8_cache_is_a_private_map_whose_pages_can_be_dropped(tmp_path) -> None:
+    """int8 tensors are views of the file's map (never written through), the rest copies; after
+    `evict` the map holds no resident page and reads fault the same bytes back in."""
+    from gemma_serve.model import int8_cache
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (4096, 4096), dtype=torch.int8, generator=g)  # 16 MiB
+    scale = torch.rand(4096, generator=g)
+    path = tmp_path / int8_cache.FILE_NAME
+    int8_cache.save(path, {"w.q": q, "w.scale": scale})
+    mapped = int8_cache.load(path)
+    assert mapped is not None
+    view = mapped.tensors["w.q"]
+    assert view.untyped_storage().nbytes() == path.stat().st_size  # a view of the whole map
+    assert mapped.tensors["w.scale"].untyped_storage().nbytes() == scale.numel() * 4  # a copy
+    assert torch.equal(view, q) and torch.equal(mapped.tensors["w.scale"], scale)
+    assert _mapped_rss_kib(path) >= 16384  # every page read above is resident
+    mapped.evict()
+    assert _mapped_rss_kib(path) < 64
+    assert torch.equal(view[1000:1010], q[1000:1010])  # faulted back in, unchanged
+    # 40 KiB read: the kernel maps around a fault (64 KiB, or a large folio of the page cache)
+    assert 0 < _mapped_rss_kib(path) <= 4096
+    view.zero_()  # a write stays in this process (copy-on-write): the file keeps its bytes
+    again = int8_cache.load(path)
+    assert again is not None and torch.equal(again.tensors["w.q"], q)

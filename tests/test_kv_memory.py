@@ -4,6 +4,7 @@ refused at start with a message naming the flag, not OOM-killed later."""
 from __future__ import annotations
 
 import gc
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -224,3 +225,62 @@ def test_keep_freed_memory_spares_the_page_faults_of_each_step() -> None:
     assert float(per_step) < 100, runs
     assert float(runs["default"][1]) > 8_000, runs  # ~10,240 pages of 4 KiB
     assert int(trimmed) < int(held) - 30 * (1 << 20), runs  # the heap's 40 MiB went back
+
+
+_SHAPES = """
+import os, sys
+from gemma_serve.server.engine import host_memory
+if sys.argv[1] == "bound":
+    host_memory.bound_onednn_cache()
+import torch
+from tests.stress.clients import rss_bytes
+w = torch.randint(-127, 128, (4096, 640), dtype=torch.int8)
+packed = torch.ops.onednn.qlinear_prepack(w, None)
+scale, zero = torch.rand(4096), torch.zeros(4096, dtype=torch.int64)
+def gemm(rows):  # an int8 projection as model/int8_gemm.py runs it
+    x = torch.full((rows, 640), 130, dtype=torch.uint8)
+    return torch.ops.onednn.qlinear_pointwise(
+        x, 1.0, 128, packed, scale, zero, None, 1.0, 0, torch.float32, "none", [], "")
+gemm(1)
+before = rss_bytes()
+for rows in range(2, 402, 2):  # 200 batch shapes, as batch sizes and prefill chunks vary
+    gemm(rows)
+host_memory.release_free_memory()
+print(os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"), rss_bytes() - before)
+"""
+
+
+@pytest.mark.skipif(
+    not hasattr(torch.ops.onednn, "qlinear_pointwise"), reason="no oneDNN int8 in this torch"
+)
+def test_the_onednn_primitive_cache_is_bounded() -> None:
+    """oneDNN keeps a primitive per GEMM shape (1,024 by default): bounded by the engine, 200
+    batch shapes leave a fraction of the memory they leave otherwise; a user's own setting
+    is kept."""
+    runs = {}
+    # Without the variable (an engine built earlier in this process set it in os.environ).
+    clean = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    for mode in ("bound", "default"):
+        out = subprocess.run(
+            [sys.executable, "-c", _SHAPES, mode],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=clean,
+        )
+        runs[mode] = out.stdout.split()
+    capacity, bounded = runs["bound"]
+    assert capacity == str(host_memory.ONEDNN_CACHE_CAPACITY)
+    assert runs["default"][0] == "None"
+    grown = int(runs["default"][1])
+    assert grown > 30 << 20, runs  # ~0.3 MiB a shape
+    assert int(bounded) < grown / 2, runs
+    env = {**os.environ, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "7"}
+    out = subprocess.run(
+        [sys.executable, "-c", _SHAPES, "bound"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    )
+    assert out.stdout.split()[0] == "7"

@@ -9,6 +9,7 @@ error that names the flag to lower.
 from __future__ import annotations
 
 import ctypes
+import os
 from pathlib import Path
 
 _UNLIMITED = 1 << 62
@@ -98,3 +99,21 @@ def release_free_memory() -> bool:
         return False
     trim(0)
     return True
+
+
+# oneDNN's primitive cache: compiled GEMMs kept (its default: 1,024).
+ONEDNN_CACHE_CAPACITY = 64
+
+
+def bound_onednn_cache() -> None:
+    """Cap oneDNN's primitive cache (ONEDNN_PRIMITIVE_CACHE_CAPACITY; the environment wins).
+
+    oneDNN keeps a compiled primitive per GEMM shape, and a batch's row count is part of the
+    shape, so every batch size and prefill chunk adds one per projection (~0.1-0.35 MB each
+    on the default model): with the default 1,024, RSS climbs for hundreds of requests
+    (docs/RELIABILITY.md, "Memory"). 64 holds a dozen steps' shapes (about five a step); a
+    miss costs ~0.4 ms of primitive creation. oneDNN reads the variable when it creates its
+    first primitive, so the CLI calls this first thing and the engine before loading (packing
+    creates some); in a process that ran a oneDNN GEMM before, it changes nothing.
+    """
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE_CAPACITY))

@@ -113,15 +113,19 @@ def _load_int8(
     model_dir: Path, mcfg: ModelConfig, cache: bool
 ) -> tuple[GemmaForCausalLM, Deployment]:
     """The int8 model, from the conversion cache's int8 layout when there is one (no fp32
-    weights are read), else quantised from the fp32 checkpoint (and cached when `cache`)."""
+    weights are read), else quantised from the fp32 checkpoint (and cached when `cache`, then
+    served from the cache's map as later starts are)."""
     path = model_dir / int8_cache.FILE_NAME
-    state = int8_cache.load(path) if cache else None
-    if state is not None:
+    mapped = int8_cache.load(path) if cache else None
+    if mapped is not None:
         model = meta_model(mcfg)
         try:
-            return model, Deployment("int8", install_int8(model, state), from_cache=True)
+            linear = install_int8(model, mapped.tensors)
         except (KeyError, RuntimeError) as exc:
             log.warning("int8 cache %s does not fit the model (%s): rebuilding it", path, exc)
+        else:
+            mapped.evict()  # the pages packing read; the plain rows fault back in as used
+            return model, Deployment("int8", linear, from_cache=True)
     model = load_safetensors(model_dir, mcfg, torch.float32, torch.device("cpu"))
     state = int8_state(model)
     if cache:
@@ -129,7 +133,14 @@ def _load_int8(
             int8_cache.save(path, state)
         except OSError as exc:  # a read-only cache still serves, only slower to start
             log.warning("could not write the int8 cache %s: %s", path, exc)
-    return model, Deployment("int8", install_int8(model, state))
+        else:
+            mapped = int8_cache.load(path)
+    if mapped is None:
+        return model, Deployment("int8", install_int8(model, state))
+    del state
+    linear = install_int8(model, mapped.tensors)
+    mapped.evict()
+    return model, Deployment("int8", linear)
 
 
 def prepare(cfg: EngineConfig) -> None:

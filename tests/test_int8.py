@@ -339,3 +339,8 @@ def test_the_int8_cache_is_a_private_map_whose_pages_can_be_dropped(tmp_path) ->
     view.zero_()  # a write stays in this process (copy-on-write): the file keeps its bytes
     again = int8_cache.load(path)
     assert again is not None and torch.equal(again.tensors["w.q"], q)
+    # A file cut short (a full disk) is refused, not mapped past its end.
+    short = tmp_path / "short" / int8_cache.FILE_NAME
+    short.parent.mkdir()
+    short.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert int8_cache.load(short) is None

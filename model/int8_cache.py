@@ -7,11 +7,13 @@ parameter the int8 model keeps (the norms).
 
 The model serves its plain int8 rows straight from the file's memory map (`Mapped`), as
 llama.cpp serves its weights: after oneDNN's packed copies are made from it, `Mapped.evict`
-drops the pages that packing read from the process, and what is read afterwards comes back
-page by page as it is touched. The embedding table (with a tied head's candidate rows) is the
-one that pays: 160 MiB on the default model, of which a workload's lookups touch the rows of
-the tokens it meets. The pages are the page cache's, clean and shared: the kernel can reclaim
-them under pressure instead of counting them against the process's anonymous memory.
+drops the pages that packing read from the process, and what is read afterwards comes back as
+it is touched: the layers' rows with the first one-sequence step (101 MiB on the default
+model), the embedding table's (with a tied head's candidate rows, 160 MiB) as tokens are met.
+English text maps most of the table within a few hundred requests (the kernel maps 64 KiB, or
+a page-cache folio, around each fault), so what this saves is anonymous memory, not RSS under
+load: the pages are the page cache's, clean and shared, which the kernel can reclaim under
+pressure instead of failing an allocation (benchmarks/RESULTS.md, ninth session).
 """
 
 from __future__ import annotations

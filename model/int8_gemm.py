@@ -266,7 +266,9 @@ class Int8Head(torch.nn.Module):
     precision.
 
     `q` is kept as plain int8 rows for the candidates (the packed copy is oneDNN's opaque
-    layout); a tied head passes the embedding's table, so the rows are stored once.
+    layout) and, with VNNI, for a single row's first pass (`torch._int_mm`, as
+    `Int8Linear.one_row`); a tied head passes the embedding's table, so the rows are stored
+    once.
     """
 
     def __init__(
@@ -282,12 +284,22 @@ class Int8Head(torch.nn.Module):
         quantizer = self.linear.quantizer
         x = x.reshape(-1, self.in_features).float()
         t = x.shape[0]
-        q, s_x = quantizer(x, 2)
-        y = self.linear.gemm(q[:t])
+        plain = self.linear.rows
+        if t == 1 and plain is not None:
+            # One row (a single decoding sequence): torch._int_mm over the plain rows, as
+            # Int8Linear.one_row does: the same sums scaled the same way, bit for bit, and
+            # oneDNN's matrix-vector path reads the 262,144 x 640 rows faster than qlinear
+            # reads its packed copy (the head 5.29 -> 5.01 ms, RESULTS.md).
+            codes, s_x = quantizer.codes(x, 2)
+            y = torch._int_mm(codes[:1], plain).float().mul_(self.scale)
+            lo = codes[1:].double()
+        else:
+            q, s_x = quantizer(x, 2)
+            y = self.linear.gemm(q[:t])
+            lo = q[t:].double().sub_(quantizer.zero)  # [t, k]
         top = top_candidates(y, self.refine)  # [t, refine]
         # The residual rows' integer sums with the candidates' rows, exact in fp64, then
         # converted and scaled in fp32 as oneDNN does with its int32 sums.
-        lo = q[t:].double().sub_(quantizer.zero)  # [t, k]
         rows = self.q[top.reshape(-1)].view(t, self.refine, self.in_features).double()
         acc_lo = torch.bmm(rows, lo[:, :, None]).squeeze(2).float()
         y_lo = acc_lo.mul_(self.scale[top])

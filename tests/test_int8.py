@@ -131,8 +131,10 @@ def test_int8_head_decides_its_top_candidates_at_two_pass_precision(vnni: bool, 
     assert torch.equal(y[rest], one[rest])
     assert torch.equal(y.argmax(1), two.argmax(1))
     assert (one - two).abs().max() > 100 * (y.gather(1, top) - two.gather(1, top)).abs().max()
-    # A row's logits do not depend on the other rows.
-    assert torch.equal(head(x[5:6]), y[5:6])
+    # A row's logits do not depend on the other rows (alone, a row takes torch._int_mm over
+    # the plain rows with VNNI, a batch oneDNN's packed copy).
+    for i in range(len(x)):
+        assert torch.equal(head(x[i : i + 1]), y[i : i + 1]), i
 
 
 @pytest.mark.parametrize("vocab", [16384, 262144, 6000])

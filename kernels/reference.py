@@ -170,15 +170,50 @@ def prefill_attention(
         if softcap and softcap > 0:
             o = _attend_capped(qs, ks, vs, mask, scale, softcap)
         else:
-            # torch's fused SDPA, GQA without copying K/V, the mask (if any) as booleans:
-            # 0.5-0.8x the time of the explicit form from 1,000 tokens on, and no [H, n, m]
-            # scores in memory (RESULTS.md).
-            o = F.scaled_dot_product_attention(
-                qs.unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0), attn_mask=mask,
-                is_causal=mask is None, scale=scale, enable_gqa=True,
-            ).squeeze(0)  # fmt: skip
+            o = _sdpa_tiles(qs, ks, vs, mask, scale, ctx - first, window)
         out[start:end] = o.transpose(0, 1).to(q.dtype)
     return out
+
+
+# Query rows per fused-SDPA call for a masked chunk (a window cuts it, or it has context).
+PREFILL_TILE = 256
+
+
+def _sdpa_tiles(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    offset: int,
+    window: int | None,
+) -> torch.Tensor:
+    """torch's fused SDPA for one chunk: q [Hq, n, D]; k, v [Hkv, m, D], the keys of positions
+    first .. first + m - 1 where query row i is at first + offset + i; mask [n, m] or None
+    (plainly causal). GQA without copying K/V, the mask as booleans: 0.5-0.8x the time of the
+    explicit form from 1,000 tokens on, and no [H, n, m] scores in memory (RESULTS.md).
+
+    A masked chunk goes in tiles of PREFILL_TILE query rows, each against only the keys its
+    rows can see (from the window's start for the tile's first row to its last row): the
+    CPU kernel computes every block an explicit mask covers, so a 1,024-token chunk under a
+    512-token window took the whole 1,024 x 1,024 (23.9 -> 15.3 ms in tiles; with 1,024
+    tokens of context 36.2 -> 20.6, a global layer's 48.6 -> 43.2: RESULTS.md)."""
+    if mask is None:
+        return F.scaled_dot_product_attention(
+            q[None], k[None], v[None], is_causal=True, scale=scale, enable_gqa=True
+        )[0]
+    n, tiles = q.shape[1], []
+    for a in range(0, n, PREFILL_TILE):
+        b = min(n, a + PREFILL_TILE)
+        lo = 0 if window is None else max(0, offset + a - window + 1)
+        hi = offset + b  # the tile's last row sees keys up to its own position
+        tiles.append(
+            F.scaled_dot_product_attention(
+                q[None, :, a:b], k[None, :, lo:hi], v[None, :, lo:hi],
+                attn_mask=mask[a:b, lo:hi], scale=scale, enable_gqa=True,
+            )[0]
+        )  # fmt: skip
+    return tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=1)
 
 
 # The soft-capped form materialises the scores: query rows are taken in slices that keep

@@ -170,6 +170,36 @@ def test_reference_capped_prefill_in_row_slices(monkeypatch, window):
     _close(triton_ops.prefill_attention(*args, **kw), sliced)
 
 
+@pytest.mark.parametrize(
+    "ring_blocks,window", [(0, None), (0, 10), (3, 10), (0, 6)]
+)  # fmt: skip
+def test_reference_uncapped_prefill_in_query_tiles(monkeypatch, ring_blocks, window):
+    """A masked uncapped chunk goes through the fused SDPA in tiles of query rows, each
+    against the keys it can see: the same result as in one piece (fresh chunks longer than
+    the window, chunks with paged or wrapped-ring context), and as the Triton kernel's."""
+    ctx, lens, hkv, d, bs = [0, 5, 23, 30], [40, 1, 12, 33], 2, 16, 4
+    k_cache, v_cache, tables = _cache(ctx, hkv, d, bs, ring_blocks, torch.float32)
+    q, k, v = _qkv(sum(lens), 4, hkv, d, torch.float32)
+    args = (q, k, v, _cu(lens), torch.tensor(ctx, dtype=torch.int32), k_cache, v_cache, tables)
+    kw = dict(block_size=bs, ring_blocks=ring_blocks, window=window, softcap=None, scale=SCALE)
+    monkeypatch.setattr(reference, "PREFILL_TILE", 1 << 20)
+    whole = reference.prefill_attention(*args, **kw)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(
+        reference.F,
+        "scaled_dot_product_attention",
+        lambda *a, **k: (calls.append(a[1].shape[2]), sdpa(*a, **k))[1],
+    )
+    monkeypatch.setattr(reference, "PREFILL_TILE", 7)
+    tiled = reference.prefill_attention(*args, **kw)
+    torch.testing.assert_close(tiled, whole, rtol=1e-5, atol=1e-5)
+    assert len(calls) > len(lens) + 4  # the 40-, 12- and 33-row chunks took several tiles
+    if window is not None:
+        assert max(calls) <= window + 7 - 1  # no tile saw more keys than it can use
+    _close(triton_ops.prefill_attention(*args, **kw), tiled)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_prefill_half_with_context(dtype):
     ctx, lens, hkv, d, bs = [3, 26], [20, 9], 2, 32, 8

@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 # dynamic number of keys (the slots' length).
 ROW = ("x", "cos", "sin", "k_cache", "v_cache", "slots", "valid")
 SIZE = -1
+_SLOTS = ROW.index("slots")
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ class LoadedLayers(RowLayers):
         bound = self._bound[index]
         inputs = list(bound.inputs)
         for position, i in bound.row:
-            inputs[position] = torch.tensor(values[5].shape[0]) if i == SIZE else values[i]
+            inputs[position] = torch.tensor(values[_SLOTS].shape[0]) if i == SIZE else values[i]
         return _run(bound.entry, inputs)
 
     def _has_graph(self, index: int) -> bool:

@@ -192,8 +192,8 @@ class Tokenizer:
         return ids
 
     def _check_id(self, token_id: int) -> None:
-        if not 0 <= token_id < len(self._ends) - 1:
-            raise ValueError(f"token id {token_id} out of range [0, {len(self._ends) - 1})")
+        if not 0 <= token_id < self.vocab_size:
+            raise ValueError(f"token id {token_id} out of range [0, {self.vocab_size})")
 
 
 def _piece_bytes(piece: sp_pb2.ModelProto.SentencePiece) -> bytes:

@@ -346,3 +346,35 @@ def test_the_int8_cache_is_a_private_map_whose_pages_can_be_dropped(tmp_path) ->
     short.parent.mkdir()
     short.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     assert int8_cache.load(short) is None
+
+
+def test_a_cache_that_does_not_fit_and_cannot_be_rewritten_is_not_served(
+    tmp_path, monkeypatch
+) -> None:
+    """A cache of the current format that lacks a tensor the model needs is rebuilt from the
+    fp32 weights; where the rebuilt one cannot be written, the quantised weights are served
+    from memory (not the stale map again)."""
+    from gemma_serve.model import int8_cache
+    from gemma_serve.model.gguf_convert import cached_conversion
+
+    from tests.test_gguf import write_tiny_gguf
+
+    monkeypatch.setenv("GEMMA_SERVE_CACHE", str(tmp_path / "cache"))
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf", seed=3)
+    prompts = [[2, 270, 271, 272, 275, 280]]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    first = tiny_engine(gguf, kv_cache_memory=16 << 20)
+    want = [r.token_ids for r in first.generate(prompts, params)]
+    cache = cached_conversion(gguf, progress=False) / int8_cache.FILE_NAME
+    mapped = int8_cache.load(cache)
+    assert mapped is not None
+    partial = {k: v for k, v in mapped.tensors.items() if not k.endswith("down_proj.q")}
+    int8_cache.save(cache, partial)
+
+    def refuse(path, state):
+        raise OSError("read-only")
+
+    monkeypatch.setattr(int8_cache, "save", refuse)
+    second = tiny_engine(gguf, kv_cache_memory=16 << 20)
+    assert not second.loaded.deployment.from_cache
+    assert [r.token_ids for r in second.generate(prompts, params)] == want

@@ -120,14 +120,12 @@ def _load_int8(
     if mapped is not None:
         model = meta_model(mcfg)
         try:
-            linear = install_int8(model, mapped.tensors)
+            return model, _install_mapped(model, mapped, from_cache=True)
         except (KeyError, RuntimeError) as exc:
             log.warning("int8 cache %s does not fit the model (%s): rebuilding it", path, exc)
-        else:
-            mapped.evict()  # the pages packing read; the plain rows fault back in as used
-            return model, Deployment("int8", linear, from_cache=True)
     model = load_safetensors(model_dir, mcfg, torch.float32, torch.device("cpu"))
     state = int8_state(model)
+    mapped = None
     if cache:
         try:
             int8_cache.save(path, state)
@@ -137,10 +135,16 @@ def _load_int8(
             mapped = int8_cache.load(path)
     if mapped is None:
         return model, Deployment("int8", install_int8(model, state))
-    del state
+    del state  # the map serves the rows: the quantised copies go before packing
+    return model, _install_mapped(model, mapped)
+
+
+def _install_mapped(
+    model: GemmaForCausalLM, mapped: int8_cache.Mapped, from_cache: bool = False
+) -> Deployment:
     linear = install_int8(model, mapped.tensors)
-    mapped.evict()
-    return model, Deployment("int8", linear)
+    mapped.evict()  # the pages packing read; the plain rows fault back in as used
+    return Deployment("int8", linear, from_cache=from_cache)
 
 
 def prepare(cfg: EngineConfig) -> None:
